@@ -1,0 +1,374 @@
+//! The `conductor` commands: serve, list the catalog, call one tool, check the config.
+//!
+//! This is the program's front end: it is the one module besides `main` that uses `anyhow`, and
+//! the only one that writes to stdout (outside `serve`, where stdout is the protocol).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use rmcp::ServiceExt;
+use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock, JsonObject, ServerResult};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::ToolEntry;
+use crate::config::{Config, format_duration};
+use crate::registry::{Registry, Status};
+use crate::router::Router;
+use crate::server::ConductorServer;
+
+/// One MCP server in front of every MCP server you use.
+#[derive(Debug, Parser)]
+#[command(name = "conductor", version, about)]
+pub struct Cli {
+    /// The config file listing the downstream servers.
+    #[arg(long, short, global = true, env = "CONDUCTOR_CONFIG", default_value = "servers.toml")]
+    config: PathBuf,
+    /// Log filter for stderr, such as `debug` or `mcp_conductor=debug` (default: `info` when
+    /// serving, `warn` otherwise; `RUST_LOG` works too).
+    #[arg(long, global = true)]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve every downstream as one MCP server over stdio (add this to Claude Desktop).
+    Serve,
+    /// List the unified catalog of tools.
+    Tools {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only this server's tools.
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Call one tool by its public name and print the result.
+    Call {
+        /// The tool's public name, such as `fs__read_file`.
+        name: String,
+        /// The arguments, as a JSON object.
+        #[arg(default_value = "{}")]
+        arguments: String,
+        /// Print the whole result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the config, connect to every server and show how each one is doing.
+    Check,
+}
+
+impl Cli {
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        let default_log = if matches!(self.command, Command::Serve) { "info" } else { "warn" };
+        init_logging(self.log.as_deref(), default_log);
+        let config = Config::load(&self.config)?;
+        match self.command {
+            Command::Serve => serve(config).await,
+            Command::Tools { json, server } => with_registry(config, |registry| async move {
+                tools(&registry, json, server.as_deref())
+            })
+            .await,
+            Command::Call {
+                name,
+                arguments,
+                json,
+            } => with_registry(config, |registry| call(registry, name, arguments, json)).await,
+            Command::Check => with_registry(config, |registry| async move { check(&registry) }).await,
+        }
+    }
+}
+
+fn init_logging(filter: Option<&str>, default: &str) {
+    let filter = filter
+        .map(tracing_subscriber::EnvFilter::new)
+        .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default));
+    // stderr only: in `serve`, stdout carries the protocol.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
+/// Start every downstream, run `job`, then stop them all whatever the job's outcome.
+async fn with_registry<F, Fut>(config: Config, job: F) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(Arc<Registry>) -> Fut,
+    Fut: Future<Output = anyhow::Result<ExitCode>>,
+{
+    let registry = Registry::start(config).await;
+    let outcome = job(registry.clone()).await;
+    registry.shutdown().await;
+    outcome
+}
+
+async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    let registry = Registry::start(config).await;
+    let server = ConductorServer::new(Router::new(registry.clone()));
+    tracing::info!(tools = registry.catalog().tools().len(), "serving over stdio");
+    let outcome = match server.serve(rmcp::transport::stdio()).await {
+        Ok(service) => {
+            tokio::select! {
+                quit = service.waiting() => quit.map(|_| ()).context("the stdio session failed"),
+                () = shutdown_signal() => {
+                    tracing::info!("shutting down on signal");
+                    Ok(())
+                }
+            }
+        }
+        Err(error) => Err(anyhow::anyhow!("the client did not complete the handshake: {error}")),
+    };
+    registry.shutdown().await;
+    outcome.map(|()| ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            () = terminate => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+fn tools(registry: &Registry, json: bool, server: Option<&str>) -> anyhow::Result<ExitCode> {
+    if let Some(server) = server
+        && !registry.config().servers.iter().any(|spec| spec.name.as_str() == server)
+    {
+        bail!("no server named `{server}` in the config");
+    }
+    let catalog = registry.catalog();
+    let entries: Vec<&ToolEntry> = catalog
+        .tools()
+        .iter()
+        .filter(|entry| server.is_none_or(|server| entry.server.as_str() == server))
+        .collect();
+    if json {
+        let listing: Vec<Value> = entries.iter().map(|entry| tool_json(entry)).collect();
+        return output(&serde_json::to_string_pretty(&listing)?);
+    }
+    let mut rows = vec![row(["NAME", "SERVER", "TITLE", "ANNOTATIONS", "ORIGINAL", "DESCRIPTION"])];
+    for entry in &entries {
+        let tool = &entry.tool;
+        let original = if entry.original == tool.name.as_ref() { "" } else { &entry.original };
+        rows.push(row([
+            &tool.name,
+            entry.server.as_str(),
+            tool.title.as_deref().unwrap_or(""),
+            &annotation_flags(tool),
+            original,
+            &one_line(tool.description.as_deref().unwrap_or(""), 70),
+        ]));
+    }
+    let mut text = table(&rows);
+    text.push_str(&format!("{} tools\n", entries.len()));
+    output(text.trim_end())
+}
+
+fn tool_json(entry: &ToolEntry) -> Value {
+    let tool = &entry.tool;
+    json!({
+        "name": tool.name,
+        "server": entry.server.as_str(),
+        "originalName": entry.original,
+        "title": tool.title,
+        "description": tool.description,
+        "annotations": tool.annotations,
+        "inputSchema": tool.input_schema,
+        "outputSchema": tool.output_schema,
+    })
+}
+
+/// Short flags for the tool annotations that matter to a caller.
+fn annotation_flags(tool: &rmcp::model::Tool) -> String {
+    let Some(annotations) = &tool.annotations else {
+        return String::new();
+    };
+    let flags = [
+        (annotations.read_only_hint, "read-only"),
+        (annotations.destructive_hint, "destructive"),
+        (annotations.idempotent_hint, "idempotent"),
+        (annotations.open_world_hint, "open-world"),
+    ];
+    flags
+        .iter()
+        .filter(|(hint, _)| *hint == Some(true))
+        .map(|(_, name)| *name)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+async fn call(
+    registry: Arc<Registry>,
+    name: String,
+    arguments: String,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let arguments: JsonObject = match serde_json::from_str(&arguments) {
+        Ok(Value::Object(object)) => object,
+        Ok(other) => bail!("the arguments must be a JSON object, not {}", json_kind(&other)),
+        Err(error) => bail!("the arguments are not valid JSON: {error}"),
+    };
+    let router = Router::new(registry);
+    let params = CallToolRequestParams::new(name).with_arguments(arguments);
+    let result = match router.call_tool(params, &CancellationToken::new()).await? {
+        ServerResult::CallToolResult(result) => result,
+        _ => bail!("the server answered with something other than a tool result"),
+    };
+    if json {
+        output(&serde_json::to_string_pretty(&result)?)?;
+    } else {
+        output(&render_result(&result))?;
+    }
+    Ok(if result.is_error == Some(true) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// A tool result as a person reads it: text as it is, other content summarized, and the
+/// structured content when there is no text.
+fn render_result(result: &CallToolResult) -> String {
+    let mut parts: Vec<String> = result.content.iter().map(render_block).collect();
+    let has_text = result.content.iter().any(|block| block.as_text().is_some());
+    if !has_text && let Some(structured) = &result.structured_content {
+        parts.push(serde_json::to_string_pretty(structured).unwrap_or_default());
+    }
+    parts.join("\n")
+}
+
+fn render_block(block: &ContentBlock) -> String {
+    let value = serde_json::to_value(block).unwrap_or(Value::Null);
+    let kind = value.get("type").and_then(Value::as_str).unwrap_or("content");
+    let field = |name: &str| value.get(name).and_then(Value::as_str).unwrap_or("");
+    match kind {
+        "text" => field("text").to_owned(),
+        "image" | "audio" => format!("[{kind} {}, {} bytes base64]", field("mimeType"), field("data").len()),
+        "resource_link" => format!("[resource link {}]", field("uri")),
+        "resource" => {
+            let resource = &value["resource"];
+            let uri = resource.get("uri").and_then(Value::as_str).unwrap_or("");
+            match resource.get("text").and_then(Value::as_str) {
+                Some(text) => format!("[resource {uri}]\n{text}"),
+                None => format!("[resource {uri}, binary]"),
+            }
+        }
+        other => format!("[{other}]"),
+    }
+}
+
+fn check(registry: &Registry) -> anyhow::Result<ExitCode> {
+    let mut rows = vec![row(["SERVER", "TRANSPORT", "STATUS", "TOOLS", "PROMPTS", "RESOURCES", "STARTUP", "ERROR"])];
+    let mut failed = 0;
+    for state in registry.states() {
+        let listing = &state.listing;
+        let ready = state.status == Status::Ready;
+        let count = |n: usize| if ready { n.to_string() } else { "-".to_owned() };
+        if matches!(state.status, Status::Failed(_)) {
+            failed += 1;
+        }
+        let error = match &state.status {
+            Status::Failed(reason) => one_line(reason, 100),
+            _ => String::new(),
+        };
+        rows.push(row([
+            state.spec.name.as_str(),
+            state.spec.transport.kind(),
+            state.status.label(),
+            &count(listing.tools.len()),
+            &count(listing.prompts.len()),
+            &count(listing.resources.len() + listing.templates.len()),
+            &state.startup.map(format_duration).unwrap_or_else(|| "-".to_owned()),
+            &error,
+        ]));
+    }
+    let mut text = table(&rows);
+    let catalog = registry.catalog();
+    for warning in &catalog.warnings {
+        text.push_str(&format!("warning: {warning}\n"));
+    }
+    text.push_str(&format!(
+        "{} servers, {failed} failed; {} tools, {} prompts, {} resources, {} templates offered",
+        registry.config().servers.len(),
+        catalog.tools().len(),
+        catalog.prompts().len(),
+        catalog.resources().len(),
+        catalog.templates().len(),
+    ));
+    output(&text)?;
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn row<const N: usize>(cells: [&str; N]) -> Vec<String> {
+    cells.iter().map(|cell| (*cell).to_owned()).collect()
+}
+
+/// Left-aligned columns separated by two spaces; the last column is not padded.
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|column| rows.iter().map(|row| row[column].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(column, cell)| {
+                if column + 1 == columns {
+                    cell.clone()
+                } else {
+                    format!("{cell:<width$}", width = widths[column])
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The first line of `text`, cut to `max` characters.
+fn one_line(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or("").trim();
+    if line.chars().count() > max {
+        format!("{}...", line.chars().take(max - 3).collect::<String>())
+    } else {
+        line.to_owned()
+    }
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Write command output to stdout, where people and scripts read it.
+fn output(text: &str) -> anyhow::Result<ExitCode> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}").context("cannot write to stdout")?;
+    Ok(ExitCode::SUCCESS)
+}

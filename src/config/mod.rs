@@ -1,0 +1,608 @@
+//! `servers.toml`: read the file, check every key, and produce typed values that cannot be wrong.
+//!
+//! Nothing here knows MCP. The rest of the crate receives a [`Config`] whose servers have valid
+//! names, resolved environment variables, parsed durations and compiled globs.
+
+mod diagnostic;
+mod expand;
+mod reader;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+pub use diagnostic::{ConfigError, Problem, did_you_mean};
+use diagnostic::Problems;
+pub use expand::{ExpandError, expand};
+use reader::{Table, Value, as_table, wrong_type};
+
+/// The separator between a server's prefix and a tool or prompt name, unless configured.
+pub const DEFAULT_SEPARATOR: &str = "__";
+pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A whole, valid configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from; relative paths inside it are relative to its folder.
+    pub path: PathBuf,
+    pub separator: String,
+    /// Every server in file order, enabled or not.
+    pub servers: Vec<ServerSpec>,
+}
+
+/// The name of a downstream server: letters, digits, `_` and `-`, never containing the separator.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServerName(String);
+
+impl ServerName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ServerName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One downstream server as configured.
+#[derive(Debug, Clone)]
+pub struct ServerSpec {
+    pub name: ServerName,
+    pub transport: Transport,
+    pub enabled: bool,
+    pub prefix: Prefix,
+    pub startup_timeout: Duration,
+    pub call_timeout: Duration,
+    pub tools: ToolRules,
+}
+
+/// How conductor reaches a downstream.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    Stdio(StdioSpec),
+    StreamableHttp(HttpSpec),
+}
+
+impl Transport {
+    /// The short name shown in tables and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Transport::Stdio(_) => "stdio",
+            Transport::StreamableHttp(_) => "streamable-http",
+        }
+    }
+}
+
+/// A child process speaking MCP on its stdin and stdout.
+#[derive(Debug, Clone)]
+pub struct StdioSpec {
+    pub command: String,
+    pub args: Vec<String>,
+    /// Added to conductor's own environment, after `${VAR}` expansion.
+    pub env: Vec<(String, String)>,
+    /// The folder it starts in: `cwd` resolved against the config's folder, or that folder.
+    pub cwd: PathBuf,
+}
+
+/// A remote server speaking Streamable HTTP.
+#[derive(Debug, Clone)]
+pub struct HttpSpec {
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+}
+
+/// What goes in front of a server's tool and prompt names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prefix {
+    /// The server's name (the default).
+    ServerName,
+    Custom(String),
+    /// No prefix: names stay exactly as the server gives them.
+    None,
+}
+
+/// Which of a server's tools are offered, and under what names and descriptions.
+#[derive(Debug, Clone, Default)]
+pub struct ToolRules {
+    /// When set, only tools matching one of these globs are offered.
+    pub allow: Option<GlobSet>,
+    /// Tools matching one of these are hidden, even when allowed.
+    pub deny: Option<GlobSet>,
+    /// Original tool name to the name to offer in its place (before the prefix).
+    pub rename: HashMap<String, String>,
+    /// Original tool name to a description that replaces the server's.
+    pub descriptions: HashMap<String, String>,
+}
+
+impl ToolRules {
+    /// Whether a tool with this original name is offered.
+    pub fn offers(&self, tool: &str) -> bool {
+        let allowed = self.allow.as_ref().is_none_or(|allow| allow.is_match(tool));
+        let denied = self.deny.as_ref().is_some_and(|deny| deny.is_match(tool));
+        allowed && !denied
+    }
+}
+
+impl Config {
+    /// Read and validate a config file, expanding `${VAR}` from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&source, path, |name| std::env::var(name).ok())
+    }
+
+    /// Validate config text that came from `path`, with `env` answering `${VAR}` lookups.
+    pub fn parse(
+        source: &str,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut problems = Problems::new(source);
+        let config = match DeTable::parse_recoverable(source) {
+            (document, errors) if errors.is_empty() => {
+                validate(document.get_ref(), path, &env, &mut problems)
+            }
+            (_, errors) => {
+                for error in errors {
+                    let span = error.span().unwrap_or(0..0);
+                    problems.add(span, format!("invalid TOML: {}", error.message().trim()));
+                }
+                None
+            }
+        };
+        let problems = problems.into_vec();
+        match config {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ => Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            }),
+        }
+    }
+
+    /// The enabled servers, in file order.
+    pub fn enabled_servers(&self) -> impl Iterator<Item = &ServerSpec> {
+        self.servers.iter().filter(|server| server.enabled)
+    }
+}
+
+/// Defaults from `[conductor]` that each server may override.
+struct Defaults {
+    separator: String,
+    startup_timeout: Duration,
+    call_timeout: Duration,
+}
+
+fn validate(
+    document: &DeTable<'_>,
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Option<Config> {
+    let mut root = Table::new(document, "");
+    let defaults = match root.table("conductor", problems) {
+        Some(table) => read_defaults(table, problems),
+        None => Defaults {
+            separator: DEFAULT_SEPARATOR.to_owned(),
+            startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+        },
+    };
+    let folder = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let servers = match root.table("servers", problems) {
+        Some(table) => table
+            .entries()
+            .filter_map(|(name, value)| {
+                read_server(name, value, &defaults, &folder, env, problems)
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    root.finish(problems);
+    Some(Config {
+        path: path.to_owned(),
+        separator: defaults.separator,
+        servers,
+    })
+}
+
+fn read_defaults(mut table: Table<'_, '_>, problems: &mut Problems) -> Defaults {
+    let separator = match table.string("separator", problems) {
+        Some(separator) if is_valid_separator(separator.get_ref()) => separator.into_inner(),
+        Some(separator) => {
+            problems.add_with_hint(
+                separator.span(),
+                format!("separator `{}` is not allowed", separator.get_ref()),
+                Some("use one or more of letters, digits, `_`, `-` and `.`; the default is `__`"),
+            );
+            DEFAULT_SEPARATOR.to_owned()
+        }
+        None => DEFAULT_SEPARATOR.to_owned(),
+    };
+    let startup_timeout = read_duration(&mut table, "startup_timeout", problems)
+        .unwrap_or(DEFAULT_STARTUP_TIMEOUT);
+    let call_timeout =
+        read_duration(&mut table, "call_timeout", problems).unwrap_or(DEFAULT_CALL_TIMEOUT);
+    table.finish(problems);
+    Defaults {
+        separator,
+        startup_timeout,
+        call_timeout,
+    }
+}
+
+fn is_valid_separator(separator: &str) -> bool {
+    !separator.is_empty()
+        && separator
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// Whether `name` may be offered to clients: `^[a-zA-Z0-9_-]{1,64}$`, what Claude and other
+/// hosts accept.
+pub fn is_valid_public_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+}
+
+fn read_server(
+    name: Spanned<String>,
+    value: &Value<'_>,
+    defaults: &Defaults,
+    folder: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Option<ServerSpec> {
+    let server_name = check_server_name(&name, &defaults.separator, problems);
+    let mut table = as_table(value, format!("servers.{}", name.get_ref()), problems)?;
+    let expanded = |text: Option<Spanned<String>>, what: &str, problems: &mut Problems| {
+        let text = text?;
+        match expand(text.get_ref(), env) {
+            Ok(value) => Some(value),
+            Err(error) => {
+                let hint = matches!(error, ExpandError::Missing(_)).then(|| {
+                    "set it in the environment conductor starts in, or give a default: `${NAME:-value}`"
+                });
+                problems.add_with_hint(
+                    text.span(),
+                    format!("server `{}`: `{what}`: {error}", name.get_ref()),
+                    hint,
+                );
+                None
+            }
+        }
+    };
+
+    let command = table.string("command", problems);
+    let url = table.string("url", problems);
+    let transport_kind = table.string("transport", problems);
+    let args = table.strings("args", problems);
+    let env_vars = table.string_map("env", problems);
+    let cwd = table.string("cwd", problems);
+    let headers = table.string_map("headers", problems);
+    let enabled = table.bool("enabled", problems).unwrap_or(true);
+    let prefix = read_prefix(&mut table, &defaults.separator, problems);
+    let startup_timeout =
+        read_duration(&mut table, "startup_timeout", problems).unwrap_or(defaults.startup_timeout);
+    let call_timeout =
+        read_duration(&mut table, "call_timeout", problems).unwrap_or(defaults.call_timeout);
+    let tools = table
+        .table("tools", problems)
+        .map(|tools| read_tool_rules(tools, problems))
+        .unwrap_or_default();
+
+    if let Some(kind) = &transport_kind {
+        let expected = if url.is_some() { "streamable-http" } else { "stdio" };
+        match kind.get_ref().as_str() {
+            "stdio" | "streamable-http" if kind.get_ref() == expected => {}
+            "sse" => problems.add_with_hint(
+                kind.span(),
+                format!(
+                    "server `{}`: the legacy HTTP+SSE transport is not supported for downstreams yet",
+                    name.get_ref()
+                ),
+                Some("use the server's Streamable HTTP endpoint (often `/mcp`) if it has one"),
+            ),
+            "stdio" | "streamable-http" => problems.add_with_hint(
+                kind.span(),
+                format!(
+                    "server `{}`: `transport = \"{}\"` does not match the server's {}",
+                    name.get_ref(),
+                    kind.get_ref(),
+                    if url.is_some() { "`url`" } else { "`command`" }
+                ),
+                Some("`command` means stdio and `url` means streamable-http; `transport` may be left out"),
+            ),
+            other => problems.add_with_hint(
+                kind.span(),
+                format!("server `{}`: unknown transport `{other}`", name.get_ref()),
+                Some("use `stdio` or `streamable-http`"),
+            ),
+        }
+    }
+
+    let transport = match (command, url) {
+        (Some(command), None) => {
+            for (key, value) in headers.iter() {
+                problems.add(
+                    key.span().start..value.span().end,
+                    format!("server `{}`: `headers` only apply to a server with `url`", name.get_ref()),
+                );
+            }
+            let command = expanded(Some(command), "command", problems);
+            let args: Vec<Option<String>> = args
+                .unwrap_or_default()
+                .into_iter()
+                .map(|arg| expanded(Some(arg), "args", problems))
+                .collect();
+            let env_vars: Vec<Option<(String, String)>> = env_vars
+                .into_iter()
+                .map(|(key, value)| {
+                    let what = format!("env.{}", key.get_ref());
+                    expanded(Some(value), &what, problems).map(|value| (key.into_inner(), value))
+                })
+                .collect();
+            let cwd = match cwd {
+                Some(cwd) => expanded(Some(cwd), "cwd", problems).map(|cwd| folder.join(cwd)),
+                None => Some(folder.to_path_buf()),
+            };
+            Some(Transport::Stdio(StdioSpec {
+                command: command?,
+                args: args.into_iter().collect::<Option<_>>()?,
+                env: env_vars.into_iter().collect::<Option<_>>()?,
+                cwd: cwd?,
+            }))
+        }
+        (None, Some(url)) => {
+            let span = url.span();
+            for key in ["args", "env", "cwd"] {
+                if let Some(value) = table.get(key) {
+                    problems.add(
+                        value.span(),
+                        format!("server `{}`: `{key}` only applies to a server with `command`", name.get_ref()),
+                    );
+                }
+            }
+            let url = expanded(Some(url), "url", problems);
+            if let Some(url) = &url
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                problems.add_with_hint(
+                    span,
+                    format!("server `{}`: `url` must start with `http://` or `https://`", name.get_ref()),
+                    Some("a Streamable HTTP endpoint usually ends in `/mcp`"),
+                );
+            }
+            let headers: Vec<Option<(String, String)>> = headers
+                .into_iter()
+                .map(|(key, value)| {
+                    let what = format!("headers.{}", key.get_ref());
+                    expanded(Some(value), &what, problems).map(|value| (key.into_inner(), value))
+                })
+                .collect();
+            Some(Transport::StreamableHttp(HttpSpec {
+                url: url?,
+                headers: headers.into_iter().collect::<Option<_>>()?,
+            }))
+        }
+        (Some(command), Some(_)) => {
+            problems.add_with_hint(
+                command.span(),
+                format!("server `{}` has both `command` and `url`", name.get_ref()),
+                Some("a server is either a local process (`command`) or a remote one (`url`)"),
+            );
+            None
+        }
+        (None, None) => {
+            problems.add_with_hint(
+                name.span(),
+                format!("server `{}` has neither `command` nor `url`", name.get_ref()),
+                Some("add `command = \"...\"` for a local process or `url = \"https://...\"` for a remote server"),
+            );
+            None
+        }
+    };
+    table.finish(problems);
+    Some(ServerSpec {
+        name: server_name?,
+        transport: transport?,
+        enabled,
+        prefix,
+        startup_timeout,
+        call_timeout,
+        tools,
+    })
+}
+
+fn check_server_name(
+    name: &Spanned<String>,
+    separator: &str,
+    problems: &mut Problems,
+) -> Option<ServerName> {
+    let text = name.get_ref();
+    if !is_valid_public_name(text) {
+        problems.add_with_hint(
+            name.span(),
+            format!("server name `{text}` is not allowed"),
+            Some("use 1 to 64 letters, digits, `_` or `-`"),
+        );
+        return None;
+    }
+    if text.contains(separator) {
+        problems.add_with_hint(
+            name.span(),
+            format!("server name `{text}` contains the separator `{separator}`"),
+            Some("tool names are `<server><separator><tool>`, so the server part must not contain the separator; rename the server or set `[conductor] separator`"),
+        );
+        return None;
+    }
+    Some(ServerName(text.clone()))
+}
+
+fn read_prefix(table: &mut Table<'_, '_>, separator: &str, problems: &mut Problems) -> Prefix {
+    let path = format!("{}.prefix", table.path());
+    let Some(value) = table.get("prefix") else {
+        return Prefix::ServerName;
+    };
+    match value.get_ref() {
+        DeValue::Boolean(true) => Prefix::ServerName,
+        DeValue::Boolean(false) => Prefix::None,
+        DeValue::String(text) if text.is_empty() => Prefix::None,
+        DeValue::String(text) if !is_valid_public_name(text) || text.contains(separator) => {
+            problems.add_with_hint(
+                value.span(),
+                format!("prefix `{text}` is not allowed"),
+                Some(format!(
+                    "use letters, digits, `_` or `-`, without the separator `{separator}`; or `prefix = false` for no prefix"
+                )),
+            );
+            Prefix::ServerName
+        }
+        DeValue::String(text) => Prefix::Custom(text.to_string()),
+        other => {
+            wrong_type(value.span(), &path, "a string or `false`", other, problems);
+            Prefix::ServerName
+        }
+    }
+}
+
+fn read_tool_rules(mut table: Table<'_, '_>, problems: &mut Problems) -> ToolRules {
+    let allow = table
+        .strings("allow", problems)
+        .map(|globs| compile_globs(globs, problems));
+    let deny = table
+        .strings("deny", problems)
+        .map(|globs| compile_globs(globs, problems));
+    let rename = table
+        .string_map("rename", problems)
+        .into_iter()
+        .filter(|(_, new_name)| {
+            let valid = is_valid_public_name(new_name.get_ref());
+            if !valid {
+                problems.add_with_hint(
+                    new_name.span(),
+                    format!("`{}` is not a valid tool name", new_name.get_ref()),
+                    Some("use 1 to 64 letters, digits, `_` or `-`"),
+                );
+            }
+            valid
+        })
+        .map(|(old, new)| (old.into_inner(), new.into_inner()))
+        .collect();
+    let descriptions = table
+        .string_map("descriptions", problems)
+        .into_iter()
+        .map(|(tool, text)| (tool.into_inner(), text.into_inner()))
+        .collect();
+    table.finish(problems);
+    ToolRules {
+        allow,
+        deny,
+        rename,
+        descriptions,
+    }
+}
+
+fn compile_globs(globs: Vec<Spanned<String>>, problems: &mut Problems) -> GlobSet {
+    let mut builder = GlobSetBuilder::new();
+    for glob in globs {
+        match Glob::new(glob.get_ref()) {
+            Ok(compiled) => {
+                builder.add(compiled);
+            }
+            Err(error) => problems.add(
+                glob.span(),
+                format!("invalid glob `{}`: {}", glob.get_ref(), error.kind()),
+            ),
+        }
+    }
+    builder.build().unwrap_or_else(|_| GlobSet::empty())
+}
+
+fn read_duration(
+    table: &mut Table<'_, '_>,
+    key: &'static str,
+    problems: &mut Problems,
+) -> Option<Duration> {
+    let text = table.string(key, problems)?;
+    match parse_duration(text.get_ref()) {
+        Some(duration) => Some(duration),
+        None => {
+            problems.add_with_hint(
+                text.span(),
+                format!("`{}.{key}`: `{}` is not a duration", table.path(), text.get_ref()),
+                Some("write a number and a unit: `500ms`, `30s`, `2m` or `1h`"),
+            );
+            None
+        }
+    }
+}
+
+/// Parse `500ms`, `30s`, `2m`, `1h` (also with a fraction, like `1.5s`). Zero is not a duration.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let seconds = match unit.trim() {
+        "ms" => number / 1000.0,
+        "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return None,
+    };
+    (seconds > 0.0 && seconds.is_finite()).then(|| Duration::from_secs_f64(seconds))
+}
+
+/// Shows a duration the way the config writes it.
+pub fn format_duration(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    if millis % 1000 != 0 {
+        format!("{millis}ms")
+    } else {
+        format!("{}s", duration.as_secs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0s"), None);
+        assert_eq!(parse_duration("30"), None);
+        assert_eq!(parse_duration("3 days"), None);
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(format_duration(Duration::from_secs(30)), "30s");
+    }
+
+    #[test]
+    fn tool_rules_allow_then_deny() {
+        let mut problems = Problems::new("");
+        let rules = ToolRules {
+            allow: Some(compile_globs(vec![Spanned::new(0..0, "read_*".into())], &mut problems)),
+            deny: Some(compile_globs(vec![Spanned::new(0..0, "*_secret".into())], &mut problems)),
+            ..ToolRules::default()
+        };
+        assert!(rules.offers("read_file"));
+        assert!(!rules.offers("read_secret"));
+        assert!(!rules.offers("write_file"));
+        assert!(ToolRules::default().offers("anything"));
+    }
+}

@@ -1,0 +1,225 @@
+//! Live connections to downstream MCP servers: start or reach one, list what it offers, and
+//! report what it tells us (list changes, its end) as events.
+//!
+//! This is the only module that builds transports. A [`Connection`] owns its rmcp client
+//! service in a background task; dropping or closing it stops the child process.
+
+mod client;
+mod stdio;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rmcp::model::{ErrorCode, ServerPeerInfo};
+use rmcp::service::{Peer, RoleClient, RunningServiceCancellationToken, ServiceError};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::ServiceExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::catalog::Listing;
+use crate::config::{HttpSpec, ServerName, ServerSpec, Transport};
+pub use client::DownstreamClient;
+
+/// Which of a server's lists changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListKind {
+    Tools,
+    Prompts,
+    Resources,
+}
+
+/// What a downstream connection reports to whoever supervises it.
+#[derive(Debug)]
+pub enum Event {
+    ListChanged { server: ServerName, kind: ListKind },
+    /// The connection ended (the child exited, or the remote closed), with why.
+    Closed { server: ServerName, reason: String },
+}
+
+/// Why a downstream could not be started or reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot start `{command}`: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("header `{name}` is not a valid HTTP header")]
+    Header { name: String },
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+    #[error("listing {what} failed: {error}")]
+    List { what: &'static str, error: String },
+    #[error("not ready within the startup timeout of {}", crate::config::format_duration(*.0))]
+    Timeout(Duration),
+}
+
+/// One live downstream connection.
+pub struct Connection {
+    pub server: ServerName,
+    pub peer: Peer<RoleClient>,
+    /// What the server said about itself when it connected.
+    pub info: ServerPeerInfo,
+    /// The child process, for stdio servers.
+    pub pid: Option<u32>,
+    cancel: std::sync::Mutex<Option<RunningServiceCancellationToken>>,
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Connection {
+    /// Start or reach the server and complete the MCP handshake, within its startup timeout.
+    pub async fn open(spec: &ServerSpec, events: mpsc::UnboundedSender<Event>) -> Result<Connection, ConnectError> {
+        let client = DownstreamClient::new(spec.name.clone(), events.clone());
+        let opening = async {
+            match &spec.transport {
+                Transport::Stdio(stdio) => {
+                    let child = stdio::spawn(&spec.name, stdio)?;
+                    let pid = child.id();
+                    serve(spec, client, child, pid, events).await
+                }
+                Transport::StreamableHttp(http) => {
+                    let transport = StreamableHttpClientTransport::from_config(http_config(http)?);
+                    serve(spec, client, transport, None, events).await
+                }
+            }
+        };
+        tokio::time::timeout(spec.startup_timeout, opening)
+            .await
+            .map_err(|_| ConnectError::Timeout(spec.startup_timeout))?
+    }
+
+    /// Everything the server offers, asking only for what its capabilities declare.
+    /// A list method the server answers with "method not found" counts as an empty list.
+    pub async fn list(&self) -> Result<Listing, ConnectError> {
+        let mut listing = Listing::default();
+        for kind in [ListKind::Tools, ListKind::Prompts, ListKind::Resources] {
+            self.list_into(kind, &mut listing).await?;
+        }
+        Ok(listing)
+    }
+
+    /// Re-list one kind into `listing`, after the server said it changed.
+    pub async fn list_into(&self, kind: ListKind, listing: &mut Listing) -> Result<(), ConnectError> {
+        let capabilities = &self.info.capabilities;
+        match kind {
+            ListKind::Tools if capabilities.tools.is_some() => {
+                listing.tools = tolerate_missing("tools", self.peer.list_all_tools().await)?;
+            }
+            ListKind::Prompts if capabilities.prompts.is_some() => {
+                listing.prompts = tolerate_missing("prompts", self.peer.list_all_prompts().await)?;
+            }
+            ListKind::Resources if capabilities.resources.is_some() => {
+                listing.resources =
+                    tolerate_missing("resources", self.peer.list_all_resources().await)?;
+                listing.templates = tolerate_missing(
+                    "resource templates",
+                    self.peer.list_all_resource_templates().await,
+                )?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Stop the connection: close the transport (a child gets its stdin closed, then SIGTERM,
+    /// then SIGKILL) and wait for that to finish, up to `grace`.
+    /// Calls still in flight fail with "connection closed".
+    pub async fn close(&self, grace: Duration) {
+        self.cancel();
+        let task = self.task.lock().ok().and_then(|mut task| task.take());
+        if let Some(mut task) = task
+            && tokio::time::timeout(grace, &mut task).await.is_err()
+        {
+            // Aborting drops the transport, whose child guard kills the process.
+            task.abort();
+        }
+    }
+
+    fn cancel(&self) {
+        if let Some(cancel) = self.cancel.lock().ok().and_then(|mut cancel| cancel.take()) {
+            cancel.cancel();
+        }
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("server", &self.server)
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+async fn serve<T, E, A>(
+    spec: &ServerSpec,
+    client: DownstreamClient,
+    transport: T,
+    pid: Option<u32>,
+    events: mpsc::UnboundedSender<Event>,
+) -> Result<Connection, ConnectError>
+where
+    T: rmcp::transport::IntoTransport<RoleClient, E, A>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let service = client
+        .serve(transport)
+        .await
+        .map_err(|error| ConnectError::Handshake(error.to_string()))?;
+    let peer = service.peer().clone();
+    let info = peer
+        .peer_info()
+        .map(|info| (*info).clone())
+        .ok_or_else(|| ConnectError::Handshake("the server sent no initialize result".into()))?;
+    let cancel = service.cancellation_token();
+    let server = spec.name.clone();
+    let task = tokio::spawn(async move {
+        let reason = match service.waiting().await {
+            Ok(rmcp::service::QuitReason::Cancelled) => "stopped".to_owned(),
+            Ok(rmcp::service::QuitReason::Closed) => "the connection closed".to_owned(),
+            Ok(other) => format!("{other:?}"),
+            Err(error) => format!("the connection task failed: {error}"),
+        };
+        let _ = events.send(Event::Closed { server, reason });
+    });
+    Ok(Connection {
+        server: spec.name.clone(),
+        peer,
+        info,
+        pid,
+        cancel: std::sync::Mutex::new(Some(cancel)),
+        task: std::sync::Mutex::new(Some(task)),
+    })
+}
+
+fn http_config(http: &HttpSpec) -> Result<StreamableHttpClientTransportConfig, ConnectError> {
+    let mut headers = HashMap::new();
+    for (name, value) in &http.headers {
+        let header_name = http::HeaderName::try_from(name.as_str())
+            .map_err(|_| ConnectError::Header { name: name.clone() })?;
+        let header_value = http::HeaderValue::try_from(value.as_str())
+            .map_err(|_| ConnectError::Header { name: name.clone() })?;
+        headers.insert(header_name, header_value);
+    }
+    Ok(StreamableHttpClientTransportConfig::with_uri(http.url.clone()).custom_headers(headers))
+}
+
+fn tolerate_missing<T>(what: &'static str, result: Result<Vec<T>, ServiceError>) -> Result<Vec<T>, ConnectError> {
+    match result {
+        Ok(items) => Ok(items),
+        Err(ServiceError::McpError(error)) if error.code == ErrorCode::METHOD_NOT_FOUND => Ok(Vec::new()),
+        Err(error) => Err(ConnectError::List {
+            what,
+            error: error.to_string(),
+        }),
+    }
+}

@@ -1,0 +1,18 @@
+//! mcp-conductor: one MCP server in front of every MCP server you use.
+//!
+//! The modules follow a request's path, and each layer only looks down:
+//! - [`config`]: `servers.toml` read and checked into typed values (knows nothing of MCP);
+//! - [`downstream`]: live connections to downstream servers (the only place transports are built);
+//! - [`catalog`]: the immutable, namespaced offer built from what the downstreams list;
+//! - [`registry`]: the set of downstreams, their state, and the current catalog;
+//! - [`router`]: the one path every downstream request takes;
+//! - [`server`]: the MCP handler clients talk to;
+//! - [`cli`]: the `conductor` commands.
+
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod downstream;
+pub mod registry;
+pub mod router;
+pub mod server;

@@ -1,0 +1,245 @@
+//! The router: the one path every downstream request takes. It resolves a public name to its
+//! owner, sends the request with the server's timeout, and cancels it downstream when the
+//! caller goes away.
+//!
+//! Timeouts live here; retries, the circuit breaker, metrics and audit belong here too, so that
+//! a proxied call and a workflow step can never differ in how they reach a server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmcp::ErrorData as McpError;
+use rmcp::model::{
+    CallToolRequest, CallToolRequestParams, CancelledNotification, CancelledNotificationParam,
+    ClientRequest, CompleteRequest, CompleteRequestParams, GetPromptRequest,
+    GetPromptRequestParams, ReadResourceRequest, ReadResourceRequestParams, Reference,
+    ResourceContents, ServerResult,
+};
+use rmcp::service::{PeerRequestOptions, ServiceError};
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::ResourceRoute;
+use crate::config::{ServerName, format_duration};
+use crate::registry::Registry;
+
+/// Why a request did not get an answer from its downstream.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("unknown tool `{name}`{}", hint_suffix(hint))]
+    UnknownTool { name: String, hint: Option<String> },
+    #[error("unknown prompt `{name}`{}", hint_suffix(hint))]
+    UnknownPrompt { name: String, hint: Option<String> },
+    #[error("no server offers resource `{uri}`")]
+    UnknownResource { uri: String },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("cannot route a {0}")]
+    Unroutable(String),
+    #[error("server `{server}`: `{what}` timed out after {}", format_duration(*after))]
+    Timeout {
+        server: ServerName,
+        what: String,
+        after: Duration,
+    },
+    #[error("server `{server}`: the connection closed before `{what}` was answered")]
+    Closed { server: ServerName, what: String },
+    #[error("cancelled by the client")]
+    Cancelled,
+    /// The downstream answered with a JSON-RPC error: passed on as it is.
+    #[error("server `{server}`: {error}")]
+    Downstream { server: ServerName, error: McpError },
+    #[error("server `{server}`: `{what}`: {error}")]
+    Failed {
+        server: ServerName,
+        what: String,
+        error: String,
+    },
+}
+
+fn hint_suffix(hint: &Option<String>) -> String {
+    hint.as_ref()
+        .map(|hint| format!("; did you mean `{hint}`?"))
+        .unwrap_or_default()
+}
+
+/// Routes requests by public name to the downstream that owns them.
+#[derive(Debug, Clone)]
+pub struct Router {
+    registry: Arc<Registry>,
+}
+
+impl Router {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        Router { registry }
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Call a tool by its public name. The downstream's result comes back unchanged.
+    pub async fn call_tool(
+        &self,
+        mut params: CallToolRequestParams,
+        cancel: &CancellationToken,
+    ) -> Result<ServerResult, CallError> {
+        let catalog = self.registry.catalog();
+        let Some(entry) = catalog.tool(&params.name) else {
+            return Err(CallError::UnknownTool {
+                hint: catalog.nearest_tool(&params.name).map(str::to_owned),
+                name: params.name.to_string(),
+            });
+        };
+        let what = format!("tools/call {}", entry.original);
+        params.name = entry.original.clone().into();
+        let request = ClientRequest::CallToolRequest(CallToolRequest::new(params));
+        self.send(&entry.server, what, request, cancel).await
+    }
+
+    pub async fn get_prompt(
+        &self,
+        mut params: GetPromptRequestParams,
+        cancel: &CancellationToken,
+    ) -> Result<ServerResult, CallError> {
+        let catalog = self.registry.catalog();
+        let Some(entry) = catalog.prompt(&params.name) else {
+            return Err(CallError::UnknownPrompt {
+                hint: catalog.nearest_prompt(&params.name).map(str::to_owned),
+                name: params.name,
+            });
+        };
+        let what = format!("prompts/get {}", entry.original);
+        params.name = entry.original.clone();
+        let request = ClientRequest::GetPromptRequest(GetPromptRequest::new(params));
+        self.send(&entry.server, what, request, cancel).await
+    }
+
+    /// Read a resource; the owner sees the URI it listed, the client gets back the one it asked.
+    pub async fn read_resource(
+        &self,
+        mut params: ReadResourceRequestParams,
+        cancel: &CancellationToken,
+    ) -> Result<ServerResult, CallError> {
+        let public_uri = params.uri.clone();
+        let Some(ResourceRoute { server, uri }) = self.registry.catalog().route_resource(&public_uri)
+        else {
+            return Err(CallError::UnknownResource { uri: public_uri });
+        };
+        let what = format!("resources/read {uri}");
+        params.uri = uri.clone();
+        let request = ClientRequest::ReadResourceRequest(ReadResourceRequest::new(params));
+        let mut result = self.send(&server, what, request, cancel).await?;
+        if uri != public_uri
+            && let ServerResult::ReadResourceResult(read) = &mut result
+        {
+            for contents in &mut read.contents {
+                if let ResourceContents::TextResourceContents { uri: owned, .. }
+                | ResourceContents::BlobResourceContents { uri: owned, .. } = contents
+                    && *owned == uri
+                {
+                    owned.clone_from(&public_uri);
+                }
+            }
+        }
+        Ok(result)
+    }
+
+    /// Completion for a prompt argument or a resource template variable, from its owner.
+    pub async fn complete(
+        &self,
+        mut params: CompleteRequestParams,
+        cancel: &CancellationToken,
+    ) -> Result<ServerResult, CallError> {
+        let catalog = self.registry.catalog();
+        let server = match &mut params.r#ref {
+            Reference::Prompt(prompt) => {
+                let Some(entry) = catalog.prompt(&prompt.name) else {
+                    return Err(CallError::UnknownPrompt {
+                        hint: catalog.nearest_prompt(&prompt.name).map(str::to_owned),
+                        name: prompt.name.clone(),
+                    });
+                };
+                prompt.name = entry.original.clone();
+                entry.server.clone()
+            }
+            Reference::Resource(resource) => {
+                let Some(route) = catalog.route_template(&resource.uri) else {
+                    return Err(CallError::UnknownResource {
+                        uri: resource.uri.clone(),
+                    });
+                };
+                resource.uri = route.uri;
+                route.server
+            }
+            other => {
+                return Err(CallError::Unroutable(format!(
+                    "completion reference of type `{}`",
+                    other.reference_type()
+                )));
+            }
+        };
+        let request = ClientRequest::CompleteRequest(CompleteRequest::new(params));
+        self.send(&server, "completion/complete".to_owned(), request, cancel)
+            .await
+    }
+
+    /// Send one request to a server: the single place every downstream request goes through.
+    async fn send(
+        &self,
+        server: &ServerName,
+        what: String,
+        request: ClientRequest,
+        cancel: &CancellationToken,
+    ) -> Result<ServerResult, CallError> {
+        let Some(connection) = self.registry.connection(server) else {
+            return Err(CallError::Unavailable(self.registry.unavailable_reason(server)));
+        };
+        let timeout = self
+            .registry
+            .config()
+            .servers
+            .iter()
+            .find(|spec| &spec.name == server)
+            .map(|spec| spec.call_timeout)
+            .unwrap_or(crate::config::DEFAULT_CALL_TIMEOUT);
+        let handle = connection
+            .peer
+            .send_request_with_option(request, PeerRequestOptions::with_timeout(timeout))
+            .await
+            .map_err(|error| classify(server, &what, error))?;
+        let id = handle.id.clone();
+        let peer = handle.peer.clone();
+        tokio::select! {
+            response = handle.await_response() => response.map_err(|error| classify(server, &what, error)),
+            () = cancel.cancelled() => {
+                let cancelled = CancelledNotification::new(
+                    CancelledNotificationParam::new(Some(id), Some("cancelled by the client".to_owned())),
+                );
+                if let Err(error) = peer.send_notification(cancelled.into()).await {
+                    tracing::debug!(server = %server, error = %error, "could not pass on a cancellation");
+                }
+                Err(CallError::Cancelled)
+            }
+        }
+    }
+}
+
+fn classify(server: &ServerName, what: &str, error: ServiceError) -> CallError {
+    let server = server.clone();
+    let what = what.to_owned();
+    match error {
+        ServiceError::McpError(error) => CallError::Downstream { server, error },
+        ServiceError::Timeout { timeout } => CallError::Timeout {
+            server,
+            what,
+            after: timeout,
+        },
+        ServiceError::TransportClosed => CallError::Closed { server, what },
+        ServiceError::Cancelled { .. } => CallError::Cancelled,
+        other => CallError::Failed {
+            server,
+            what,
+            error: other.to_string(),
+        },
+    }
+}

@@ -1,0 +1,285 @@
+//! The MCP server conductor offers its clients: the catalog as tools, prompts and resources,
+//! each request routed to its owner, and list-changed notifications when the catalog changes.
+//!
+//! This is the only `ServerHandler`. One value serves one client session; it holds no state of
+//! its own beyond the router, so sessions are cheap and isolated.
+
+use std::sync::Arc;
+
+use rmcp::ErrorData as McpError;
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, CompleteRequestParams,
+    CompleteResult, ContentBlock, GetPromptRequestParams, GetPromptResponse, Implementation,
+    ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
+    PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities,
+    ServerConfig, ServerResult, SubscriptionFilter,
+};
+use rmcp::service::{NotificationContext, RequestContext, RoleServer, SubscriptionContext};
+use rmcp::ServerHandler;
+use tokio::sync::watch;
+
+use crate::catalog::Catalog;
+use crate::router::{CallError, Router};
+
+/// One client session's view of conductor.
+#[derive(Debug, Clone)]
+pub struct ConductorServer {
+    router: Router,
+}
+
+impl ConductorServer {
+    pub fn new(router: Router) -> Self {
+        ConductorServer { router }
+    }
+
+    fn catalog(&self) -> Arc<Catalog> {
+        self.router.registry().catalog()
+    }
+}
+
+impl ServerHandler for ConductorServer {
+    fn get_info(&self) -> ServerConfig {
+        let capabilities = ServerCapabilities::builder()
+            .enable_tools()
+            .enable_tool_list_changed()
+            .enable_prompts()
+            .enable_prompts_list_changed()
+            .enable_resources()
+            .enable_resources_list_changed()
+            .enable_completions()
+            .build();
+        ServerConfig::new(capabilities)
+            .with_server_info(Implementation::new("mcp-conductor", env!("CARGO_PKG_VERSION")))
+            .with_instructions(
+                "Tools, prompts and resources of several MCP servers. Tool and prompt names are \
+                 `<server>__<name>`; each call goes to the server that owns it.",
+            )
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, McpError> {
+        let tools = self.catalog().tools().iter().map(|entry| entry.tool.clone()).collect();
+        Ok(ListToolsResult::with_all_items(tools))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        match self.router.call_tool(request, &context.ct).await {
+            Ok(ServerResult::CallToolResult(result)) => Ok(CallToolResponse::Complete(result)),
+            Ok(ServerResult::InputRequiredResult(result)) => Ok(CallToolResponse::InputRequired(result)),
+            Ok(ServerResult::CreateTaskResult(result)) => Ok(CallToolResponse::Task(result)),
+            Ok(other) => Err(unexpected("tools/call", &other)),
+            Err(error @ CallError::UnknownTool { .. }) => {
+                Err(McpError::invalid_params(error.to_string(), None))
+            }
+            Err(CallError::Downstream { error, .. }) => Err(error),
+            // A tool that fails still answers, with a message the model can act on.
+            Err(error) => Ok(CallToolResponse::Complete(CallToolResult::error(vec![
+                ContentBlock::text(error.to_string()),
+            ]))),
+        }
+    }
+
+    async fn list_prompts(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, McpError> {
+        let prompts = self.catalog().prompts().iter().map(|entry| entry.prompt.clone()).collect();
+        Ok(ListPromptsResult::with_all_items(prompts))
+    }
+
+    async fn get_prompt(
+        &self,
+        request: GetPromptRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<GetPromptResponse, McpError> {
+        match self.router.get_prompt(request, &context.ct).await {
+            Ok(ServerResult::GetPromptResult(result)) => Ok(GetPromptResponse::Complete(result)),
+            Ok(ServerResult::InputRequiredResult(result)) => Ok(GetPromptResponse::InputRequired(result)),
+            Ok(other) => Err(unexpected("prompts/get", &other)),
+            Err(error) => Err(protocol_error(error)),
+        }
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, McpError> {
+        let resources = self
+            .catalog()
+            .resources()
+            .iter()
+            .map(|entry| entry.resource.clone())
+            .collect();
+        Ok(ListResourcesResult::with_all_items(resources))
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, McpError> {
+        let templates = self
+            .catalog()
+            .templates()
+            .iter()
+            .map(|entry| entry.template.clone())
+            .collect();
+        Ok(ListResourceTemplatesResult::with_all_items(templates))
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, McpError> {
+        match self.router.read_resource(request, &context.ct).await {
+            Ok(ServerResult::ReadResourceResult(result)) => Ok(ReadResourceResponse::Complete(result)),
+            Ok(ServerResult::InputRequiredResult(result)) => {
+                Ok(ReadResourceResponse::InputRequired(result))
+            }
+            Ok(other) => Err(unexpected("resources/read", &other)),
+            Err(error @ CallError::UnknownResource { .. }) => {
+                Err(McpError::resource_not_found(error.to_string(), None))
+            }
+            Err(error) => Err(protocol_error(error)),
+        }
+    }
+
+    async fn complete(
+        &self,
+        request: CompleteRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CompleteResult, McpError> {
+        match self.router.complete(request, &context.ct).await {
+            Ok(ServerResult::CompleteResult(result)) => Ok(result),
+            Ok(other) => Err(unexpected("completion/complete", &other)),
+            Err(error) => Err(protocol_error(error)),
+        }
+    }
+
+    /// Sessions that began with `initialize` get list-changed notifications pushed to them.
+    async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        let peer = context.peer;
+        let changes = self.router.registry().subscribe();
+        tokio::spawn(async move {
+            follow_catalog(changes, |kind| {
+                let peer = peer.clone();
+                async move {
+                    match kind {
+                        Changed::Tools => peer.notify_tool_list_changed().await.is_ok(),
+                        Changed::Prompts => peer.notify_prompt_list_changed().await.is_ok(),
+                        Changed::Resources => peer.notify_resource_list_changed().await.is_ok(),
+                    }
+                }
+            })
+            .await;
+        });
+    }
+
+    /// 2026-07-28 clients ask for list-changed notifications with `subscriptions/listen`.
+    fn accepted_subscription_filter(&self, requested: &SubscriptionFilter) -> Option<SubscriptionFilter> {
+        let mut accepted = SubscriptionFilter::new();
+        accepted.tools_list_changed = requested.tools_list_changed;
+        accepted.prompts_list_changed = requested.prompts_list_changed;
+        accepted.resources_list_changed = requested.resources_list_changed;
+        Some(accepted)
+    }
+
+    async fn listen(&self, subscription: SubscriptionContext) -> Result<(), McpError> {
+        let changes = self.router.registry().subscribe();
+        let wanted = subscription.accepted().clone();
+        let sink = subscription.sink().clone();
+        let following = follow_catalog(changes, |kind| {
+            let sink = sink.clone();
+            let wanted = wanted.clone();
+            async move {
+                let result = match kind {
+                    Changed::Tools if wanted.tools_list_changed == Some(true) => {
+                        sink.notify_tool_list_changed().await
+                    }
+                    Changed::Prompts if wanted.prompts_list_changed == Some(true) => {
+                        sink.notify_prompt_list_changed().await
+                    }
+                    Changed::Resources if wanted.resources_list_changed == Some(true) => {
+                        sink.notify_resource_list_changed().await
+                    }
+                    _ => Ok(()),
+                };
+                result.is_ok()
+            }
+        });
+        tokio::select! {
+            () = following => {}
+            () = subscription.cancelled() => {}
+        }
+        Ok(())
+    }
+}
+
+/// Which part of the catalog changed.
+#[derive(Debug, Clone, Copy)]
+enum Changed {
+    Tools,
+    Prompts,
+    Resources,
+}
+
+/// Call `notify` for each part of the catalog that changes, until it returns false (the
+/// client is gone) or the registry is dropped.
+async fn follow_catalog<F, Fut>(mut changes: watch::Receiver<Arc<Catalog>>, notify: F)
+where
+    F: Fn(Changed) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut last = changes.borrow_and_update().clone();
+    while changes.changed().await.is_ok() {
+        let current = changes.borrow_and_update().clone();
+        let mut parts = Vec::new();
+        if last.tools() != current.tools() {
+            parts.push(Changed::Tools);
+        }
+        if last.prompts() != current.prompts() {
+            parts.push(Changed::Prompts);
+        }
+        if last.resources() != current.resources() || last.templates() != current.templates() {
+            parts.push(Changed::Resources);
+        }
+        for part in parts {
+            if !notify(part).await {
+                return;
+            }
+        }
+        last = current;
+    }
+}
+
+fn protocol_error(error: CallError) -> McpError {
+    match error {
+        CallError::Downstream { error, .. } => error,
+        error @ (CallError::UnknownPrompt { .. } | CallError::UnknownTool { .. }) => {
+            McpError::invalid_params(error.to_string(), None)
+        }
+        error @ CallError::UnknownResource { .. } => McpError::resource_not_found(error.to_string(), None),
+        error => McpError::internal_error(error.to_string(), None),
+    }
+}
+
+fn unexpected(method: &str, result: &ServerResult) -> McpError {
+    let kind = serde_json::to_value(result)
+        .ok()
+        .and_then(|value| value.get("resultType").and_then(|kind| kind.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| "unknown".to_owned());
+    McpError::internal_error(
+        format!("the downstream answered `{method}` with an unexpected result (`{kind}`)"),
+        None,
+    )
+}
