@@ -26,7 +26,13 @@ use crate::server::ConductorServer;
 #[command(name = "conductor", version, about)]
 pub struct Cli {
     /// The config file listing the downstream servers.
-    #[arg(long, short, global = true, env = "CONDUCTOR_CONFIG", default_value = "servers.toml")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "CONDUCTOR_CONFIG",
+        default_value = "servers.toml"
+    )]
     config: PathBuf,
     /// Log filter for stderr, such as `debug` or `mcp_conductor=debug` (default: `info` when
     /// serving, `warn` otherwise; `RUST_LOG` works too).
@@ -66,21 +72,29 @@ enum Command {
 
 impl Cli {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
-        let default_log = if matches!(self.command, Command::Serve) { "info" } else { "warn" };
+        let default_log = if matches!(self.command, Command::Serve) {
+            "info"
+        } else {
+            "warn"
+        };
         init_logging(self.log.as_deref(), default_log);
         let config = Config::load(&self.config)?;
         match self.command {
             Command::Serve => serve(config).await,
-            Command::Tools { json, server } => with_registry(config, |registry| async move {
-                tools(&registry, json, server.as_deref())
-            })
-            .await,
+            Command::Tools { json, server } => {
+                with_registry(config, |registry| async move {
+                    tools(&registry, json, server.as_deref())
+                })
+                .await
+            }
             Command::Call {
                 name,
                 arguments,
                 json,
             } => with_registry(config, |registry| call(registry, name, arguments, json)).await,
-            Command::Check => with_registry(config, |registry| async move { check(&registry) }).await,
+            Command::Check => {
+                with_registry(config, |registry| async move { check(&registry) }).await
+            }
         }
     }
 }
@@ -113,7 +127,10 @@ where
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let registry = Registry::start(config).await;
     let server = ConductorServer::new(Router::new(registry.clone()));
-    tracing::info!(tools = registry.catalog().tools().len(), "serving over stdio");
+    tracing::info!(
+        tools = registry.catalog().tools().len(),
+        "serving over stdio"
+    );
     let outcome = match server.serve(rmcp::transport::stdio()).await {
         Ok(service) => {
             tokio::select! {
@@ -124,7 +141,9 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Err(error) => Err(anyhow::anyhow!("the client did not complete the handshake: {error}")),
+        Err(error) => Err(anyhow::anyhow!(
+            "the client did not complete the handshake: {error}"
+        )),
     };
     registry.shutdown().await;
     outcome.map(|()| ExitCode::SUCCESS)
@@ -153,7 +172,11 @@ async fn shutdown_signal() {
 
 fn tools(registry: &Registry, json: bool, server: Option<&str>) -> anyhow::Result<ExitCode> {
     if let Some(server) = server
-        && !registry.config().servers.iter().any(|spec| spec.name.as_str() == server)
+        && !registry
+            .config()
+            .servers
+            .iter()
+            .any(|spec| spec.name.as_str() == server)
     {
         bail!("no server named `{server}` in the config");
     }
@@ -167,10 +190,22 @@ fn tools(registry: &Registry, json: bool, server: Option<&str>) -> anyhow::Resul
         let listing: Vec<Value> = entries.iter().map(|entry| tool_json(entry)).collect();
         return output(&serde_json::to_string_pretty(&listing)?);
     }
-    let mut rows = vec![row(["NAME", "SERVER", "TITLE", "ANNOTATIONS", "ORIGINAL", "DESCRIPTION"])];
+    let mut rows = vec![row([
+        "NAME",
+        "SERVER",
+        "TITLE",
+        "ANNOTATIONS",
+        "ORIGINAL",
+        "DESCRIPTION",
+    ])];
     for entry in &entries {
         let tool = &entry.tool;
-        let original = if entry.original == tool.name.as_ref() { "" } else { &entry.original };
+        // Shown only where the public name does not already end with it: shortened or renamed.
+        let original = if tool.name.ends_with(entry.original.as_str()) {
+            ""
+        } else {
+            &entry.original
+        };
         rows.push(row([
             &tool.name,
             entry.server.as_str(),
@@ -226,7 +261,10 @@ async fn call(
 ) -> anyhow::Result<ExitCode> {
     let arguments: JsonObject = match serde_json::from_str(&arguments) {
         Ok(Value::Object(object)) => object,
-        Ok(other) => bail!("the arguments must be a JSON object, not {}", json_kind(&other)),
+        Ok(other) => bail!(
+            "the arguments must be a JSON object, not {}",
+            json_kind(&other)
+        ),
         Err(error) => bail!("the arguments are not valid JSON: {error}"),
     };
     let router = Router::new(registry);
@@ -240,7 +278,11 @@ async fn call(
     } else {
         output(&render_result(&result))?;
     }
-    Ok(if result.is_error == Some(true) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if result.is_error == Some(true) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// A tool result as a person reads it: text as it is, other content summarized, and the
@@ -256,11 +298,18 @@ fn render_result(result: &CallToolResult) -> String {
 
 fn render_block(block: &ContentBlock) -> String {
     let value = serde_json::to_value(block).unwrap_or(Value::Null);
-    let kind = value.get("type").and_then(Value::as_str).unwrap_or("content");
+    let kind = value
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("content");
     let field = |name: &str| value.get(name).and_then(Value::as_str).unwrap_or("");
     match kind {
         "text" => field("text").to_owned(),
-        "image" | "audio" => format!("[{kind} {}, {} bytes base64]", field("mimeType"), field("data").len()),
+        "image" | "audio" => format!(
+            "[{kind} {}, {} bytes base64]",
+            field("mimeType"),
+            field("data").len()
+        ),
         "resource_link" => format!("[resource link {}]", field("uri")),
         "resource" => {
             let resource = &value["resource"];
@@ -275,7 +324,16 @@ fn render_block(block: &ContentBlock) -> String {
 }
 
 fn check(registry: &Registry) -> anyhow::Result<ExitCode> {
-    let mut rows = vec![row(["SERVER", "TRANSPORT", "STATUS", "TOOLS", "PROMPTS", "RESOURCES", "STARTUP", "ERROR"])];
+    let mut rows = vec![row([
+        "SERVER",
+        "TRANSPORT",
+        "STATUS",
+        "TOOLS",
+        "PROMPTS",
+        "RESOURCES",
+        "STARTUP",
+        "ERROR",
+    ])];
     let mut failed = 0;
     for state in registry.states() {
         let listing = &state.listing;
@@ -295,7 +353,10 @@ fn check(registry: &Registry) -> anyhow::Result<ExitCode> {
             &count(listing.tools.len()),
             &count(listing.prompts.len()),
             &count(listing.resources.len() + listing.templates.len()),
-            &state.startup.map(format_duration).unwrap_or_else(|| "-".to_owned()),
+            &state
+                .startup
+                .map(format_duration)
+                .unwrap_or_else(|| "-".to_owned()),
             &error,
         ]));
     }
@@ -313,7 +374,11 @@ fn check(registry: &Registry) -> anyhow::Result<ExitCode> {
         catalog.templates().len(),
     ));
     output(&text)?;
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn row<const N: usize>(cells: [&str; N]) -> Vec<String> {
@@ -324,7 +389,12 @@ fn row<const N: usize>(cells: [&str; N]) -> Vec<String> {
 fn table(rows: &[Vec<String>]) -> String {
     let columns = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..columns)
-        .map(|column| rows.iter().map(|row| row[column].chars().count()).max().unwrap_or(0))
+        .map(|column| {
+            rows.iter()
+                .map(|row| row[column].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in rows {

@@ -74,7 +74,11 @@ impl Registry {
             config,
         });
         for spec in &registry.config.servers {
-            let status = if spec.enabled { Status::Starting } else { Status::Disabled };
+            let status = if spec.enabled {
+                Status::Starting
+            } else {
+                Status::Disabled
+            };
             registry.servers.insert(
                 spec.name.clone(),
                 ServerState {

@@ -121,7 +121,8 @@ impl Router {
         cancel: &CancellationToken,
     ) -> Result<ServerResult, CallError> {
         let public_uri = params.uri.clone();
-        let Some(ResourceRoute { server, uri }) = self.registry.catalog().route_resource(&public_uri)
+        let Some(ResourceRoute { server, uri }) =
+            self.registry.catalog().route_resource(&public_uri)
         else {
             return Err(CallError::UnknownResource { uri: public_uri });
         };
@@ -192,7 +193,9 @@ impl Router {
         cancel: &CancellationToken,
     ) -> Result<ServerResult, CallError> {
         let Some(connection) = self.registry.connection(server) else {
-            return Err(CallError::Unavailable(self.registry.unavailable_reason(server)));
+            return Err(CallError::Unavailable(
+                self.registry.unavailable_reason(server),
+            ));
         };
         let timeout = self
             .registry

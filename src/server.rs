@@ -7,15 +7,15 @@
 use std::sync::Arc;
 
 use rmcp::ErrorData as McpError;
+use rmcp::ServerHandler;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, CompleteRequestParams,
-    CompleteResult, ContentBlock, GetPromptRequestParams, GetPromptResponse, Implementation,
-    ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
-    PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities,
-    ServerConfig, ServerResult, SubscriptionFilter,
+    CallToolRequestParams, CallToolResponse, CallToolResult, CompleteRequestParams, CompleteResult,
+    ContentBlock, GetPromptRequestParams, GetPromptResponse, Implementation, ListPromptsResult,
+    ListResourceTemplatesResult, ListResourcesResult, ListToolsResult, PaginatedRequestParams,
+    ReadResourceRequestParams, ReadResourceResponse, ResultType, ServerCapabilities, ServerConfig,
+    ServerResult, SubscriptionFilter,
 };
 use rmcp::service::{NotificationContext, RequestContext, RoleServer, SubscriptionContext};
-use rmcp::ServerHandler;
 use tokio::sync::watch;
 
 use crate::catalog::Catalog;
@@ -49,7 +49,10 @@ impl ServerHandler for ConductorServer {
             .enable_completions()
             .build();
         ServerConfig::new(capabilities)
-            .with_server_info(Implementation::new("mcp-conductor", env!("CARGO_PKG_VERSION")))
+            .with_server_info(Implementation::new(
+                "mcp-conductor",
+                env!("CARGO_PKG_VERSION"),
+            ))
             .with_instructions(
                 "Tools, prompts and resources of several MCP servers. Tool and prompt names are \
                  `<server>__<name>`; each call goes to the server that owns it.",
@@ -61,7 +64,12 @@ impl ServerHandler for ConductorServer {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
-        let tools = self.catalog().tools().iter().map(|entry| entry.tool.clone()).collect();
+        let tools = self
+            .catalog()
+            .tools()
+            .iter()
+            .map(|entry| entry.tool.clone())
+            .collect();
         Ok(ListToolsResult::with_all_items(tools))
     }
 
@@ -71,8 +79,13 @@ impl ServerHandler for ConductorServer {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         match self.router.call_tool(request, &context.ct).await {
-            Ok(ServerResult::CallToolResult(result)) => Ok(CallToolResponse::Complete(result)),
-            Ok(ServerResult::InputRequiredResult(result)) => Ok(CallToolResponse::InputRequired(result)),
+            Ok(ServerResult::CallToolResult(mut result)) => {
+                mark_complete(&mut result.result_type);
+                Ok(CallToolResponse::Complete(result))
+            }
+            Ok(ServerResult::InputRequiredResult(result)) => {
+                Ok(CallToolResponse::InputRequired(result))
+            }
             Ok(ServerResult::CreateTaskResult(result)) => Ok(CallToolResponse::Task(result)),
             Ok(other) => Err(unexpected("tools/call", &other)),
             Err(error @ CallError::UnknownTool { .. }) => {
@@ -91,7 +104,12 @@ impl ServerHandler for ConductorServer {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, McpError> {
-        let prompts = self.catalog().prompts().iter().map(|entry| entry.prompt.clone()).collect();
+        let prompts = self
+            .catalog()
+            .prompts()
+            .iter()
+            .map(|entry| entry.prompt.clone())
+            .collect();
         Ok(ListPromptsResult::with_all_items(prompts))
     }
 
@@ -101,8 +119,13 @@ impl ServerHandler for ConductorServer {
         context: RequestContext<RoleServer>,
     ) -> Result<GetPromptResponse, McpError> {
         match self.router.get_prompt(request, &context.ct).await {
-            Ok(ServerResult::GetPromptResult(result)) => Ok(GetPromptResponse::Complete(result)),
-            Ok(ServerResult::InputRequiredResult(result)) => Ok(GetPromptResponse::InputRequired(result)),
+            Ok(ServerResult::GetPromptResult(mut result)) => {
+                mark_complete(&mut result.result_type);
+                Ok(GetPromptResponse::Complete(result))
+            }
+            Ok(ServerResult::InputRequiredResult(result)) => {
+                Ok(GetPromptResponse::InputRequired(result))
+            }
             Ok(other) => Err(unexpected("prompts/get", &other)),
             Err(error) => Err(protocol_error(error)),
         }
@@ -142,7 +165,10 @@ impl ServerHandler for ConductorServer {
         context: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, McpError> {
         match self.router.read_resource(request, &context.ct).await {
-            Ok(ServerResult::ReadResourceResult(result)) => Ok(ReadResourceResponse::Complete(result)),
+            Ok(ServerResult::ReadResourceResult(mut result)) => {
+                mark_complete(&mut result.result_type);
+                Ok(ReadResourceResponse::Complete(result))
+            }
             Ok(ServerResult::InputRequiredResult(result)) => {
                 Ok(ReadResourceResponse::InputRequired(result))
             }
@@ -160,7 +186,10 @@ impl ServerHandler for ConductorServer {
         context: RequestContext<RoleServer>,
     ) -> Result<CompleteResult, McpError> {
         match self.router.complete(request, &context.ct).await {
-            Ok(ServerResult::CompleteResult(result)) => Ok(result),
+            Ok(ServerResult::CompleteResult(mut result)) => {
+                mark_complete(&mut result.result_type);
+                Ok(result)
+            }
             Ok(other) => Err(unexpected("completion/complete", &other)),
             Err(error) => Err(protocol_error(error)),
         }
@@ -186,7 +215,10 @@ impl ServerHandler for ConductorServer {
     }
 
     /// 2026-07-28 clients ask for list-changed notifications with `subscriptions/listen`.
-    fn accepted_subscription_filter(&self, requested: &SubscriptionFilter) -> Option<SubscriptionFilter> {
+    fn accepted_subscription_filter(
+        &self,
+        requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
         let mut accepted = SubscriptionFilter::new();
         accepted.tools_list_changed = requested.tools_list_changed;
         accepted.prompts_list_changed = requested.prompts_list_changed;
@@ -262,13 +294,21 @@ where
     }
 }
 
+/// A result from a downstream of an older protocol version has no `resultType`; a 2026-07-28
+/// client requires one, and rmcp removes it again for older clients.
+fn mark_complete(result_type: &mut Option<ResultType>) {
+    result_type.get_or_insert(ResultType::COMPLETE);
+}
+
 fn protocol_error(error: CallError) -> McpError {
     match error {
         CallError::Downstream { error, .. } => error,
         error @ (CallError::UnknownPrompt { .. } | CallError::UnknownTool { .. }) => {
             McpError::invalid_params(error.to_string(), None)
         }
-        error @ CallError::UnknownResource { .. } => McpError::resource_not_found(error.to_string(), None),
+        error @ CallError::UnknownResource { .. } => {
+            McpError::resource_not_found(error.to_string(), None)
+        }
         error => McpError::internal_error(error.to_string(), None),
     }
 }
@@ -276,7 +316,12 @@ fn protocol_error(error: CallError) -> McpError {
 fn unexpected(method: &str, result: &ServerResult) -> McpError {
     let kind = serde_json::to_value(result)
         .ok()
-        .and_then(|value| value.get("resultType").and_then(|kind| kind.as_str()).map(str::to_owned))
+        .and_then(|value| {
+            value
+                .get("resultType")
+                .and_then(|kind| kind.as_str())
+                .map(str::to_owned)
+        })
         .unwrap_or_else(|| "unknown".to_owned());
     McpError::internal_error(
         format!("the downstream answered `{method}` with an unexpected result (`{kind}`)"),

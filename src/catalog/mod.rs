@@ -122,16 +122,24 @@ impl Catalog {
     }
 
     pub fn prompt(&self, name: &str) -> Option<&PromptEntry> {
-        self.prompt_index.get(name).map(|index| &self.prompts[*index])
+        self.prompt_index
+            .get(name)
+            .map(|index| &self.prompts[*index])
     }
 
     /// The offered tool name closest to `name`, for "did you mean" hints.
     pub fn nearest_tool(&self, name: &str) -> Option<&str> {
-        did_you_mean(name, self.tools.iter().map(|entry| entry.tool.name.as_ref()))
+        did_you_mean(
+            name,
+            self.tools.iter().map(|entry| entry.tool.name.as_ref()),
+        )
     }
 
     pub fn nearest_prompt(&self, name: &str) -> Option<&str> {
-        did_you_mean(name, self.prompts.iter().map(|entry| entry.prompt.name.as_str()))
+        did_you_mean(
+            name,
+            self.prompts.iter().map(|entry| entry.prompt.name.as_str()),
+        )
     }
 
     /// The owner of a resource URI: a listed resource, a namespaced URI, a URI one of the
@@ -146,11 +154,9 @@ impl Catalog {
         {
             return Some(route(server, original));
         }
-        if let Some(entry) = self
-            .templates
-            .iter()
-            .find(|entry| entry.template.uri_template == entry.original && template_matches(&entry.original, uri))
-        {
+        if let Some(entry) = self.templates.iter().find(|entry| {
+            entry.template.uri_template == entry.original && template_matches(&entry.original, uri)
+        }) {
             return Some(route(&entry.server, uri));
         }
         match self.resource_servers.as_slice() {
@@ -202,7 +208,10 @@ impl Catalog {
     fn add_prompts(&mut self, separator: &str, spec: &ServerSpec, listing: &Listing) {
         for prompt in &listing.prompts {
             let name = public_name(prefix_of(spec), separator, &prompt.name);
-            if let Some(existing) = self.prompt_index.get(&name).map(|index| &self.prompts[*index])
+            if let Some(existing) = self
+                .prompt_index
+                .get(&name)
+                .map(|index| &self.prompts[*index])
             {
                 self.warnings.push(format!(
                     "prompt `{}` of server `{}` is hidden: its name `{name}` is already taken by `{}` of server `{}`",
@@ -225,7 +234,10 @@ impl Catalog {
     /// every owner, so no server's URI depends on which was listed first.
     fn add_resources(&mut self, sources: &[(&ServerSpec, &Listing)]) {
         let owners = count_owners(sources, |listing| {
-            listing.resources.iter().map(|resource| resource.uri.as_str())
+            listing
+                .resources
+                .iter()
+                .map(|resource| resource.uri.as_str())
         });
         for (spec, listing) in sources {
             for resource in &listing.resources {
@@ -236,7 +248,8 @@ impl Catalog {
                 if self.resource_index.contains_key(&offered.uri) {
                     continue; // the same server listed the same URI twice
                 }
-                self.resource_index.insert(offered.uri.clone(), self.resources.len());
+                self.resource_index
+                    .insert(offered.uri.clone(), self.resources.len());
                 self.resources.push(ResourceEntry {
                     resource: offered,
                     server: spec.name.clone(),
@@ -249,12 +262,20 @@ impl Catalog {
 
     fn add_templates(&mut self, sources: &[(&ServerSpec, &Listing)]) {
         let owners = count_owners(sources, |listing| {
-            listing.templates.iter().map(|template| template.uri_template.as_str())
+            listing
+                .templates
+                .iter()
+                .map(|template| template.uri_template.as_str())
         });
         for (spec, listing) in sources {
             for template in &listing.templates {
                 let mut offered = template.clone();
-                if owners.get(template.uri_template.as_str()).copied().unwrap_or(0) > 1 {
+                if owners
+                    .get(template.uri_template.as_str())
+                    .copied()
+                    .unwrap_or(0)
+                    > 1
+                {
                     offered.uri_template = namespaced(spec.name.as_str(), &template.uri_template);
                 }
                 if self.template_index.contains_key(&offered.uri_template) {

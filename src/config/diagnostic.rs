@@ -96,7 +96,8 @@ impl<'a> Problems<'a> {
     }
 
     pub(crate) fn into_vec(mut self) -> Vec<Problem> {
-        self.found.sort_by_key(|problem| (problem.line, problem.column));
+        self.found
+            .sort_by_key(|problem| (problem.line, problem.column));
         self.found
     }
 }
@@ -119,7 +120,10 @@ fn floor_char_boundary(source: &str, mut offset: usize) -> usize {
 }
 
 /// The known name closest to `unknown`, if one is close enough to be a likely typo.
-pub fn did_you_mean<'k>(unknown: &str, known: impl IntoIterator<Item = &'k str>) -> Option<&'k str> {
+pub fn did_you_mean<'k>(
+    unknown: &str,
+    known: impl IntoIterator<Item = &'k str>,
+) -> Option<&'k str> {
     known
         .into_iter()
         .map(|candidate| (strsim::jaro_winkler(unknown, candidate), candidate))

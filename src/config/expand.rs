@@ -64,13 +64,22 @@ mod tests {
     #[test]
     fn expands_set_variables_and_defaults() {
         assert_eq!(expand("Bearer ${TOKEN}", env), Ok("Bearer s3cret".into()));
-        assert_eq!(expand("${HOST:-localhost}:1", env), Ok("localhost:1".into()));
-        assert_eq!(expand("cost $5 and $${X}", env), Ok("cost $5 and ${X}".into()));
+        assert_eq!(
+            expand("${HOST:-localhost}:1", env),
+            Ok("localhost:1".into())
+        );
+        assert_eq!(
+            expand("cost $5 and $${X}", env),
+            Ok("cost $5 and ${X}".into())
+        );
     }
 
     #[test]
     fn names_what_is_wrong() {
-        assert_eq!(expand("${NOPE}", env), Err(ExpandError::Missing("NOPE".into())));
+        assert_eq!(
+            expand("${NOPE}", env),
+            Err(ExpandError::Missing("NOPE".into()))
+        );
         assert_eq!(expand("${TOKEN", env), Err(ExpandError::Unterminated));
         assert_eq!(expand("${1X}", env), Err(ExpandError::BadName("1X".into())));
     }

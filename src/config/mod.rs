@@ -16,8 +16,8 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-pub use diagnostic::{ConfigError, Problem, did_you_mean};
 use diagnostic::Problems;
+pub use diagnostic::{ConfigError, Problem, did_you_mean};
 pub use expand::{ExpandError, expand};
 use reader::{Table, Value, as_table, wrong_type};
 
@@ -84,6 +84,7 @@ impl Transport {
 /// A child process speaking MCP on its stdin and stdout.
 #[derive(Debug, Clone)]
 pub struct StdioSpec {
+    /// A program name looked up on `PATH`, or a path (a relative one is resolved against `cwd`).
     pub command: String,
     pub args: Vec<String>,
     /// Added to conductor's own environment, after `${VAR}` expansion.
@@ -198,13 +199,16 @@ fn validate(
             call_timeout: DEFAULT_CALL_TIMEOUT,
         },
     };
-    let folder = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    // Absolute, so a child's folder does not depend on where conductor was started.
+    let folder = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let folder = std::path::absolute(&folder).unwrap_or(folder);
     let servers = match root.table("servers", problems) {
         Some(table) => table
             .entries()
-            .filter_map(|(name, value)| {
-                read_server(name, value, &defaults, &folder, env, problems)
-            })
+            .filter_map(|(name, value)| read_server(name, value, &defaults, &folder, env, problems))
             .collect(),
         None => Vec::new(),
     };
@@ -229,8 +233,8 @@ fn read_defaults(mut table: Table<'_, '_>, problems: &mut Problems) -> Defaults 
         }
         None => DEFAULT_SEPARATOR.to_owned(),
     };
-    let startup_timeout = read_duration(&mut table, "startup_timeout", problems)
-        .unwrap_or(DEFAULT_STARTUP_TIMEOUT);
+    let startup_timeout =
+        read_duration(&mut table, "startup_timeout", problems).unwrap_or(DEFAULT_STARTUP_TIMEOUT);
     let call_timeout =
         read_duration(&mut table, "call_timeout", problems).unwrap_or(DEFAULT_CALL_TIMEOUT);
     table.finish(problems);
@@ -304,7 +308,11 @@ fn read_server(
         .unwrap_or_default();
 
     if let Some(kind) = &transport_kind {
-        let expected = if url.is_some() { "streamable-http" } else { "stdio" };
+        let expected = if url.is_some() {
+            "streamable-http"
+        } else {
+            "stdio"
+        };
         match kind.get_ref().as_str() {
             "stdio" | "streamable-http" if kind.get_ref() == expected => {}
             "sse" => problems.add_with_hint(
@@ -338,7 +346,10 @@ fn read_server(
             for (key, value) in headers.iter() {
                 problems.add(
                     key.span().start..value.span().end,
-                    format!("server `{}`: `headers` only apply to a server with `url`", name.get_ref()),
+                    format!(
+                        "server `{}`: `headers` only apply to a server with `url`",
+                        name.get_ref()
+                    ),
                 );
             }
             let command = expanded(Some(command), "command", problems);
@@ -358,6 +369,16 @@ fn read_server(
                 Some(cwd) => expanded(Some(cwd), "cwd", problems).map(|cwd| folder.join(cwd)),
                 None => Some(folder.to_path_buf()),
             };
+            // A relative path to a program (`bin/server`) is relative to the folder the server
+            // starts in, like its arguments, whichever folder conductor itself was started in.
+            let command = match (command, &cwd) {
+                (Some(command), Some(cwd))
+                    if command.contains('/') && Path::new(&command).is_relative() =>
+                {
+                    Some(cwd.join(command).display().to_string())
+                }
+                (command, _) => command,
+            };
             Some(Transport::Stdio(StdioSpec {
                 command: command?,
                 args: args.into_iter().collect::<Option<_>>()?,
@@ -371,7 +392,10 @@ fn read_server(
                 if let Some(value) = table.get(key) {
                     problems.add(
                         value.span(),
-                        format!("server `{}`: `{key}` only applies to a server with `command`", name.get_ref()),
+                        format!(
+                            "server `{}`: `{key}` only applies to a server with `command`",
+                            name.get_ref()
+                        ),
                     );
                 }
             }
@@ -381,7 +405,10 @@ fn read_server(
             {
                 problems.add_with_hint(
                     span,
-                    format!("server `{}`: `url` must start with `http://` or `https://`", name.get_ref()),
+                    format!(
+                        "server `{}`: `url` must start with `http://` or `https://`",
+                        name.get_ref()
+                    ),
                     Some("a Streamable HTTP endpoint usually ends in `/mcp`"),
                 );
             }
@@ -542,7 +569,11 @@ fn read_duration(
         None => {
             problems.add_with_hint(
                 text.span(),
-                format!("`{}.{key}`: `{}` is not a duration", table.path(), text.get_ref()),
+                format!(
+                    "`{}.{key}`: `{}` is not a duration",
+                    table.path(),
+                    text.get_ref()
+                ),
                 Some("write a number and a unit: `500ms`, `30s`, `2m` or `1h`"),
             );
             None
@@ -569,7 +600,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 /// Shows a duration the way the config writes it.
 pub fn format_duration(duration: Duration) -> String {
     let millis = duration.as_millis();
-    if millis % 1000 != 0 {
+    if millis < 1000 || !millis.is_multiple_of(1000) {
         format!("{millis}ms")
     } else {
         format!("{}s", duration.as_secs())
@@ -590,14 +621,21 @@ mod tests {
         assert_eq!(parse_duration("3 days"), None);
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(format_duration(Duration::from_secs(30)), "30s");
+        assert_eq!(format_duration(Duration::from_micros(300)), "0ms");
     }
 
     #[test]
     fn tool_rules_allow_then_deny() {
         let mut problems = Problems::new("");
         let rules = ToolRules {
-            allow: Some(compile_globs(vec![Spanned::new(0..0, "read_*".into())], &mut problems)),
-            deny: Some(compile_globs(vec![Spanned::new(0..0, "*_secret".into())], &mut problems)),
+            allow: Some(compile_globs(
+                vec![Spanned::new(0..0, "read_*".into())],
+                &mut problems,
+            )),
+            deny: Some(compile_globs(
+                vec![Spanned::new(0..0, "*_secret".into())],
+                &mut problems,
+            )),
             ..ToolRules::default()
         };
         assert!(rules.offers("read_file"));

@@ -5,9 +5,11 @@
     reason = "logging is deprecated in 2026-07-28, but older downstreams still send it"
 )]
 
-use rmcp::model::{ClientCapabilities, ClientConfig, Implementation, LoggingLevel, LoggingMessageNotificationParam};
-use rmcp::service::{NotificationContext, RoleClient};
 use rmcp::ClientHandler;
+use rmcp::model::{
+    ClientCapabilities, ClientConfig, Implementation, LoggingLevel, LoggingMessageNotificationParam,
+};
+use rmcp::service::{NotificationContext, RoleClient};
 use tokio::sync::mpsc;
 
 use super::{Event, ListKind};
@@ -62,11 +64,15 @@ impl ClientHandler for DownstreamClient {
         let logger = params.logger.as_deref().unwrap_or("");
         let data = params.data;
         match params.level {
-            LoggingLevel::Debug => tracing::debug!(server = %server, logger, %data, "downstream log"),
+            LoggingLevel::Debug => {
+                tracing::debug!(server = %server, logger, %data, "downstream log")
+            }
             LoggingLevel::Info | LoggingLevel::Notice => {
                 tracing::info!(server = %server, logger, %data, "downstream log")
             }
-            LoggingLevel::Warning => tracing::warn!(server = %server, logger, %data, "downstream log"),
+            LoggingLevel::Warning => {
+                tracing::warn!(server = %server, logger, %data, "downstream log")
+            }
             _ => tracing::error!(server = %server, logger, %data, "downstream log"),
         }
     }

@@ -10,11 +10,11 @@ mod stdio;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use rmcp::ServiceExt;
 use rmcp::model::{ErrorCode, ServerPeerInfo};
 use rmcp::service::{Peer, RoleClient, RunningServiceCancellationToken, ServiceError};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
-use rmcp::ServiceExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -33,9 +33,15 @@ pub enum ListKind {
 /// What a downstream connection reports to whoever supervises it.
 #[derive(Debug)]
 pub enum Event {
-    ListChanged { server: ServerName, kind: ListKind },
+    ListChanged {
+        server: ServerName,
+        kind: ListKind,
+    },
     /// The connection ended (the child exited, or the remote closed), with why.
-    Closed { server: ServerName, reason: String },
+    Closed {
+        server: ServerName,
+        reason: String,
+    },
 }
 
 /// Why a downstream could not be started or reached.
@@ -71,7 +77,10 @@ pub struct Connection {
 
 impl Connection {
     /// Start or reach the server and complete the MCP handshake, within its startup timeout.
-    pub async fn open(spec: &ServerSpec, events: mpsc::UnboundedSender<Event>) -> Result<Connection, ConnectError> {
+    pub async fn open(
+        spec: &ServerSpec,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Result<Connection, ConnectError> {
         let client = DownstreamClient::new(spec.name.clone(), events.clone());
         let opening = async {
             match &spec.transport {
@@ -102,7 +111,11 @@ impl Connection {
     }
 
     /// Re-list one kind into `listing`, after the server said it changed.
-    pub async fn list_into(&self, kind: ListKind, listing: &mut Listing) -> Result<(), ConnectError> {
+    pub async fn list_into(
+        &self,
+        kind: ListKind,
+        listing: &mut Listing,
+    ) -> Result<(), ConnectError> {
         let capabilities = &self.info.capabilities;
         match kind {
             ListKind::Tools if capabilities.tools.is_some() => {
@@ -213,10 +226,15 @@ fn http_config(http: &HttpSpec) -> Result<StreamableHttpClientTransportConfig, C
     Ok(StreamableHttpClientTransportConfig::with_uri(http.url.clone()).custom_headers(headers))
 }
 
-fn tolerate_missing<T>(what: &'static str, result: Result<Vec<T>, ServiceError>) -> Result<Vec<T>, ConnectError> {
+fn tolerate_missing<T>(
+    what: &'static str,
+    result: Result<Vec<T>, ServiceError>,
+) -> Result<Vec<T>, ConnectError> {
     match result {
         Ok(items) => Ok(items),
-        Err(ServiceError::McpError(error)) if error.code == ErrorCode::METHOD_NOT_FOUND => Ok(Vec::new()),
+        Err(ServiceError::McpError(error)) if error.code == ErrorCode::METHOD_NOT_FOUND => {
+            Ok(Vec::new())
+        }
         Err(error) => Err(ConnectError::List {
             what,
             error: error.to_string(),

@@ -13,7 +13,19 @@ use crate::config::{ServerName, StdioSpec};
 /// Spawn the child. It leads its own process group, so stopping it also stops whatever it
 /// started (an `npx` wrapper's node process, a shell's children), and it is killed if the
 /// handle is dropped.
-pub(super) fn spawn(server: &ServerName, spec: &StdioSpec) -> Result<TokioChildProcess, ConnectError> {
+pub(super) fn spawn(
+    server: &ServerName,
+    spec: &StdioSpec,
+) -> Result<TokioChildProcess, ConnectError> {
+    if !spec.cwd.is_dir() {
+        return Err(ConnectError::Spawn {
+            command: spec.command.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("its folder `{}` does not exist", spec.cwd.display()),
+            ),
+        });
+    }
     let mut command = tokio::process::Command::new(&spec.command);
     command
         .args(&spec.args)

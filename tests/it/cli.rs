@@ -1,0 +1,106 @@
+//! The `conductor` commands people and scripts use: `tools`, `call`, `check`.
+
+use super::support::{TestConfig, conductor_cli};
+
+/// Snapshots must not depend on where the test runs or how long startup took.
+fn redact(text: &str, config: &TestConfig) -> String {
+    let text = text.replace(&config.path.display().to_string(), "[CONFIG]");
+    text.lines()
+        .map(|line| {
+            line.split("  ")
+                .map(|cell| {
+                    let trimmed = cell.trim();
+                    let digits = trimmed.trim_end_matches("ms").trim_end_matches('s');
+                    let is_duration = trimmed.ends_with('s')
+                        && !digits.is_empty()
+                        && digits.chars().all(|c| c.is_ascii_digit());
+                    if is_duration {
+                        cell.replace(trimmed, "[T]")
+                    } else {
+                        cell.to_owned()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("  ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn tools_lists_the_unified_catalog() {
+    let config = TestConfig::fixtures(&[("echo", "echo"), ("math", "math")]);
+    let (code, stdout, _) = conductor_cli(&config.path, &["tools"]).await;
+    assert_eq!(code, 0);
+    insta::assert_snapshot!(stdout);
+
+    let (code, stdout, _) =
+        conductor_cli(&config.path, &["tools", "--server", "math", "--json"]).await;
+    assert_eq!(code, 0);
+    insta::assert_snapshot!(stdout);
+
+    let (code, _, stderr) = conductor_cli(&config.path, &["tools", "--server", "nope"]).await;
+    assert_eq!(code, 1);
+    assert_eq!(stderr.trim(), "error: no server named `nope` in the config");
+}
+
+#[tokio::test]
+async fn call_prints_the_result_and_its_exit_code_says_if_it_failed() {
+    let config = TestConfig::fixtures(&[("echo", "echo"), ("math", "math")]);
+    let (code, stdout, _) =
+        conductor_cli(&config.path, &["call", "echo__echo", r#"{"text":"hi"}"#]).await;
+    assert_eq!((code, stdout.as_str()), (0, "hi\n"));
+
+    let (code, stdout, _) = conductor_cli(
+        &config.path,
+        &["call", "math__add", r#"{"a":1,"b":2}"#, "--json"],
+    )
+    .await;
+    assert_eq!(code, 0);
+    let result: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(result["structuredContent"]["result"], 3.0);
+
+    let (code, stdout, _) =
+        conductor_cli(&config.path, &["call", "math__divide", r#"{"a":1,"b":0}"#]).await;
+    assert_eq!((code, stdout.as_str()), (1, "division by zero\n"));
+
+    let (code, _, stderr) = conductor_cli(&config.path, &["call", "math__ad", "{}"]).await;
+    assert_eq!(code, 1);
+    assert_eq!(
+        stderr.trim(),
+        "error: unknown tool `math__ad`; did you mean `math__add`?"
+    );
+
+    let (code, _, stderr) = conductor_cli(&config.path, &["call", "math__add", "[1]"]).await;
+    assert_eq!(code, 1);
+    assert_eq!(
+        stderr.trim(),
+        "error: the arguments must be a JSON object, not an array"
+    );
+}
+
+#[tokio::test]
+async fn check_shows_every_server_and_fails_when_one_failed() {
+    let config = TestConfig::new(
+        "[servers.echo]\ncommand = \"{fixture}\"\nargs = [\"echo\"]\n\n\
+         [servers.content]\ncommand = \"{fixture}\"\nargs = [\"content\"]\n\n\
+         [servers.broken]\ncommand = \"/nonexistent/mcp-server\"\n\n\
+         [servers.off]\ncommand = \"x\"\nenabled = false\n",
+    );
+    let (code, stdout, _) = conductor_cli(&config.path, &["check"]).await;
+    assert_eq!(code, 1);
+    insta::assert_snapshot!(redact(&stdout, &config));
+
+    let healthy = TestConfig::fixtures(&[("echo", "echo")]);
+    let (code, _, _) = conductor_cli(&healthy.path, &["check"]).await;
+    assert_eq!(code, 0);
+}
+
+#[tokio::test]
+async fn a_bad_config_is_reported_with_file_line_and_column() {
+    let config = TestConfig::new("[servers.echo]\ncommand = \"{fixture}\"\nargz = [\"echo\"]\n");
+    let (code, stdout, stderr) = conductor_cli(&config.path, &["check"]).await;
+    assert_eq!(code, 1);
+    assert_eq!(stdout, "");
+    insta::assert_snapshot!(redact(&stderr, &config));
+}

@@ -1,0 +1,178 @@
+//! Loading `servers.toml`: valid files become typed values, invalid ones report every problem.
+
+use std::path::Path;
+use std::time::Duration;
+
+use mcp_conductor::config::{Config, Prefix, Transport};
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "TOKEN" => Some("s3cret".to_owned()),
+        "HOME" => Some("/home/ada".to_owned()),
+        _ => None,
+    }
+}
+
+fn errors(text: &str) -> String {
+    match Config::parse(text, Path::new("servers.toml"), env) {
+        Ok(_) => panic!("expected the config to be rejected"),
+        Err(error) => error.to_string(),
+    }
+}
+
+#[test]
+fn a_full_config_becomes_typed_values() {
+    let text = r#"
+[conductor]
+separator = "_-"
+startup_timeout = "5s"
+call_timeout = "1m"
+
+[servers.fs]
+command = "npx"
+args = ["-y", "server-filesystem", "${HOME}/notes"]
+env = { API_TOKEN = "${TOKEN}", MODE = "${MODE:-fast}" }
+cwd = "work"
+prefix = "files"
+call_timeout = "500ms"
+
+[servers.fs.tools]
+allow = ["read_*", "list_*"]
+deny = ["*_secret"]
+rename = { read_text_file = "read" }
+descriptions = { read = "Read a note" }
+
+[servers.remote]
+url = "https://example.com/mcp"
+headers = { Authorization = "Bearer ${TOKEN}" }
+prefix = false
+
+[servers.off]
+command = "true"
+enabled = false
+"#;
+    let config = Config::parse(text, Path::new("/etc/conductor/servers.toml"), env).unwrap();
+    assert_eq!(config.separator, "_-");
+    let names: Vec<&str> = config.servers.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["fs", "remote", "off"], "file order is kept");
+    let enabled: Vec<&str> = config.enabled_servers().map(|s| s.name.as_str()).collect();
+    assert_eq!(enabled, ["fs", "remote"]);
+
+    let fs = &config.servers[0];
+    let Transport::Stdio(stdio) = &fs.transport else {
+        panic!("fs is stdio")
+    };
+    assert_eq!(stdio.args, ["-y", "server-filesystem", "/home/ada/notes"]);
+    assert_eq!(
+        stdio.env,
+        [
+            ("API_TOKEN".to_owned(), "s3cret".to_owned()),
+            ("MODE".to_owned(), "fast".to_owned())
+        ]
+    );
+    assert_eq!(stdio.cwd, Path::new("/etc/conductor/work"));
+    assert_eq!(fs.prefix, Prefix::Custom("files".to_owned()));
+    assert_eq!(
+        fs.startup_timeout,
+        Duration::from_secs(5),
+        "inherits [conductor]"
+    );
+    assert_eq!(fs.call_timeout, Duration::from_millis(500), "its own");
+    assert!(fs.tools.offers("read_text_file"));
+    assert!(!fs.tools.offers("read_secret"));
+    assert!(!fs.tools.offers("write_file"));
+    assert_eq!(fs.tools.rename["read_text_file"], "read");
+
+    let remote = &config.servers[1];
+    let Transport::StreamableHttp(http) = &remote.transport else {
+        panic!("remote is http")
+    };
+    assert_eq!(
+        http.headers,
+        [("Authorization".to_owned(), "Bearer s3cret".to_owned())]
+    );
+    assert_eq!(remote.prefix, Prefix::None);
+    assert_eq!(remote.call_timeout, Duration::from_secs(60));
+    assert!(!config.servers[2].enabled);
+}
+
+#[test]
+fn a_stdio_server_starts_in_the_config_folder_by_default() {
+    let config = Config::parse(
+        "[servers.a]\ncommand = \"x\"\n",
+        Path::new("/srv/conductor/servers.toml"),
+        env,
+    )
+    .unwrap();
+    let Transport::Stdio(stdio) = &config.servers[0].transport else {
+        panic!()
+    };
+    assert_eq!(stdio.cwd, Path::new("/srv/conductor"));
+}
+
+#[test]
+fn every_problem_is_reported_at_once_with_its_place() {
+    let text = r#"
+[conductor]
+separater = "__"
+call_timeout = "soon"
+
+[servers.fs]
+comand = "npx"
+args = "-y"
+
+[servers.git__hub]
+command = "git-mcp"
+
+[servers.remote]
+url = "ftp://example.com"
+headers = { Authorization = "Bearer ${MISSING_TOKEN}" }
+transport = "sse"
+
+[servers.both]
+command = "x"
+url = "https://example.com/mcp"
+
+[servers.local]
+command = "x"
+env = { KEY = "${ALSO_MISSING}" }
+headers = { X = "y" }
+enabled = "yes"
+prefix = "bad prefix"
+
+[servers.local.tools]
+allow = ["[unclosed"]
+rename = { a = "not a name" }
+extra = 1
+
+[server.typo]
+command = "x"
+"#;
+    insta::assert_snapshot!(errors(text));
+}
+
+#[test]
+fn invalid_toml_is_reported_with_its_place() {
+    insta::assert_snapshot!(errors("[servers.a]\ncommand = \"x\nargs = []\n"));
+}
+
+#[test]
+fn a_missing_file_names_the_file() {
+    let error = Config::load(Path::new("/nonexistent/servers.toml")).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("cannot read config `/nonexistent/servers.toml`"),
+        "{error}"
+    );
+}
+
+#[test]
+fn the_bundled_config_is_valid() {
+    let path = super::support::project_root().join("servers.toml");
+    let config = Config::load(&path).unwrap_or_else(|error| panic!("{error}"));
+    assert!(
+        config.enabled_servers().count() >= 3,
+        "the bundled config shows several servers"
+    );
+}

@@ -1,0 +1,183 @@
+//! Third-party parts: the official Python SDK as a client of conductor, and the npm reference
+//! servers as its downstreams. `scripts/install-peers` installs their pinned versions.
+
+use serde_json::{Value, json};
+
+use super::support::{
+    CONDUCTOR, TestConfig, call, conductor_cli, node_server, project_root, python, serve, text_of,
+};
+
+/// Run `tests/peers/py_client.py` against `conductor serve` and return its JSON report.
+async fn python_client(config: &TestConfig, options: &[&str]) -> Value {
+    let script = project_root().join("tests/peers/py_client.py");
+    let config_path = config.path.display().to_string();
+    let output = tokio::process::Command::new(python())
+        .arg(script)
+        .args(options)
+        .args(["--", CONDUCTOR, "serve", "--config", &config_path])
+        .output()
+        .await
+        .expect("the Python client runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the Python client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(&stdout).expect("the Python client prints JSON")
+}
+
+#[tokio::test]
+async fn the_python_sdk_client_uses_conductor_in_both_protocol_eras() {
+    let config = TestConfig::fixtures(&[("echo", "echo"), ("content", "content")]);
+
+    // Auto mode probes `server/discover` first and settles on 2026-07-28.
+    let report = python_client(
+        &config,
+        &[
+            "--call",
+            "echo__echo",
+            "--args",
+            r#"{"text": "from python"}"#,
+            "--read",
+            "fixture://readme",
+        ],
+    )
+    .await;
+    assert_eq!(report["protocol_version"], "2026-07-28");
+    assert_eq!(report["server_name"], "mcp-conductor");
+    assert_eq!(report["prompts"], json!(["content__greet"]));
+    assert_eq!(
+        report["resources"],
+        json!(["fixture://readme", "fixture://logo"])
+    );
+    assert_eq!(
+        report["call"]["structuredContent"],
+        json!({"text": "from python", "length": 11})
+    );
+    assert_eq!(report["read"][0]["text"], "# Fixture\nA server for tests.");
+
+    // Legacy mode uses `initialize`.
+    let report = python_client(&config, &["--mode", "legacy", "--call", "content__kinds"]).await;
+    assert_eq!(report["protocol_version"], "2025-11-25");
+    let kinds: Vec<&str> = report["call"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["text", "image", "audio", "resource", "resource_link"]
+    );
+}
+
+#[tokio::test]
+async fn the_reference_servers_work_behind_conductor() {
+    let files = tempfile::tempdir().unwrap();
+    std::fs::write(files.path().join("note.txt"), "remember the milk").unwrap();
+    let config = TestConfig::new(&format!(
+        "[servers.everything]\ncommand = \"node\"\nargs = [\"{}\"]\n\n\
+         [servers.fs]\ncommand = \"node\"\nargs = [\"{}\", \"{}\"]\n",
+        node_server("server-everything"),
+        node_server("server-filesystem"),
+        files.path().display(),
+    ));
+    let session = serve(&config).await;
+
+    let tools = session.list_all_tools().await.unwrap();
+    let names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
+    for expected in [
+        "everything__echo",
+        "everything__get-sum",
+        "fs__read_text_file",
+        "fs__list_directory",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+
+    let result = call(&session, "everything__echo", json!({"message": "hi"})).await;
+    assert_eq!(text_of(&result), "Echo: hi");
+    let result = call(
+        &session,
+        "everything__get-structured-content",
+        json!({"location": "New York"}),
+    )
+    .await;
+    assert!(
+        result.structured_content.is_some(),
+        "structured content passes through: {result:?}"
+    );
+
+    let path = files.path().join("note.txt").display().to_string();
+    let result = call(&session, "fs__read_text_file", json!({"path": path})).await;
+    assert_eq!(text_of(&result), "remember the milk");
+    let outside = call(
+        &session,
+        "fs__read_text_file",
+        json!({"path": "/etc/hostname"}),
+    )
+    .await;
+    assert_eq!(
+        outside.is_error,
+        Some(true),
+        "the downstream's own refusal comes back as isError"
+    );
+
+    let prompts = session.list_all_prompts().await.unwrap();
+    assert!(
+        prompts.iter().all(|p| p.name.starts_with("everything__")),
+        "{prompts:?}"
+    );
+    assert!(!prompts.is_empty());
+    let resources = session.list_all_resources().await.unwrap();
+    let first = resources
+        .first()
+        .expect("server-everything lists resources");
+    let read = session
+        .read_resource(rmcp::model::ReadResourceRequestParams::new(
+            first.uri.clone(),
+        ))
+        .await
+        .unwrap();
+    assert!(!read.contents.is_empty());
+
+    // The Python client reaches the same servers through conductor.
+    let report = python_client(
+        &config,
+        &[
+            "--call",
+            "everything__get-sum",
+            "--args",
+            r#"{"a": 2, "b": 40}"#,
+        ],
+    )
+    .await;
+    assert!(
+        report["call"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("42"),
+        "{report}"
+    );
+}
+
+/// The `servers.toml` in the repository starts every server it lists.
+#[tokio::test]
+async fn the_bundled_config_starts_every_server() {
+    super::support::peers();
+    let (code, stdout, stderr) =
+        conductor_cli(&project_root().join("servers.toml"), &["check"]).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    for server in ["everything", "fs", "memory", "time"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|line| line.starts_with(server) && line.contains(" ready ")),
+            "{server} is not ready:\n{stdout}"
+        );
+    }
+}

@@ -1,0 +1,421 @@
+//! `conductor serve` as a real child process, spoken to over stdio by an rmcp client, in front
+//! of fixture servers over stdio and Streamable HTTP.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use rmcp::model::{
+    ArgumentInfo, CallToolRequest, CallToolRequestParams, ClientRequest, CompleteRequestParams,
+    ErrorCode, GetPromptRequestParams, ReadResourceRequestParams, Reference,
+};
+use rmcp::service::{PeerRequestOptions, ServiceError};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use super::support::{HttpFixture, TestConfig, call, serve, text_of};
+
+fn to_json<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap()
+}
+
+#[tokio::test]
+async fn tools_from_stdio_and_http_downstreams_pass_through_unchanged() {
+    let remote = HttpFixture::start("echo").await;
+    let config = TestConfig::new(&format!(
+        "[servers.echo]\ncommand = \"{{fixture}}\"\nargs = [\"echo\"]\n\n\
+         [servers.math]\ncommand = \"{{fixture}}\"\nargs = [\"math\"]\n\n\
+         [servers.remote]\nurl = \"{}\"\n",
+        remote.url
+    ));
+    let session = serve(&config).await;
+
+    let tools = session.list_all_tools().await.unwrap();
+    let names: Vec<&str> = tools.iter().map(|tool| tool.name.as_ref()).collect();
+    assert_eq!(
+        names,
+        [
+            "echo__echo",
+            "echo__summarize_every_document_in_the_shared_knowledge__968872dc",
+            "math__add",
+            "math__divide",
+            "remote__echo",
+            // A different prefix is a different full name, so a different hash.
+            "remote__summarize_every_document_in_the_shared_knowledg_1da24df1",
+        ]
+    );
+    // Everything but the name is the downstream's own.
+    let echo = to_json(&tools[0]);
+    assert_eq!(echo["title"], "Echo");
+    assert_eq!(echo["outputSchema"]["required"], json!(["text", "length"]));
+    assert_eq!(
+        echo["annotations"],
+        json!({"readOnlyHint": true, "idempotentHint": true, "openWorldHint": false})
+    );
+    assert_eq!(echo["icons"][0]["mimeType"], "image/png");
+    assert_eq!(echo["_meta"], json!({"fixture/owner": "echo"}));
+
+    let result = call(&session, "echo__echo", json!({"text": "héllo"})).await;
+    assert_eq!(text_of(&result), "héllo");
+    assert_eq!(
+        result.structured_content,
+        Some(json!({"text": "héllo", "length": 5}))
+    );
+    assert_eq!(result.is_error, Some(false));
+
+    let result = call(&session, "remote__echo", json!({"text": "over http"})).await;
+    assert_eq!(
+        result.structured_content,
+        Some(json!({"text": "over http", "length": 9}))
+    );
+
+    let result = call(&session, "math__add", json!({"a": 2, "b": 3})).await;
+    assert_eq!(result.structured_content, Some(json!({"result": 5.0})));
+
+    let result = call(&session, "math__divide", json!({"a": 1, "b": 0})).await;
+    assert_eq!(result.is_error, Some(true));
+    assert_eq!(text_of(&result), "division by zero");
+
+    // A downstream's own protocol error comes back as it is.
+    let error = session
+        .call_tool(
+            CallToolRequestParams::new("math__add")
+                .with_arguments(json!({"a": "x"}).as_object().cloned().unwrap()),
+        )
+        .await
+        .unwrap_err();
+    let ServiceError::McpError(error) = error else {
+        panic!("{error}")
+    };
+    assert_eq!(error.code, ErrorCode::INVALID_PARAMS);
+    assert_eq!(error.message, "`a` must be a number");
+}
+
+#[tokio::test]
+async fn every_content_kind_prompts_resources_and_completions_reach_their_owner() {
+    let config = TestConfig::fixtures(&[("content", "content"), ("math", "math")]);
+    let session = serve(&config).await;
+
+    let result = call(&session, "content__kinds", json!({})).await;
+    let kinds: Vec<Value> = to_json(&result.content)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["type"].clone())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            json!("text"),
+            json!("image"),
+            json!("audio"),
+            json!("resource"),
+            json!("resource_link")
+        ]
+    );
+    assert_eq!(to_json(&result.content)[3]["resource"]["text"], "# Fixture");
+
+    let prompts = session.list_all_prompts().await.unwrap();
+    assert_eq!(
+        prompts.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+        ["content__greet"]
+    );
+    assert_eq!(prompts[0].title.as_deref(), Some("Greeting"));
+    let prompt = session
+        .get_prompt(
+            GetPromptRequestParams::new("content__greet")
+                .with_arguments(json!({"name": "Ada"}).as_object().cloned().unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        to_json(&prompt.messages)[0]["content"]["text"],
+        "Hello, Ada!"
+    );
+
+    let resources = session.list_all_resources().await.unwrap();
+    let uris: Vec<&str> = resources.iter().map(|r| r.uri.as_str()).collect();
+    assert_eq!(uris, ["fixture://readme", "fixture://logo"]);
+    let templates = session.list_all_resource_templates().await.unwrap();
+    assert_eq!(templates[0].uri_template, "fixture://items/{id}");
+
+    let read = session
+        .read_resource(ReadResourceRequestParams::new("fixture://readme"))
+        .await
+        .unwrap();
+    assert_eq!(
+        to_json(&read.contents)[0]["text"],
+        "# Fixture\nA server for tests."
+    );
+    let read = session
+        .read_resource(ReadResourceRequestParams::new("fixture://logo"))
+        .await
+        .unwrap();
+    assert!(to_json(&read.contents)[0]["blob"].is_string());
+    let read = session
+        .read_resource(ReadResourceRequestParams::new("fixture://items/42"))
+        .await
+        .unwrap();
+    assert_eq!(to_json(&read.contents)[0]["text"], "item 42");
+
+    let completion = session
+        .complete(CompleteRequestParams::new(
+            Reference::for_prompt("content__greet"),
+            ArgumentInfo::new("name", "A"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(completion.completion.values, ["Ada", "Alan"]);
+    let completion = session
+        .complete(CompleteRequestParams::new(
+            Reference::for_resource("fixture://items/{id}"),
+            ArgumentInfo::new("id", "1"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(completion.completion.values, ["1", "10"]);
+
+    // An unknown resource is a protocol error that names it.
+    let error = session
+        .read_resource(ReadResourceRequestParams::new("nope://x"))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("nope://x"), "{error}");
+}
+
+#[tokio::test]
+async fn an_unknown_tool_gets_an_error_with_the_nearest_name() {
+    let config = TestConfig::fixtures(&[("math", "math")]);
+    let session = serve(&config).await;
+    let error = session
+        .call_tool(CallToolRequestParams::new("math__ad"))
+        .await
+        .unwrap_err();
+    let ServiceError::McpError(error) = error else {
+        panic!("{error}")
+    };
+    assert_eq!(error.code, ErrorCode::INVALID_PARAMS);
+    assert_eq!(
+        error.message,
+        "unknown tool `math__ad`; did you mean `math__add`?"
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_fails_to_start_is_absent_and_the_rest_serve() {
+    let config = TestConfig::new(
+        "[servers.broken]\ncommand = \"/nonexistent/mcp-server\"\n\n\
+         [servers.hung]\ncommand = \"{fixture}\"\nargs = [\"slow-start\"]\nstartup_timeout = \"500ms\"\n\n\
+         [servers.echo]\ncommand = \"{fixture}\"\nargs = [\"echo\"]\n",
+    );
+    let session = serve(&config).await;
+    let tools = session.list_all_tools().await.unwrap();
+    assert!(
+        tools.iter().all(|tool| tool.name.starts_with("echo__")),
+        "{tools:?}"
+    );
+    let result = call(&session, "echo__echo", json!({"text": "still here"})).await;
+    assert_eq!(text_of(&result), "still here");
+}
+
+#[tokio::test]
+async fn list_changes_downstream_reach_the_client() {
+    let config = TestConfig::fixtures(&[("live", "changing")]);
+    let session = serve(&config).await;
+    let recorder = session.service().recorder.clone();
+
+    call(&session, "live__add_tool", json!({"name": "fresh"})).await;
+    recorder
+        .wait_for("notifications/tools/list_changed", 1)
+        .await;
+    let tools = session.list_all_tools().await.unwrap();
+    assert!(
+        tools.iter().any(|tool| tool.name == "live__fresh"),
+        "{tools:?}"
+    );
+    assert_eq!(
+        text_of(&call(&session, "live__fresh", json!({})).await),
+        "fresh ran"
+    );
+
+    call(&session, "live__add_prompt", json!({"name": "hello"})).await;
+    recorder
+        .wait_for("notifications/prompts/list_changed", 1)
+        .await;
+    let prompts = session.list_all_prompts().await.unwrap();
+    assert_eq!(
+        prompts.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+        ["live__hello"]
+    );
+
+    call(&session, "live__add_resource", json!({"name": "doc"})).await;
+    recorder
+        .wait_for("notifications/resources/list_changed", 1)
+        .await;
+    let read = session
+        .read_resource(ReadResourceRequestParams::new("fixture://added/doc"))
+        .await
+        .unwrap();
+    assert_eq!(to_json(&read.contents)[0]["text"], "added resource doc");
+}
+
+#[tokio::test]
+async fn a_downstream_that_exits_mid_call_fails_that_call_and_nothing_else() {
+    let config = TestConfig::fixtures(&[("crashy", "crashy"), ("echo", "echo")]);
+    let session = serve(&config).await;
+    let recorder = session.service().recorder.clone();
+
+    let result = call(&session, "crashy__crash", json!({})).await;
+    assert_eq!(result.is_error, Some(true));
+    assert_eq!(
+        text_of(&result),
+        "server `crashy`: the connection closed before `tools/call crash` was answered"
+    );
+    // Its tools leave the catalog, and the client is told.
+    recorder
+        .wait_for("notifications/tools/list_changed", 1)
+        .await;
+    let names: Vec<String> = session
+        .list_all_tools()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    assert!(
+        !names.iter().any(|name| name.starts_with("crashy__")),
+        "{names:?}"
+    );
+    assert_eq!(
+        text_of(&call(&session, "echo__echo", json!({"text": "ok"})).await),
+        "ok"
+    );
+}
+
+/// A config with the `slow` fixture as server `slow`, recording its events to the config's
+/// events file, with `extra` lines added to its table.
+fn slow_fixture(extra: &str) -> TestConfig {
+    let config = TestConfig::new("");
+    let events = config.events_file().display().to_string();
+    let text = format!(
+        "[servers.slow]\ncommand = \"{}\"\nargs = [\"slow\"]\nenv = {{ FIXTURE_EVENTS = \"{events}\" }}\n{extra}",
+        super::support::FIXTURE
+    );
+    std::fs::write(&config.path, text).unwrap();
+    config
+}
+
+async fn wait_for_event(config: &TestConfig, event: &str) {
+    let path = config.events_file();
+    for _ in 0..100 {
+        if std::fs::read_to_string(&path).is_ok_and(|text| text.lines().any(|line| line == event)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "the fixture never recorded `{event}`; it recorded: {:?}",
+        std::fs::read_to_string(&path).unwrap_or_default()
+    );
+}
+
+#[tokio::test]
+async fn a_call_timeout_answers_the_client_and_cancels_downstream() {
+    let config = slow_fixture("call_timeout = \"300ms\"\n");
+    let session = serve(&config).await;
+
+    let result = call(&session, "slow__sleep", json!({"ms": 20000})).await;
+    assert_eq!(result.is_error, Some(true));
+    assert_eq!(
+        text_of(&result),
+        "server `slow`: `tools/call sleep` timed out after 300ms"
+    );
+    wait_for_event(&config, "cancelled sleep 20000").await;
+
+    let result = call(&session, "slow__sleep", json!({"ms": 10})).await;
+    assert_eq!(
+        text_of(&result),
+        "slept 10 ms",
+        "the server still serves after a timeout"
+    );
+}
+
+#[tokio::test]
+async fn a_client_cancellation_reaches_the_downstream() {
+    let config = slow_fixture("");
+    let session = serve(&config).await;
+
+    let request = ClientRequest::CallToolRequest(CallToolRequest::new(
+        CallToolRequestParams::new("slow__sleep")
+            .with_arguments(json!({"ms": 20000}).as_object().cloned().unwrap()),
+    ));
+    let handle = session
+        .peer()
+        .send_cancellable_request(request, PeerRequestOptions::no_options())
+        .await
+        .unwrap();
+    wait_for_event(&config, "started sleep 20000").await;
+    handle
+        .cancel(Some("changed my mind".to_owned()))
+        .await
+        .unwrap();
+    wait_for_event(&config, "cancelled sleep 20000").await;
+}
+
+/// A 2026-07-28 client in auto mode sends `server/discover` before anything else; it must get
+/// an answer, and the connection must stay usable.
+#[tokio::test]
+async fn server_discover_before_initialize_gets_an_answer() {
+    let config = TestConfig::fixtures(&[("math", "math")]);
+    let mut child = tokio::process::Command::new(super::support::CONDUCTOR)
+        .args(["serve", "--config"])
+        .arg(&config.path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut exchange = async |message: Value| -> Value {
+        stdin
+            .write_all(format!("{message}\n").as_bytes())
+            .await
+            .unwrap();
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("an answer in time")
+            .unwrap()
+            .expect("a line, not a closed connection");
+        serde_json::from_str(&line).unwrap()
+    };
+
+    let meta = json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"},
+        "io.modelcontextprotocol/clientCapabilities": {}
+    });
+    let discover = exchange(
+        json!({"jsonrpc": "2.0", "id": 1, "method": "server/discover", "params": {"_meta": meta}}),
+    )
+    .await;
+    assert_eq!(discover["id"], 1);
+    let versions = discover["result"]["supportedVersions"]
+        .as_array()
+        .expect("a discover result");
+    assert!(versions.contains(&json!("2026-07-28")), "{discover}");
+    assert!(versions.contains(&json!("2025-06-18")), "{discover}");
+
+    // The same connection then serves a 2026-07-28 request with its metadata inline.
+    let listed = exchange(
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {"_meta": meta}}),
+    )
+    .await;
+    let names: Vec<&str> = listed["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["math__add", "math__divide"]);
+}

@@ -1,0 +1,234 @@
+//! Shared test helpers: where the binaries and peers are, configs in temporary folders,
+//! conductor started as a real child process, fixtures served over HTTP.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, Implementation,
+};
+use rmcp::service::{NotificationContext, RoleClient, RunningService};
+use rmcp::transport::TokioChildProcess;
+use rmcp::{ClientHandler, ServiceExt};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::Notify;
+
+pub const FIXTURE: &str = env!("CARGO_BIN_EXE_mcp-fixture");
+pub const CONDUCTOR: &str = env!("CARGO_BIN_EXE_conductor");
+
+/// The project root, where `servers.toml` and `.peers` live.
+pub fn project_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Where `scripts/install-peers` put the third-party peers. Tests that need them fail with
+/// a message saying how to install them, rather than passing without having run.
+pub fn peers() -> PathBuf {
+    let peers = std::env::var_os("CONDUCTOR_PEERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| project_root().join(".peers"));
+    assert!(
+        peers.join("node/.installed").exists() && peers.join("venv/.installed").exists(),
+        "third-party test peers are missing from {}: run `scripts/install-peers`",
+        peers.display()
+    );
+    peers
+}
+
+pub fn node_server(name: &str) -> String {
+    peers()
+        .join("node/node_modules/@modelcontextprotocol")
+        .join(name)
+        .join("dist/index.js")
+        .display()
+        .to_string()
+}
+
+pub fn python() -> String {
+    peers().join("venv/bin/python").display().to_string()
+}
+
+/// A `servers.toml` in its own temporary folder. `{fixture}` in the text stands for the
+/// fixture binary's path.
+pub struct TestConfig {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl TestConfig {
+    pub fn new(text: &str) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let path = dir.path().join("servers.toml");
+        std::fs::write(&path, text.replace("{fixture}", FIXTURE)).expect("config written");
+        TestConfig { dir, path }
+    }
+
+    /// A stdio fixture server entry for each `(server name, fixture kind)`.
+    pub fn fixtures(servers: &[(&str, &str)]) -> Self {
+        let text: String = servers
+            .iter()
+            .map(|(name, kind)| {
+                format!("[servers.{name}]\ncommand = \"{{fixture}}\"\nargs = [\"{kind}\"]\n\n")
+            })
+            .collect();
+        TestConfig::new(&text)
+    }
+
+    pub fn events_file(&self) -> PathBuf {
+        self.dir.path().join("events.log")
+    }
+}
+
+/// What a test client saw arrive, by notification method.
+#[derive(Debug, Clone, Default)]
+pub struct Recorder {
+    seen: Arc<Mutex<Vec<String>>>,
+    arrived: Arc<Notify>,
+}
+
+impl Recorder {
+    fn record(&self, method: &str) {
+        self.seen
+            .lock()
+            .expect("recorder lock")
+            .push(method.to_owned());
+        self.arrived.notify_waiters();
+    }
+
+    pub fn count(&self, method: &str) -> usize {
+        self.seen
+            .lock()
+            .expect("recorder lock")
+            .iter()
+            .filter(|m| *m == method)
+            .count()
+    }
+
+    /// Wait until `method` has arrived at least `n` times, or fail after 10 seconds.
+    pub async fn wait_for(&self, method: &str, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let arrived = self.arrived.notified();
+            if self.count(method) >= n {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                panic!(
+                    "{method} arrived {} times, expected {n}",
+                    self.count(method)
+                );
+            }
+        }
+    }
+}
+
+/// An rmcp client that records the notifications it receives.
+#[derive(Debug, Clone, Default)]
+pub struct TestClient {
+    pub recorder: Recorder,
+}
+
+impl ClientHandler for TestClient {
+    fn get_info(&self) -> ClientConfig {
+        ClientConfig::new(
+            ClientCapabilities::default(),
+            Implementation::new("conductor-tests", "0"),
+        )
+    }
+
+    async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        self.recorder.record("notifications/tools/list_changed");
+    }
+
+    async fn on_prompt_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        self.recorder.record("notifications/prompts/list_changed");
+    }
+
+    async fn on_resource_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        self.recorder.record("notifications/resources/list_changed");
+    }
+}
+
+pub type Session = RunningService<RoleClient, TestClient>;
+
+/// Start `conductor serve` on `config` as a child process and connect to it over stdio.
+pub async fn serve(config: &TestConfig) -> Session {
+    serve_with_env(config, &[]).await
+}
+
+pub async fn serve_with_env(config: &TestConfig, env: &[(&str, String)]) -> Session {
+    let mut command = tokio::process::Command::new(CONDUCTOR);
+    command.arg("serve").arg("--config").arg(&config.path);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let (transport, _stderr) = TokioChildProcess::builder(command)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("conductor starts");
+    TestClient::default()
+        .serve(transport)
+        .await
+        .expect("conductor completes the handshake")
+}
+
+/// Call a tool and expect an answer (which may still be `isError`).
+pub async fn call(session: &Session, name: &str, arguments: serde_json::Value) -> CallToolResult {
+    let arguments = arguments.as_object().cloned().unwrap_or_default();
+    session
+        .call_tool(CallToolRequestParams::new(name.to_owned()).with_arguments(arguments))
+        .await
+        .unwrap_or_else(|error| panic!("calling `{name}` failed: {error}"))
+}
+
+/// The text of a result's first text block.
+pub fn text_of(result: &CallToolResult) -> String {
+    result
+        .content
+        .iter()
+        .find_map(|block| block.as_text().map(|text| text.text.clone()))
+        .unwrap_or_default()
+}
+
+/// A fixture served over Streamable HTTP on a free port; stopped when dropped.
+pub struct HttpFixture {
+    pub url: String,
+    _child: tokio::process::Child,
+}
+
+impl HttpFixture {
+    pub async fn start(kind: &str) -> Self {
+        let mut child = tokio::process::Command::new(FIXTURE)
+            .args([kind, "--http"])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the HTTP fixture starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let url = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("the fixture prints its URL in time")
+            .expect("stdout readable")
+            .expect("a URL line");
+        HttpFixture { url, _child: child }
+    }
+}
+
+/// Run `conductor ARGS` to completion and return (exit code, stdout, stderr).
+pub async fn conductor_cli(config: &Path, args: &[&str]) -> (i32, String, String) {
+    let output = tokio::process::Command::new(CONDUCTOR)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .await
+        .expect("conductor runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Drive an MCP server with the official Python SDK client and print what it saw as JSON.
+
+  python py_client.py [--mode auto|legacy] [--call NAME --args JSON] [--read URI] [--progress] -- COMMAND ARGS...
+
+Connects over stdio (auto mode probes `server/discover` first, as the SDK does by default),
+lists tools, prompts and resources, optionally calls one tool and reads one resource, and
+prints one JSON object. Exits non-zero when any step fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import anyio
+from mcp import Client, StdioServerParameters
+
+
+def parse() -> tuple[argparse.Namespace, list[str]]:
+    argv = sys.argv[1:]
+    if "--" not in argv:
+        raise SystemExit("usage: py_client.py [options] -- COMMAND ARGS...")
+    split = argv.index("--")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", default="auto")
+    parser.add_argument("--call")
+    parser.add_argument("--args", default="{}")
+    parser.add_argument("--read")
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--env", action="append", default=[])
+    return parser.parse_args(argv[:split]), argv[split + 1 :]
+
+
+def block(b: Any) -> dict[str, Any]:
+    data = b.model_dump(by_alias=True, exclude_none=True)
+    for key in ("data", "blob"):
+        if key in data:
+            data[key] = f"<{len(data[key])} chars>"
+    return data
+
+
+async def run(ns: argparse.Namespace, command: list[str]) -> dict[str, Any]:
+    env = dict(item.split("=", 1) for item in ns.env) or None
+    target = StdioServerParameters(command=command[0], args=command[1:], env=env)
+    out: dict[str, Any] = {"progress": 0}
+    async with Client(target, mode=ns.mode, read_timeout_seconds=60) as client:
+        out["protocol_version"] = client.session.protocol_version
+        info = client.server_info
+        out["server_name"] = info.name if info else None
+        tools = await client.list_tools()
+        out["tools"] = [tool.name for tool in tools.tools]
+        prompts = await client.list_prompts()
+        out["prompts"] = [prompt.name for prompt in prompts.prompts]
+        resources = await client.list_resources()
+        out["resources"] = [resource.uri for resource in resources.resources]
+        if ns.call:
+            async def progress(done: float, total: float | None, message: str | None) -> None:
+                out["progress"] += 1
+
+            result = await client.call_tool(
+                ns.call, json.loads(ns.args), progress_callback=progress if ns.progress else None
+            )
+            out["call"] = {
+                "isError": result.is_error,
+                "content": [block(b) for b in result.content],
+                "structuredContent": result.structured_content,
+            }
+        if ns.read:
+            read = await client.read_resource(ns.read)
+            out["read"] = [c.model_dump(by_alias=True, exclude_none=True) for c in read.contents]
+    return out
+
+
+def main() -> int:
+    ns, command = parse()
+    try:
+        out = anyio.run(run, ns, command)
+    except BaseException as error:  # report everything, including exception groups
+        print(json.dumps({"error": repr(error)}))
+        return 1
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
