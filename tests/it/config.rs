@@ -176,3 +176,38 @@ fn the_bundled_config_is_valid() {
         "the bundled config shows several servers"
     );
 }
+
+/// Whatever the file holds, loading it answers with a config or with problems, never a panic.
+#[test]
+fn no_input_makes_loading_panic() {
+    let valid = r#"
+[conductor]
+separator = "__"
+call_timeout = "1.5s"
+[servers.fs]
+command = "npx"
+args = ["-y", "server", "${HOME:-/}"]
+env = { K = "v" }
+[servers.fs.tools]
+allow = ["read_*"]
+rename = { a = "b" }
+[servers.remote]
+url = "https://example.com/mcp"
+headers = { A = "${TOKEN}" }
+prefix = false
+"#;
+    // Every prefix of the file, cut at any character.
+    for (end, _) in valid.char_indices() {
+        let _ = Config::parse(&valid[..end], Path::new("servers.toml"), env);
+    }
+    // Every byte replaced by characters that matter to TOML, to expansion and to names.
+    for index in 0..valid.len() {
+        for replacement in ["\"", "[", "]", "=", "$", "{", "}", "\n", "é", "0", "#", "."] {
+            let mut mutated = valid.as_bytes().to_vec();
+            mutated.splice(index..index + 1, replacement.bytes());
+            if let Ok(text) = String::from_utf8(mutated) {
+                let _ = Config::parse(&text, Path::new("servers.toml"), env);
+            }
+        }
+    }
+}

@@ -419,3 +419,102 @@ async fn server_discover_before_initialize_gets_an_answer() {
         .collect();
     assert_eq!(names, ["math__add", "math__divide"]);
 }
+
+#[tokio::test]
+async fn list_changes_from_an_http_downstream_reach_the_client() {
+    let remote = HttpFixture::start("changing").await;
+    let config = TestConfig::new(&format!("[servers.live]\nurl = \"{}\"\n", remote.url));
+    let session = serve(&config).await;
+    let recorder = session.service().recorder.clone();
+
+    call(&session, "live__add_tool", json!({"name": "remote_fresh"})).await;
+    recorder
+        .wait_for("notifications/tools/list_changed", 1)
+        .await;
+    assert_eq!(
+        text_of(&call(&session, "live__remote_fresh", json!({})).await),
+        "remote_fresh ran"
+    );
+}
+
+/// The pids of the processes whose parent is `parent`, from /proc.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                // The fields after the parenthesized command name: state, then the parent pid.
+                stat.rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.split(' ').nth(1)?.parse::<u32>().ok())
+                    == Some(parent)
+            })
+        })
+        .collect()
+}
+
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z'))
+    })
+}
+
+#[tokio::test]
+async fn children_stop_when_the_client_goes_away() {
+    let config = TestConfig::fixtures(&[("echo", "echo"), ("math", "math")]);
+    let mut child = tokio::process::Command::new(super::support::CONDUCTOR)
+        .args(["serve", "--config"])
+        .arg(&config.path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let conductor = child.id().unwrap();
+    let mut downstreams = Vec::new();
+    for _ in 0..100 {
+        downstreams = children_of(conductor);
+        if downstreams.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(downstreams.len(), 2, "conductor started both fixtures");
+
+    // A host's whole life over stdio: the handshake, then closing stdin to say goodbye.
+    let mut stdin = child.stdin.take().unwrap();
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}});
+    stdin
+        .write_all(format!("{initialize}\n").as_bytes())
+        .await
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let answer = lines
+        .next_line()
+        .await
+        .unwrap()
+        .expect("an initialize result");
+    assert!(
+        answer.contains("\"protocolVersion\":\"2025-06-18\""),
+        "{answer}"
+    );
+    stdin
+        .write_all(b"{\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}\n")
+        .await
+        .unwrap();
+    drop(stdin);
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("conductor exits")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    for pid in downstreams {
+        assert!(!is_running(pid), "downstream {pid} outlived conductor");
+    }
+}

@@ -164,8 +164,14 @@ pub async fn serve_with_env(config: &TestConfig, env: &[(&str, String)]) -> Sess
     for (key, value) in env {
         command.env(key, value);
     }
+    // conductor's log is noise in a passing run; CONDUCTOR_TEST_LOG=1 shows it.
+    let stderr = if std::env::var_os("CONDUCTOR_TEST_LOG").is_some() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    };
     let (transport, _stderr) = TokioChildProcess::builder(command)
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("conductor starts");
     TestClient::default()
