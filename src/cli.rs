@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::ToolEntry;
 use crate::config::{Config, format_duration};
+use crate::orchestrate::{Orchestrator, Runs};
 use crate::registry::{Registry, Status};
 use crate::router::Router;
 use crate::server::ConductorServer;
@@ -126,7 +127,12 @@ where
 
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let registry = Registry::start(config).await;
-    let server = ConductorServer::new(Router::new(registry.clone()));
+    let router = Router::new(registry.clone());
+    let orchestrator = Arc::new(Orchestrator::new(
+        Arc::new(router.clone()),
+        Arc::new(Runs::default()),
+    ));
+    let server = ConductorServer::new(router, orchestrator);
     tracing::info!(
         tools = registry.catalog().tools().len(),
         "serving over stdio"
@@ -269,7 +275,10 @@ async fn call(
     };
     let router = Router::new(registry);
     let params = CallToolRequestParams::new(name).with_arguments(arguments);
-    let result = match router.call_tool(params, &CancellationToken::new()).await? {
+    let result = match router
+        .call_tool(params, None, &CancellationToken::new())
+        .await?
+    {
         ServerResult::CallToolResult(result) => result,
         _ => bail!("the server answered with something other than a tool result"),
     };

@@ -5,7 +5,8 @@
 //! - [`downstream`]: live connections to downstream servers (the only place transports are built);
 //! - [`catalog`]: the immutable, namespaced offer built from what the downstreams list;
 //! - [`registry`]: the set of downstreams, their state, and the current catalog;
-//! - [`router`]: the one path every downstream request takes;
+//! - [`router`]: the one path every downstream request takes (with [`retry`], its policy);
+//! - [`orchestrate`]: workflows of tool calls, run through the router;
 //! - [`server`]: the MCP handler clients talk to;
 //! - [`cli`]: the `conductor` commands.
 
@@ -13,6 +14,8 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod downstream;
+pub mod orchestrate;
 pub mod registry;
+pub mod retry;
 pub mod router;
 pub mod server;

@@ -229,7 +229,10 @@ impl Registry {
             None => return,
         };
         if let Err(error) = connection.list_into(kind, &mut listing).await {
-            tracing::warn!(server = %server, error = %error, "re-listing after a change failed");
+            // A connection that closed meanwhile is reported by its own `Closed` event.
+            if !connection.peer.is_transport_closed() {
+                tracing::warn!(server = %server, error = %error, "re-listing after a change failed");
+            }
             return;
         }
         let changed = match self.servers.get_mut(server) {

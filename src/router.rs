@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use rmcp::ErrorData as McpError;
 use rmcp::model::{
-    CallToolRequest, CallToolRequestParams, CancelledNotification, CancelledNotificationParam,
-    ClientRequest, CompleteRequest, CompleteRequestParams, GetPromptRequest,
-    GetPromptRequestParams, ReadResourceRequest, ReadResourceRequestParams, Reference,
-    ResourceContents, ServerResult,
+    CallToolRequest, CallToolRequestParams, CallToolResult, CancelledNotification,
+    CancelledNotificationParam, ClientRequest, CompleteRequest, CompleteRequestParams, ErrorCode,
+    GetPromptRequest, GetPromptRequestParams, JsonObject, ReadResourceRequest,
+    ReadResourceRequestParams, Reference, ResourceContents, ServerResult,
 };
 use rmcp::service::{PeerRequestOptions, ServiceError};
 use tokio_util::sync::CancellationToken;
@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::ResourceRoute;
 use crate::config::{ServerName, format_duration};
 use crate::registry::Registry;
+use crate::retry::FailureKind;
 
 /// Why a request did not get an answer from its downstream.
 #[derive(Debug, thiserror::Error)]
@@ -56,10 +57,61 @@ pub enum CallError {
     },
 }
 
+impl CallError {
+    /// How the call failed, for the retry policy.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            CallError::UnknownTool { .. }
+            | CallError::UnknownPrompt { .. }
+            | CallError::UnknownResource { .. }
+            | CallError::Unavailable(_)
+            | CallError::Unroutable(_) => FailureKind::NotDelivered,
+            CallError::Timeout { .. } => FailureKind::Timeout,
+            CallError::Closed { .. } | CallError::Failed { .. } => FailureKind::ConnectionLost,
+            CallError::Cancelled => FailureKind::Cancelled,
+            CallError::Downstream { error, .. } if error.code == ErrorCode::INVALID_PARAMS => {
+                FailureKind::InvalidArgs
+            }
+            CallError::Downstream { .. } => FailureKind::ProtocolError,
+        }
+    }
+}
+
 fn hint_suffix(hint: &Option<String>) -> String {
     hint.as_ref()
         .map(|hint| format!("; did you mean `{hint}`?"))
         .unwrap_or_default()
+}
+
+/// Workflow steps reach tools through the router, like every other call.
+#[async_trait::async_trait]
+impl crate::orchestrate::Tools for Router {
+    fn catalog(&self) -> Arc<crate::catalog::Catalog> {
+        self.registry.catalog()
+    }
+
+    async fn call(
+        &self,
+        name: &str,
+        args: JsonObject,
+        timeout: Option<Duration>,
+        cancel: &CancellationToken,
+    ) -> Result<CallToolResult, CallError> {
+        let params = CallToolRequestParams::new(name.to_owned()).with_arguments(args);
+        match self.call_tool(params, timeout, cancel).await? {
+            ServerResult::CallToolResult(result) => Ok(result),
+            _ => Err(CallError::Failed {
+                server: self
+                    .registry
+                    .catalog()
+                    .tool(name)
+                    .map(|entry| entry.server.clone())
+                    .ok_or_else(|| CallError::UnknownTool { name: name.to_owned(), hint: None })?,
+                what: format!("tools/call {name}"),
+                error: "the answer was not a tool result (workflows cannot answer input requests or tasks yet)".to_owned(),
+            }),
+        }
+    }
 }
 
 /// Routes requests by public name to the downstream that owns them.
@@ -78,9 +130,11 @@ impl Router {
     }
 
     /// Call a tool by its public name. The downstream's result comes back unchanged.
+    /// `timeout` replaces the server's call timeout for this call.
     pub async fn call_tool(
         &self,
         mut params: CallToolRequestParams,
+        timeout: Option<Duration>,
         cancel: &CancellationToken,
     ) -> Result<ServerResult, CallError> {
         let catalog = self.registry.catalog();
@@ -93,7 +147,8 @@ impl Router {
         let what = format!("tools/call {}", entry.original);
         params.name = entry.original.clone().into();
         let request = ClientRequest::CallToolRequest(CallToolRequest::new(params));
-        self.send(&entry.server, what, request, cancel).await
+        self.send(&entry.server, what, request, timeout, cancel)
+            .await
     }
 
     pub async fn get_prompt(
@@ -111,7 +166,7 @@ impl Router {
         let what = format!("prompts/get {}", entry.original);
         params.name = entry.original.clone();
         let request = ClientRequest::GetPromptRequest(GetPromptRequest::new(params));
-        self.send(&entry.server, what, request, cancel).await
+        self.send(&entry.server, what, request, None, cancel).await
     }
 
     /// Read a resource; the owner sees the URI it listed, the client gets back the one it asked.
@@ -129,7 +184,7 @@ impl Router {
         let what = format!("resources/read {uri}");
         params.uri = uri.clone();
         let request = ClientRequest::ReadResourceRequest(ReadResourceRequest::new(params));
-        let mut result = self.send(&server, what, request, cancel).await?;
+        let mut result = self.send(&server, what, request, None, cancel).await?;
         if uri != public_uri
             && let ServerResult::ReadResourceResult(read) = &mut result
         {
@@ -180,8 +235,14 @@ impl Router {
             }
         };
         let request = ClientRequest::CompleteRequest(CompleteRequest::new(params));
-        self.send(&server, "completion/complete".to_owned(), request, cancel)
-            .await
+        self.send(
+            &server,
+            "completion/complete".to_owned(),
+            request,
+            None,
+            cancel,
+        )
+        .await
     }
 
     /// Send one request to a server: the single place every downstream request goes through.
@@ -190,6 +251,7 @@ impl Router {
         server: &ServerName,
         what: String,
         request: ClientRequest,
+        timeout: Option<Duration>,
         cancel: &CancellationToken,
     ) -> Result<ServerResult, CallError> {
         let Some(connection) = self.registry.connection(server) else {
@@ -197,14 +259,16 @@ impl Router {
                 self.registry.unavailable_reason(server),
             ));
         };
-        let timeout = self
-            .registry
-            .config()
-            .servers
-            .iter()
-            .find(|spec| &spec.name == server)
-            .map(|spec| spec.call_timeout)
-            .unwrap_or(crate::config::DEFAULT_CALL_TIMEOUT);
+        let timeout = timeout.unwrap_or_else(|| {
+            self.registry
+                .config()
+                .servers
+                .iter()
+                .find(|spec| &spec.name == server)
+                .map_or(crate::config::DEFAULT_CALL_TIMEOUT, |spec| {
+                    spec.call_timeout
+                })
+        });
         let handle = connection
             .peer
             .send_request_with_option(request, PeerRequestOptions::with_timeout(timeout))

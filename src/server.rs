@@ -15,21 +15,30 @@ use rmcp::model::{
     ReadResourceRequestParams, ReadResourceResponse, ResultType, ServerCapabilities, ServerConfig,
     ServerResult, SubscriptionFilter,
 };
-use rmcp::service::{NotificationContext, RequestContext, RoleServer, SubscriptionContext};
+use rmcp::model::{ProgressNotificationParam, ProgressToken, Tool};
+use rmcp::service::{NotificationContext, Peer, RequestContext, RoleServer, SubscriptionContext};
+use serde_json::Value;
+use tokio::sync::mpsc;
 use tokio::sync::watch;
 
 use crate::catalog::Catalog;
+use crate::orchestrate::execute::{ProgressSink, ProgressUpdate};
+use crate::orchestrate::{self, Orchestrator};
 use crate::router::{CallError, Router};
 
 /// One client session's view of conductor.
 #[derive(Debug, Clone)]
 pub struct ConductorServer {
     router: Router,
+    orchestrator: Arc<Orchestrator>,
 }
 
 impl ConductorServer {
-    pub fn new(router: Router) -> Self {
-        ConductorServer { router }
+    pub fn new(router: Router, orchestrator: Arc<Orchestrator>) -> Self {
+        ConductorServer {
+            router,
+            orchestrator,
+        }
     }
 
     fn catalog(&self) -> Arc<Catalog> {
@@ -64,12 +73,13 @@ impl ServerHandler for ConductorServer {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
-        let tools = self
+        let mut tools: Vec<Tool> = self
             .catalog()
             .tools()
             .iter()
             .map(|entry| entry.tool.clone())
             .collect();
+        tools.push(Orchestrator::tool());
         Ok(ListToolsResult::with_all_items(tools))
     }
 
@@ -78,7 +88,21 @@ impl ServerHandler for ConductorServer {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
-        match self.router.call_tool(request, &context.ct).await {
+        if request.name == orchestrate::TOOL_NAME {
+            let input = Value::Object(request.arguments.unwrap_or_default());
+            let progress = context
+                .meta
+                .get_progress_token()
+                .map(|token| progress_sink(context.peer.clone(), token));
+            let report = self
+                .orchestrator
+                .run(input, progress, context.ct.clone())
+                .await;
+            return Ok(CallToolResponse::Complete(orchestrate::tool_result(
+                &report,
+            )));
+        }
+        match self.router.call_tool(request, None, &context.ct).await {
             Ok(ServerResult::CallToolResult(mut result)) => {
                 mark_complete(&mut result.result_type);
                 Ok(CallToolResponse::Complete(result))
@@ -255,6 +279,24 @@ impl ServerHandler for ConductorServer {
         }
         Ok(())
     }
+}
+
+/// Progress of a workflow, sent to the client in order under the client's own token.
+fn progress_sink(peer: Peer<RoleServer>, token: ProgressToken) -> ProgressSink {
+    let (sender, mut receiver) = mpsc::unbounded_channel::<ProgressUpdate>();
+    tokio::spawn(async move {
+        while let Some(update) = receiver.recv().await {
+            let mut params = ProgressNotificationParam::new(token.clone(), update.settled as f64);
+            params.total = Some(update.total as f64);
+            params.message = Some(update.message);
+            if peer.notify_progress(params).await.is_err() {
+                break;
+            }
+        }
+    });
+    Arc::new(move |update| {
+        let _ = sender.send(update);
+    })
 }
 
 /// Which part of the catalog changed.

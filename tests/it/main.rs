@@ -17,6 +17,7 @@
 mod catalog;
 mod cli;
 mod config;
+mod orchestrate;
 mod peers;
 mod serve;
 mod support;

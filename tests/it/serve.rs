@@ -41,6 +41,7 @@ async fn tools_from_stdio_and_http_downstreams_pass_through_unchanged() {
             "remote__echo",
             // A different prefix is a different full name, so a different hash.
             "remote__summarize_every_document_in_the_shared_knowledg_1da24df1",
+            "orchestrate",
         ]
     );
     // Everything but the name is the downstream's own.
@@ -209,9 +210,14 @@ async fn a_server_that_fails_to_start_is_absent_and_the_rest_serve() {
     );
     let session = serve(&config).await;
     let tools = session.list_all_tools().await.unwrap();
-    assert!(
-        tools.iter().all(|tool| tool.name.starts_with("echo__")),
-        "{tools:?}"
+    let names: Vec<&str> = tools.iter().map(|tool| tool.name.as_ref()).collect();
+    assert_eq!(
+        names,
+        [
+            "echo__echo",
+            "echo__summarize_every_document_in_the_shared_knowledge__968872dc",
+            "orchestrate"
+        ]
     );
     let result = call(&session, "echo__echo", json!({"text": "still here"})).await;
     assert_eq!(text_of(&result), "still here");
@@ -417,7 +423,7 @@ async fn server_discover_before_initialize_gets_an_answer() {
         .iter()
         .map(|t| t["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["math__add", "math__divide"]);
+    assert_eq!(names, ["math__add", "math__divide", "orchestrate"]);
 }
 
 #[tokio::test]

@@ -1,0 +1,266 @@
+//! `orchestrate`: run a workflow, a graph of tool calls across servers, as one request.
+//!
+//! A workflow is validated whole before anything runs ([`validate`]), then executed
+//! ([`execute`]) through the [`Tools`] seam, so that a step reaches a server exactly the way a
+//! proxied call does: through the router, with its timeouts and cancellation. Finished runs are
+//! kept for a while ([`Runs`]) so they can be read back and resumed.
+
+pub mod execute;
+pub mod expr;
+pub mod report;
+pub mod validate;
+pub mod workflow;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use rmcp::model::{CallToolResult, ContentBlock, JsonObject, Tool, ToolAnnotations};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::Catalog;
+use crate::router::CallError;
+use execute::{ProgressSink, RunOptions, RunRecord, execute, new_run_id};
+use expr::Expressions;
+use report::{RunReport, RunStatus};
+use validate::{Problem, validate};
+use workflow::{Mode, Workflow};
+
+/// The name clients call.
+pub const TOOL_NAME: &str = "orchestrate";
+
+/// How workflows reach tools: the router in conductor, so a step can never bypass routing,
+/// timeouts or cancellation.
+#[async_trait::async_trait]
+pub trait Tools: Send + Sync {
+    /// The tools that exist now, with their schemas and annotations.
+    fn catalog(&self) -> Arc<Catalog>;
+
+    /// Call one tool by its public name.
+    async fn call(
+        &self,
+        name: &str,
+        args: JsonObject,
+        timeout: Option<Duration>,
+        cancel: &CancellationToken,
+    ) -> Result<CallToolResult, CallError>;
+}
+
+/// Finished runs, kept for `resume` and for reading back, for a while.
+#[derive(Debug)]
+pub struct Runs {
+    records: DashMap<String, (Instant, Arc<RunRecord>, Value)>,
+    keep_for: Duration,
+    most: usize,
+}
+
+impl Runs {
+    pub fn new(keep_for: Duration, most: usize) -> Self {
+        Runs {
+            records: DashMap::new(),
+            keep_for,
+            most,
+        }
+    }
+
+    /// A kept run and the workflow (its steps and inputs) it ran.
+    pub fn get(&self, run_id: &str) -> Option<(Arc<RunRecord>, Value)> {
+        self.records
+            .get(run_id)
+            .filter(|entry| entry.0.elapsed() < self.keep_for)
+            .map(|entry| (entry.1.clone(), entry.2.clone()))
+    }
+
+    fn keep(&self, record: Arc<RunRecord>, workflow: Value) {
+        self.records
+            .retain(|_, entry| entry.0.elapsed() < self.keep_for);
+        if self.records.len() >= self.most
+            && let Some(oldest) = self
+                .records
+                .iter()
+                .min_by_key(|entry| entry.0)
+                .map(|entry| entry.key().clone())
+        {
+            self.records.remove(&oldest);
+        }
+        self.records.insert(
+            record.report.run_id.clone(),
+            (Instant::now(), record, workflow),
+        );
+    }
+}
+
+impl Default for Runs {
+    fn default() -> Self {
+        Runs::new(Duration::from_secs(24 * 3600), 1000)
+    }
+}
+
+/// Validates and runs workflows.
+pub struct Orchestrator {
+    tools: Arc<dyn Tools>,
+    expressions: Arc<Expressions>,
+    runs: Arc<Runs>,
+}
+
+impl std::fmt::Debug for Orchestrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Orchestrator").finish_non_exhaustive()
+    }
+}
+
+impl Orchestrator {
+    pub fn new(tools: Arc<dyn Tools>, runs: Arc<Runs>) -> Self {
+        Orchestrator {
+            tools,
+            expressions: Arc::new(Expressions::new()),
+            runs,
+        }
+    }
+
+    pub fn runs(&self) -> &Arc<Runs> {
+        &self.runs
+    }
+
+    /// The `orchestrate` tool as clients list it.
+    pub fn tool() -> Tool {
+        let mut tool = Tool::default();
+        tool.name = TOOL_NAME.into();
+        tool.title = Some("Run a workflow of tool calls".to_owned());
+        tool.description = Some(DESCRIPTION.into());
+        tool.input_schema = Arc::new(object_schema(validate::workflow_schema()));
+        tool.output_schema = Some(Arc::new(object_schema(
+            &schemars::schema_for!(RunReport).to_value(),
+        )));
+        tool.annotations = Some(ToolAnnotations::from_raw(
+            Some("Run a workflow".to_owned()),
+            Some(false),
+            Some(true),
+            Some(false),
+            Some(true),
+        ));
+        tool
+    }
+
+    /// Validate `input` and, by its mode, return the plan, preview it, or run it.
+    pub async fn run(
+        &self,
+        input: Value,
+        progress: Option<ProgressSink>,
+        cancel: CancellationToken,
+    ) -> RunReport {
+        let started = Instant::now();
+        let catalog = self.tools.catalog();
+        let mut validated = match validate(&input, &catalog, &self.expressions) {
+            Ok(validated) => validated,
+            Err(errors) => return invalid(errors, started),
+        };
+        let previous = match validated.workflow.resume.clone() {
+            Some(resume) => match self.check_resume(&resume.run_id, &validated.workflow) {
+                Ok(previous) => Some(previous),
+                Err(problem) => return invalid(vec![problem], started),
+            },
+            None => None,
+        };
+        let mode = validated.workflow.mode;
+        if mode == Mode::Validate {
+            return RunReport {
+                run_id: new_run_id(),
+                status: RunStatus::Valid,
+                plan: Some(validated.plan),
+                warnings: validated.warnings,
+                duration_ms: started.elapsed().as_millis() as u64,
+                ..RunReport::default()
+            };
+        }
+        validated.workflow.resume = None;
+        let options = RunOptions {
+            run_id: new_run_id(),
+            preview: mode == Mode::Preview,
+            progress,
+            cancel,
+            previous,
+        };
+        let record = Arc::new(
+            execute(
+                &validated,
+                self.tools.clone(),
+                self.expressions.clone(),
+                options,
+            )
+            .await,
+        );
+        let report = record.report.clone();
+        if mode == Mode::Run {
+            self.runs.keep(record, identity(&validated.workflow));
+        }
+        report
+    }
+
+    fn check_resume(&self, run_id: &str, workflow: &Workflow) -> Result<Arc<RunRecord>, Problem> {
+        let Some((record, ran)) = self.runs.get(run_id) else {
+            return Err(Problem {
+                path: "/resume/run_id".to_owned(),
+                code: "unknown_run".to_owned(),
+                message: format!("no kept run `{run_id}`"),
+                hint: Some("runs are kept for 24 hours after they end".to_owned()),
+            });
+        };
+        if ran != identity(workflow) {
+            return Err(Problem {
+                path: "/steps".to_owned(),
+                code: "resume_mismatch".to_owned(),
+                message: format!("the steps or inputs differ from those of run `{run_id}`"),
+                hint: Some("resume with exactly the steps and inputs of the run; start a new run to change them".to_owned()),
+            });
+        }
+        Ok(record)
+    }
+}
+
+/// What must not change between a run and its resumption.
+fn identity(workflow: &Workflow) -> Value {
+    serde_json::json!({"steps": workflow.steps, "inputs": workflow.inputs})
+}
+
+fn invalid(errors: Vec<Problem>, started: Instant) -> RunReport {
+    RunReport {
+        run_id: new_run_id(),
+        status: RunStatus::Invalid,
+        errors,
+        duration_ms: started.elapsed().as_millis() as u64,
+        ..RunReport::default()
+    }
+}
+
+/// The tool result for a report: the report as structured content, a summary as text.
+pub fn tool_result(report: &RunReport) -> CallToolResult {
+    let is_error = matches!(
+        report.status,
+        RunStatus::Failed | RunStatus::Invalid | RunStatus::Cancelled
+    );
+    let mut result = if is_error {
+        CallToolResult::error(vec![ContentBlock::text(report.summary())])
+    } else {
+        CallToolResult::success(vec![ContentBlock::text(report.summary())])
+    };
+    result.structured_content = serde_json::to_value(report).ok();
+    result
+}
+
+fn object_schema(schema: &Value) -> JsonObject {
+    schema.as_object().cloned().unwrap_or_default()
+}
+
+const DESCRIPTION: &str = "Run a workflow: a graph of tool calls across servers, in one request, and get one merged \
+result. Use it instead of many separate calls when results of one call feed the next, when the \
+same tool runs for each item of a list, or when independent calls can run in parallel. Steps \
+name tools exactly as tools/list does. Data flows through `${{ }}` expressions such as \
+`${{ steps.fetch.output.items }}`; a step waits for the steps it references. Check a workflow \
+first with \"mode\": \"validate\", or see what it would write with \"mode\": \"preview\". \
+Example: {\"steps\": [{\"id\": \"unpaid\", \"tool\": \"books__list_invoices\", \"args\": \
+{\"status\": \"unpaid\"}}, {\"id\": \"tasks\", \"tool\": \"tracker__create_task\", \"for_each\": \
+\"${{ steps.unpaid.output.invoices }}\", \"as\": \"inv\", \"args\": {\"title\": \"Chase ${{ inv.number }}\"}, \
+\"on_error\": \"continue\"}, {\"id\": \"note\", \"tool\": \"chat__send\", \"trigger\": \"all_done\", \
+\"args\": {\"text\": \"${{ steps.tasks.stats.succeeded }} tasks created\"}}]}";
