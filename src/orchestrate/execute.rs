@@ -296,8 +296,11 @@ impl<'a> Scheduler<'a> {
         }
         // Resuming: a step that succeeded before keeps its result, unless something it depends
         // on ran again.
+        // A fan-out that succeeded with failed items runs again; its succeeded items are
+        // still kept, item by item.
         if let Some(previous) = self.previous.and_then(|record| record.steps.get(index))
             && previous.report.status == StepStatus::Succeeded
+            && previous.report.failed_items.is_empty()
             && !befores.iter().any(|before| self.reran[*before])
         {
             let mut state = previous.clone();
@@ -461,6 +464,8 @@ fn step_view(state: &StepState) -> Value {
         "attempts": state.report.attempts,
         "duration_ms": state.report.duration_ms,
         "error": state.report.error.as_ref().map(|error| json!({"kind": error.kind, "message": error.message})),
+        "via_fallback": state.report.via_fallback,
+        "defaulted": state.report.defaulted,
     });
     if let Some(stats) = &state.report.stats {
         view["stats"] = json!(stats);

@@ -143,9 +143,7 @@ impl Expressions {
                 .map(|template| template.undeclared_variables(true)),
         };
         match variables {
-            Ok(variables) => found
-                .paths
-                .extend(variables.into_iter().map(|path| (path, pointer.to_owned()))),
+            Ok(variables) => found.add(variables, pointer),
             Err(error) => found.errors.push((pointer.to_owned(), describe(&error))),
         }
     }
@@ -153,12 +151,7 @@ impl Expressions {
     /// References of a condition or `for_each` expression (`${{ }}` optional).
     pub fn expression_references(&self, text: &str, pointer: &str, found: &mut References) {
         match self.env.compile_expression(bare_expression(text)) {
-            Ok(compiled) => found.paths.extend(
-                compiled
-                    .undeclared_variables(true)
-                    .into_iter()
-                    .map(|path| (path, pointer.to_owned())),
-            ),
+            Ok(compiled) => found.add(compiled.undeclared_variables(true), pointer),
             Err(error) => found.errors.push((pointer.to_owned(), describe(&error))),
         }
     }
@@ -247,6 +240,14 @@ pub struct References {
 }
 
 impl References {
+    /// Record the variables read at `pointer`, in a stable order (minijinja gives a set),
+    /// so plans and messages come out the same every time.
+    fn add(&mut self, variables: std::collections::HashSet<String>, pointer: &str) {
+        let sorted: BTreeSet<String> = variables.into_iter().collect();
+        self.paths
+            .extend(sorted.into_iter().map(|path| (path, pointer.to_owned())));
+    }
+
     /// The distinct root names read (`steps`, `inputs`, `item`...), each with one place.
     pub fn roots(&self) -> Vec<(&str, &str)> {
         let mut seen = BTreeSet::new();
@@ -422,7 +423,11 @@ mod tests {
         expressions.references(&args, "/steps/1/args", &mut found);
         assert_eq!(found.steps(), [("unpaid", "/steps/1/args/a")]);
         let roots: Vec<&str> = found.roots().into_iter().map(|(root, _)| root).collect();
-        assert_eq!(roots, ["steps", "inputs", "item"]);
+        assert_eq!(
+            roots,
+            ["steps", "inputs", "item"],
+            "in the order of the places read"
+        );
         assert_eq!(found.errors.len(), 1);
         assert_eq!(found.errors[0].0, "/steps/1/args/c");
     }

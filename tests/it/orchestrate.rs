@@ -101,3 +101,284 @@ fn a_cycle_is_named() {
         ]
     })));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Runs through `conductor serve`, against the books, tracker and chat fixtures.
+
+use std::time::Duration;
+
+use rmcp::model::{CallToolRequest, CallToolRequestParams, ClientRequest};
+use rmcp::service::PeerRequestOptions;
+
+use super::support::{Session, TestConfig, call, serve};
+
+/// Books, tracker and chat servers, all recording to the config's events file.
+fn business(tracker_down: bool) -> TestConfig {
+    let config = TestConfig::new("");
+    let events = config.events_file().display().to_string();
+    let fixture = super::support::FIXTURE;
+    let down = if tracker_down { "1" } else { "0" };
+    let text = format!(
+        "[servers.books]\ncommand = \"{fixture}\"\nargs = [\"books\"]\n\n\
+         [servers.tracker]\ncommand = \"{fixture}\"\nargs = [\"tracker\"]\nenv = {{ FIXTURE_EVENTS = \"{events}\", TRACKER_DOWN = \"{down}\" }}\n\n\
+         [servers.chat]\ncommand = \"{fixture}\"\nargs = [\"chat\"]\nenv = {{ FIXTURE_EVENTS = \"{events}\" }}\n\n\
+         [servers.slow]\ncommand = \"{fixture}\"\nargs = [\"slow\"]\nenv = {{ FIXTURE_EVENTS = \"{events}\" }}\n"
+    );
+    std::fs::write(&config.path, text).unwrap();
+    config
+}
+
+fn events(config: &TestConfig) -> Vec<String> {
+    std::fs::read_to_string(config.events_file())
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn orchestrate(session: &Session, workflow: Value) -> Value {
+    let result = call(session, "orchestrate", workflow).await;
+    result
+        .structured_content
+        .clone()
+        .unwrap_or_else(|| panic!("no structured content: {result:?}"))
+}
+
+fn unpaid_to_tasks() -> Value {
+    json!({
+        "inputs": {"list": "collections", "channel": "#finance"},
+        "steps": [
+            {"id": "unpaid", "tool": "books__list_invoices", "args": {"status": "unpaid"}},
+            {"id": "tasks", "tool": "tracker__create_task", "for_each": "${{ steps.unpaid.output.invoices }}", "as": "inv",
+             "tolerate_failures": 1,
+             "args": {"title": "Chase ${{ inv.number }} (${{ inv.customer }})", "list": "${{ inputs.list }}"}},
+            {"id": "summary", "tool": "chat__send", "trigger": "all_done",
+             "args": {"channel": "${{ inputs.channel }}",
+                      "text": "${{ steps.tasks.stats.succeeded }} of ${{ steps.unpaid.output.invoices | length }} follow-ups created${% if steps.tasks.stats.failed %}, ${{ steps.tasks.stats.failed }} failed${% endif %}"}}
+        ],
+        "output": {"created": "${{ steps.tasks.output | select | map(attribute='title') | list }}"}
+    })
+}
+
+#[tokio::test]
+async fn unpaid_invoices_become_tasks_and_a_summary_that_counts_the_failure() {
+    let config = business(false);
+    let session = serve(&config).await;
+
+    let report = orchestrate(&session, unpaid_to_tasks()).await;
+    assert_eq!(report["status"], "partial", "{report:#}");
+    assert_eq!(
+        report["steps"]["tasks"]["stats"],
+        json!({"total": 3, "succeeded": 2, "failed": 1, "skipped": 0})
+    );
+    assert_eq!(report["steps"]["tasks"]["failed_items"][0]["index"], 1);
+    assert_eq!(
+        report["steps"]["tasks"]["failed_items"][0]["error"]["kind"],
+        "tool_error"
+    );
+    assert_eq!(report["steps"]["summary"]["status"], "succeeded");
+    assert_eq!(
+        report["output"],
+        json!({"created": ["Chase INV-1 (Acme)", "Chase INV-3 (Initech)"]})
+    );
+    assert!(
+        report.get("returned").is_none(),
+        "intermediate outputs stay out unless asked for"
+    );
+    let messages: Vec<String> = events(&config)
+        .into_iter()
+        .filter(|e| e.starts_with("message"))
+        .collect();
+    assert_eq!(
+        messages,
+        ["message #finance: 2 of 3 follow-ups created, 1 failed"]
+    );
+
+    // Resume: only the failed item runs again (and the summary, which depends on it).
+    let mut again = unpaid_to_tasks();
+    again["resume"] = json!({"run_id": report["run_id"]});
+    let resumed = orchestrate(&session, again).await;
+    assert_eq!(resumed["status"], "succeeded", "{resumed:#}");
+    assert_eq!(resumed["steps"]["unpaid"]["reused"], true);
+    assert_eq!(resumed["steps"]["tasks"]["stats"]["succeeded"], 3);
+    let created: Vec<String> = events(&config)
+        .into_iter()
+        .filter(|e| e.starts_with("created"))
+        .collect();
+    assert_eq!(created.len(), 3, "each task created once: {created:?}");
+    assert!(created.contains(&"created Chase INV-2 (Globex)".to_owned()));
+    assert_eq!(resumed["output"]["created"].as_array().unwrap().len(), 3);
+}
+
+fn weekly_report() -> Value {
+    json!({
+        "inputs": {"channel": "#reports"},
+        "steps": [
+            {"id": "totals", "tool": "books__summary"},
+            {"id": "open_tasks", "tool": "tracker__list_tasks"},
+            {"id": "balances", "tool": "books__customer", "for_each": "${{ steps.totals.output.customers }}", "as": "name",
+             "args": {"name": "${{ name }}"}},
+            {"id": "report", "value": {
+                "title": "Weekly report",
+                "body": "Invoiced ${{ steps.totals.output.invoiced }}, paid ${{ steps.totals.output.paid }}, open tasks ${{ steps.open_tasks.output.tasks | length }}.${% for b in steps.balances.output %} ${{ b.name }}: ${{ b.balance }}.${% endfor %}"}},
+            {"id": "file", "tool": "tracker__create_report",
+             "args": {"title": "${{ steps.report.output.title }}", "body": "${{ steps.report.output.body }}"},
+             "on_error": {"fallback": {"tool": "chat__send",
+                 "args": {"channel": "${{ inputs.channel }}", "text": "Tracker failed (${{ error.message }}). ${{ steps.report.output.body }}"}}}},
+            {"id": "done", "tool": "chat__send", "trigger": "all_done", "needs": ["file"],
+             "args": {"channel": "${{ inputs.channel }}",
+                      "text": "Weekly report ${% if steps.file.via_fallback %}posted here, the tracker being down${% else %}filed${% endif %}"}}
+        ],
+        "return": ["report"]
+    })
+}
+
+#[tokio::test]
+async fn a_weekly_report_fans_out_and_in_and_falls_back_when_the_tracker_is_down() {
+    let config = business(true);
+    let session = serve(&config).await;
+
+    let mut validate = weekly_report();
+    validate["mode"] = json!("validate");
+    let plan = orchestrate(&session, validate).await;
+    assert_eq!(plan["status"], "valid");
+    insta::assert_json_snapshot!(plan["plan"]);
+
+    let report = orchestrate(&session, weekly_report()).await;
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(report["steps"]["file"]["via_fallback"], true);
+    assert_eq!(report["steps"]["balances"]["stats"]["succeeded"], 3);
+    let body = "Invoiced 1200, paid 900, open tasks 0. Acme: 120.0. Globex: 80.5. Initech: 42.0.";
+    assert_eq!(report["returned"]["report"]["body"], body);
+    let messages: Vec<String> = events(&config)
+        .into_iter()
+        .filter(|e| e.starts_with("message"))
+        .collect();
+    assert_eq!(
+        messages,
+        [
+            format!(
+                "message #reports: Tracker failed (503 Service Unavailable: the tracker is down for maintenance). {body}"
+            ),
+            "message #reports: Weekly report posted here, the tracker being down".to_owned(),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn independent_steps_run_in_parallel() {
+    let config = business(false);
+    let session = serve(&config).await;
+    let report = orchestrate(&session, json!({"steps": [
+        {"id": "a", "tool": "slow__sleep", "args": {"ms": 1500}},
+        {"id": "b", "tool": "slow__sleep", "args": {"ms": 1501}},
+        {"id": "c", "tool": "slow__sleep", "args": {"ms": 1502}},
+        {"id": "after", "value": "${{ [steps.a.output, steps.b.output, steps.c.output] | join(', ') }}"}
+    ]})).await;
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(
+        report["output"]["after"],
+        "slept 1500 ms, slept 1501 ms, slept 1502 ms"
+    );
+    // Every call started before any finished: they ran side by side, not one after another.
+    let log = events(&config);
+    let first_finish = log.iter().position(|e| e.starts_with("finished")).unwrap();
+    assert_eq!(
+        log[..first_finish]
+            .iter()
+            .filter(|e| e.starts_with("started sleep"))
+            .count(),
+        3,
+        "{log:?}"
+    );
+}
+
+#[tokio::test]
+async fn retries_follow_the_tools_annotations() {
+    let config = business(false);
+    let session = serve(&config).await;
+    let report = orchestrate(&session, json!({"steps": [
+        {"id": "write", "tool": "slow__sleep", "args": {"ms": 3000}, "timeout_ms": 200, "on_error": "continue"},
+        {"id": "read", "tool": "slow__slow_read", "args": {"ms": 3000}, "timeout_ms": 200,
+         "retry": {"initial_delay_ms": 10}, "on_error": "continue"}
+    ]})).await;
+    assert_eq!(report["status"], "partial", "{report:#}");
+    // Not marked idempotent: a timeout may have done the work, so it is not tried again.
+    assert_eq!(report["steps"]["write"]["attempts"], 1);
+    assert_eq!(report["steps"]["write"]["error"]["kind"], "timeout");
+    // Read-only: safe to try again.
+    assert_eq!(report["steps"]["read"]["attempts"], 3);
+    // Each timed-out attempt was cancelled downstream.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = events(&config);
+    assert_eq!(
+        log.iter().filter(|e| *e == "cancelled sleep 3000").count(),
+        1,
+        "{log:?}"
+    );
+    assert_eq!(
+        log.iter().filter(|e| *e == "cancelled read 3000").count(),
+        3,
+        "{log:?}"
+    );
+}
+
+#[tokio::test]
+async fn cancelling_the_request_cancels_the_calls_in_flight() {
+    let config = business(false);
+    let session = serve(&config).await;
+    let workflow = json!({"steps": [
+        {"id": "long", "tool": "slow__sleep", "args": {"ms": 20000}},
+        {"id": "later", "value": "${{ steps.long.output }}"}
+    ]});
+    let request = ClientRequest::CallToolRequest(CallToolRequest::new(
+        CallToolRequestParams::new("orchestrate")
+            .with_arguments(workflow.as_object().cloned().unwrap()),
+    ));
+    let handle = session
+        .peer()
+        .send_cancellable_request(request, PeerRequestOptions::no_options())
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if events(&config).iter().any(|e| e == "started sleep 20000") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    handle.cancel(Some("stop".to_owned())).await.unwrap();
+    for _ in 0..100 {
+        if events(&config).iter().any(|e| e == "cancelled sleep 20000") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "the downstream never saw the cancellation: {:?}",
+        events(&config)
+    );
+}
+
+#[tokio::test]
+async fn preview_runs_reads_and_shows_every_write() {
+    let config = business(false);
+    let session = serve(&config).await;
+    let mut workflow = unpaid_to_tasks();
+    workflow["mode"] = json!("preview");
+    let report = orchestrate(&session, workflow).await;
+    assert_eq!(report["status"], "previewed", "{report:#}");
+    let calls = report["would_call"].as_array().unwrap();
+    let titles: Vec<&str> = calls
+        .iter()
+        .filter(|c| c["tool"] == "tracker__create_task")
+        .map(|c| c["args"]["title"].as_str().unwrap())
+        .collect();
+    assert_eq!(titles.len(), 3);
+    assert!(titles.contains(&"Chase INV-2 (Globex)"));
+    assert!(calls.iter().any(|c| c["tool"] == "chat__send"));
+    assert!(
+        events(&config).is_empty(),
+        "nothing was written: {:?}",
+        events(&config)
+    );
+}
