@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::ToolEntry;
 use crate::config::{Config, format_duration};
-use crate::orchestrate::{Orchestrator, Runs};
+use crate::orchestrate::execute::{ProgressSink, ProgressUpdate};
+use crate::orchestrate::report::RunStatus;
+use crate::orchestrate::{Orchestrator, Runs, saved};
 use crate::registry::{Registry, Status};
 use crate::router::Router;
 use crate::server::ConductorServer;
@@ -69,6 +71,20 @@ enum Command {
     },
     /// Check the config, connect to every server and show how each one is doing.
     Check,
+    /// Run a workflow, from a JSON or TOML file or saved in the config, and print its result.
+    Run {
+        /// A workflow file (`.json` or `.toml`), or the name of a workflow saved in the config.
+        workflow: String,
+        /// An input, as `name=value` (the value is read as JSON when it is JSON, else as text).
+        #[arg(long = "input", short = 'i', value_name = "NAME=VALUE")]
+        inputs: Vec<String>,
+        /// `validate` to only check it, `preview` to run only read-only steps.
+        #[arg(long)]
+        mode: Option<String>,
+        /// Print the whole report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl Cli {
@@ -80,6 +96,20 @@ impl Cli {
         };
         init_logging(self.log.as_deref(), default_log);
         let config = Config::load(&self.config)?;
+        let workflow_problems = saved::check_at_load(&config);
+        if !workflow_problems.is_empty() {
+            bail!(
+                "config `{}` has {} problem{} in its workflows\n{}",
+                config.path.display(),
+                workflow_problems.len(),
+                if workflow_problems.len() == 1 {
+                    ""
+                } else {
+                    "s"
+                },
+                workflow_problems.join("\n")
+            );
+        }
         match self.command {
             Command::Serve => serve(config).await,
             Command::Tools { json, server } => {
@@ -95,6 +125,15 @@ impl Cli {
             } => with_registry(config, |registry| call(registry, name, arguments, json)).await,
             Command::Check => {
                 with_registry(config, |registry| async move { check(&registry) }).await
+            }
+            Command::Run {
+                workflow,
+                inputs,
+                mode,
+                json,
+            } => {
+                let workflow = load_workflow(&config, &workflow, &inputs, mode.as_deref())?;
+                with_registry(config, |registry| run_workflow(registry, workflow, json)).await
             }
         }
     }
@@ -330,6 +369,128 @@ fn render_block(block: &ContentBlock) -> String {
         }
         other => format!("[{other}]"),
     }
+}
+
+/// The workflow to run: a file, or a saved workflow, with `--input` values as its inputs.
+fn load_workflow(
+    config: &Config,
+    source: &str,
+    inputs: &[String],
+    mode: Option<&str>,
+) -> anyhow::Result<Value> {
+    let mut extra = serde_json::Map::new();
+    for input in inputs {
+        let Some((name, value)) = input.split_once('=') else {
+            bail!("`--input {input}` must be `name=value`");
+        };
+        let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_owned()));
+        extra.insert(name.to_owned(), value);
+    }
+    let path = std::path::Path::new(source);
+    let mut workflow = if path.is_file() {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read `{source}`"))?;
+        let parsed: Value = if path.extension().is_some_and(|ext| ext == "toml") {
+            toml::from_str(&text)
+                .map_err(|error| anyhow::anyhow!("`{source}` is not valid TOML: {error}"))?
+        } else {
+            serde_json::from_str(&text)
+                .map_err(|error| anyhow::anyhow!("`{source}` is not valid JSON: {error}"))?
+        };
+        if let Some(Value::Object(existing)) = parsed.get("inputs") {
+            let mut merged = existing.clone();
+            merged.extend(extra);
+            extra = merged;
+        }
+        parsed
+    } else if let Some(spec) = saved::find(
+        config,
+        &format!(
+            "{}{}",
+            saved::PREFIX,
+            source.trim_start_matches(saved::PREFIX)
+        ),
+    ) {
+        match saved::workflow_for(spec, extra.clone()) {
+            Ok(workflow) => {
+                extra = workflow
+                    .get("inputs")
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .unwrap_or_default();
+                workflow
+            }
+            Err(problems) => {
+                let lines: Vec<String> = problems
+                    .iter()
+                    .map(|p| format!("{}: {}", p.path, p.message))
+                    .collect();
+                bail!(
+                    "the inputs of workflow `{source}` are not valid:\n{}",
+                    lines.join("\n")
+                );
+            }
+        }
+    } else {
+        let saved: Vec<&str> = config
+            .workflows
+            .iter()
+            .map(|spec| spec.name.as_str())
+            .collect();
+        bail!(
+            "`{source}` is neither a file nor a saved workflow{}",
+            if saved.is_empty() {
+                String::new()
+            } else {
+                format!(" (saved: {})", saved.join(", "))
+            }
+        );
+    };
+    if let Value::Object(map) = &mut workflow {
+        if !extra.is_empty() {
+            map.insert("inputs".to_owned(), Value::Object(extra));
+        }
+        if let Some(mode) = mode {
+            map.insert("mode".to_owned(), Value::String(mode.to_owned()));
+        }
+    }
+    Ok(workflow)
+}
+
+async fn run_workflow(
+    registry: Arc<Registry>,
+    workflow: Value,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let router = Router::new(registry);
+    let orchestrator = Orchestrator::new(Arc::new(router), Arc::new(Runs::default()));
+    // Live progress for the person watching, on stderr so stdout stays the result.
+    let progress: ProgressSink = Arc::new(|update: ProgressUpdate| {
+        let mut stderr = std::io::stderr().lock();
+        let _ = writeln!(
+            stderr,
+            "[{}/{}] {}",
+            update.settled, update.total, update.message
+        );
+    });
+    let cancel = CancellationToken::new();
+    let report = tokio::select! {
+        report = orchestrator.run(workflow, Some(progress), cancel.clone()) => report,
+        () = shutdown_signal() => {
+            cancel.cancel();
+            bail!("interrupted: the run was cancelled");
+        }
+    };
+    if json {
+        output(&serde_json::to_string_pretty(&report)?)?;
+    } else {
+        output(&report.summary())?;
+    }
+    Ok(match report.status {
+        RunStatus::Succeeded | RunStatus::Valid | RunStatus::Previewed => ExitCode::SUCCESS,
+        RunStatus::Partial => ExitCode::from(2),
+        RunStatus::Failed | RunStatus::Invalid | RunStatus::Cancelled => ExitCode::FAILURE,
+    })
 }
 
 fn check(registry: &Registry) -> anyhow::Result<ExitCode> {

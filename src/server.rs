@@ -15,15 +15,16 @@ use rmcp::model::{
     ReadResourceRequestParams, ReadResourceResponse, ResultType, ServerCapabilities, ServerConfig,
     ServerResult, SubscriptionFilter,
 };
-use rmcp::model::{ProgressNotificationParam, ProgressToken, Tool};
+use rmcp::model::{ProgressNotificationParam, ProgressToken, ResourceTemplate, Tool};
 use rmcp::service::{NotificationContext, Peer, RequestContext, RoleServer, SubscriptionContext};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::catalog::Catalog;
 use crate::orchestrate::execute::{ProgressSink, ProgressUpdate};
-use crate::orchestrate::{self, Orchestrator};
+use crate::orchestrate::{self, Orchestrator, saved};
 use crate::router::{CallError, Router};
 
 /// One client session's view of conductor.
@@ -80,6 +81,14 @@ impl ServerHandler for ConductorServer {
             .map(|entry| entry.tool.clone())
             .collect();
         tools.push(Orchestrator::tool());
+        let catalog = self.catalog();
+        let config = self.router.registry().config();
+        tools.extend(
+            config
+                .workflows
+                .iter()
+                .map(|spec| saved::tool(spec, &catalog)),
+        );
         Ok(ListToolsResult::with_all_items(tools))
     }
 
@@ -88,16 +97,35 @@ impl ServerHandler for ConductorServer {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
-        if request.name == orchestrate::TOOL_NAME {
-            let input = Value::Object(request.arguments.unwrap_or_default());
-            let progress = context
-                .meta
-                .get_progress_token()
-                .map(|token| progress_sink(context.peer.clone(), token));
+        let saved = saved::find(self.router.registry().config(), &request.name);
+        if request.name == orchestrate::TOOL_NAME || saved.is_some() {
+            let arguments = request.arguments.unwrap_or_default();
+            let input = match saved.map(|spec| saved::workflow_for(spec, arguments.clone())) {
+                None => Value::Object(arguments),
+                Some(Ok(workflow)) => workflow,
+                Some(Err(problems)) => {
+                    let report = orchestrate::invalid_input(problems);
+                    return Ok(CallToolResponse::Complete(orchestrate::tool_result(
+                        &report,
+                    )));
+                }
+            };
+            let (progress, forwarding) = match context.meta.get_progress_token() {
+                Some(token) => {
+                    let (sink, forwarding) = progress_sink(context.peer.clone(), token);
+                    (Some(sink), Some(forwarding))
+                }
+                None => (None, None),
+            };
             let report = self
                 .orchestrator
                 .run(input, progress, context.ct.clone())
                 .await;
+            // The run has dropped the sink: send every notification before the result, since
+            // a client ignores progress for a request it has seen answered.
+            if let Some(forwarding) = forwarding {
+                let _ = forwarding.await;
+            }
             return Ok(CallToolResponse::Complete(orchestrate::tool_result(
                 &report,
             )));
@@ -174,12 +202,13 @@ impl ServerHandler for ConductorServer {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, McpError> {
-        let templates = self
+        let mut templates: Vec<ResourceTemplate> = self
             .catalog()
             .templates()
             .iter()
             .map(|entry| entry.template.clone())
             .collect();
+        templates.push(orchestrate::run_template());
         Ok(ListResourceTemplatesResult::with_all_items(templates))
     }
 
@@ -188,6 +217,15 @@ impl ServerHandler for ConductorServer {
         request: ReadResourceRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, McpError> {
+        if let Some(run_id) = orchestrate::run_id_of(&request.uri) {
+            return match self.orchestrator.runs().read(run_id, &request.uri) {
+                Some(result) => Ok(ReadResourceResponse::Complete(result)),
+                None => Err(McpError::resource_not_found(
+                    format!("no kept run `{run_id}` (runs are kept for a day)"),
+                    None,
+                )),
+            };
+        }
         match self.router.read_resource(request, &context.ct).await {
             Ok(ServerResult::ReadResourceResult(mut result)) => {
                 mark_complete(&mut result.result_type);
@@ -282,9 +320,9 @@ impl ServerHandler for ConductorServer {
 }
 
 /// Progress of a workflow, sent to the client in order under the client's own token.
-fn progress_sink(peer: Peer<RoleServer>, token: ProgressToken) -> ProgressSink {
+fn progress_sink(peer: Peer<RoleServer>, token: ProgressToken) -> (ProgressSink, JoinHandle<()>) {
     let (sender, mut receiver) = mpsc::unbounded_channel::<ProgressUpdate>();
-    tokio::spawn(async move {
+    let forwarding = tokio::spawn(async move {
         while let Some(update) = receiver.recv().await {
             let mut params = ProgressNotificationParam::new(token.clone(), update.settled as f64);
             params.total = Some(update.total as f64);
@@ -294,9 +332,10 @@ fn progress_sink(peer: Peer<RoleServer>, token: ProgressToken) -> ProgressSink {
             }
         }
     });
-    Arc::new(move |update| {
+    let sink: ProgressSink = Arc::new(move |update| {
         let _ = sender.send(update);
-    })
+    });
+    (sink, forwarding)
 }
 
 /// Which part of the catalog changed.

@@ -95,6 +95,10 @@ impl<'a> Problems<'a> {
         });
     }
 
+    pub(crate) fn source(&self) -> &'a str {
+        self.source
+    }
+
     pub(crate) fn into_vec(mut self) -> Vec<Problem> {
         self.found
             .sort_by_key(|problem| (problem.line, problem.column));

@@ -8,6 +8,7 @@
 pub mod execute;
 pub mod expr;
 pub mod report;
+pub mod saved;
 pub mod validate;
 pub mod workflow;
 
@@ -15,7 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use rmcp::model::{CallToolResult, ContentBlock, JsonObject, Tool, ToolAnnotations};
+use rmcp::model::{
+    CallToolResult, ContentBlock, JsonObject, ReadResourceResult, ResourceContents,
+    ResourceTemplate, Tool, ToolAnnotations,
+};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +33,23 @@ use workflow::{Mode, Workflow};
 
 /// The name clients call.
 pub const TOOL_NAME: &str = "orchestrate";
+/// Where kept runs are read, as resources.
+const RUNS_URI: &str = "conductor://runs/";
+
+/// The resource template under which kept runs are read.
+pub fn run_template() -> ResourceTemplate {
+    ResourceTemplate::new(format!("{RUNS_URI}{{run_id}}"), "workflow-run")
+        .with_title("A workflow run")
+        .with_description(
+            "The report of a finished orchestrate run, by its run_id, kept for a day.",
+        )
+        .with_mime_type("application/json")
+}
+
+/// The run id in a run resource's URI.
+pub fn run_id_of(uri: &str) -> Option<&str> {
+    uri.strip_prefix(RUNS_URI).filter(|id| !id.is_empty())
+}
 
 /// How workflows reach tools: the router in conductor, so a step can never bypass routing,
 /// timeouts or cancellation.
@@ -70,6 +91,19 @@ impl Runs {
             .get(run_id)
             .filter(|entry| entry.0.elapsed() < self.keep_for)
             .map(|entry| (entry.1.clone(), entry.2.clone()))
+    }
+
+    /// A kept run as a resource: its report, as JSON.
+    pub fn read(&self, run_id: &str, uri: &str) -> Option<ReadResourceResult> {
+        let (record, _) = self.get(run_id)?;
+        let text = serde_json::to_string_pretty(&record.report).ok()?;
+        let contents = ResourceContents::TextResourceContents {
+            uri: uri.to_owned(),
+            mime_type: Some("application/json".to_owned()),
+            text,
+            meta: None,
+        };
+        Some(ReadResourceResult::new(vec![contents]))
     }
 
     fn keep(&self, record: Arc<RunRecord>, workflow: Value) {
@@ -222,6 +256,11 @@ impl Orchestrator {
 /// What must not change between a run and its resumption.
 fn identity(workflow: &Workflow) -> Value {
     serde_json::json!({"steps": workflow.steps, "inputs": workflow.inputs})
+}
+
+/// The report for a call whose arguments were refused before any workflow was built.
+pub fn invalid_input(errors: Vec<Problem>) -> RunReport {
+    invalid(errors, Instant::now())
 }
 
 fn invalid(errors: Vec<Problem>, started: Instant) -> RunReport {

@@ -163,7 +163,7 @@ pub fn validate(
     Checker::new(&workflow, catalog, expressions).run()
 }
 
-fn check_shape(input: &Value) -> Vec<Problem> {
+pub(crate) fn check_shape(input: &Value) -> Vec<Problem> {
     let Some(validator) = schema_validator() else {
         return vec![problem(
             "",

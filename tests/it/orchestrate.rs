@@ -107,7 +107,9 @@ fn a_cycle_is_named() {
 
 use std::time::Duration;
 
-use rmcp::model::{CallToolRequest, CallToolRequestParams, ClientRequest};
+use rmcp::model::{
+    CallToolRequest, CallToolRequestParams, ClientRequest, ReadResourceRequestParams,
+};
 use rmcp::service::PeerRequestOptions;
 
 use super::support::{Session, TestConfig, call, serve};
@@ -192,6 +194,25 @@ async fn unpaid_invoices_become_tasks_and_a_summary_that_counts_the_failure() {
     assert_eq!(
         messages,
         ["message #finance: 2 of 3 follow-ups created, 1 failed"]
+    );
+
+    // The run is kept, readable as a resource.
+    let uri = format!("conductor://runs/{}", report["run_id"].as_str().unwrap());
+    let read = session
+        .read_resource(ReadResourceRequestParams::new(uri))
+        .await
+        .unwrap();
+    let kept: Value =
+        serde_json::from_value(serde_json::to_value(&read.contents).unwrap()[0]["text"].clone())
+            .map(|text: String| serde_json::from_str(&text).unwrap())
+            .unwrap();
+    assert_eq!(kept["status"], "partial");
+    assert_eq!(kept["run_id"], report["run_id"]);
+    let templates = session.list_all_resource_templates().await.unwrap();
+    assert!(
+        templates
+            .iter()
+            .any(|t| t.uri_template == "conductor://runs/{run_id}")
     );
 
     // Resume: only the failed item runs again (and the summary, which depends on it).
@@ -380,5 +401,146 @@ async fn preview_runs_reads_and_shows_every_write() {
         events(&config).is_empty(),
         "nothing was written: {:?}",
         events(&config)
+    );
+}
+
+const SAVED: &str = r##"
+[workflows.chase]
+description = "Create a follow-up task for every unpaid invoice, then post a summary"
+input_schema = { type = "object", properties = { list = { type = "string" }, channel = { type = "string", default = "#finance" } }, required = ["list"] }
+output = { created = "${{ steps.tasks.stats.succeeded }}" }
+
+[[workflows.chase.steps]]
+id = "unpaid"
+tool = "books__list_invoices"
+args = { status = "unpaid" }
+
+[[workflows.chase.steps]]
+id = "tasks"
+tool = "tracker__create_task"
+for_each = "${{ steps.unpaid.output.invoices }}"
+as = "inv"
+tolerate_failures = "50%"
+args = { title = "Chase ${{ inv.number }}", list = "${{ inputs.list }}" }
+
+[[workflows.chase.steps]]
+id = "summary"
+tool = "chat__send"
+trigger = "all_done"
+args = { channel = "${{ inputs.channel }}", text = "${{ steps.tasks.stats.succeeded }} follow-ups" }
+"##;
+
+fn with_saved(config: &TestConfig) {
+    let text = std::fs::read_to_string(&config.path).unwrap() + SAVED;
+    std::fs::write(&config.path, text).unwrap();
+}
+
+#[tokio::test]
+async fn a_saved_workflow_is_a_tool_of_its_own() {
+    let config = business(false);
+    with_saved(&config);
+    let session = serve(&config).await;
+
+    let tools = session.list_all_tools().await.unwrap();
+    let tool = tools
+        .iter()
+        .find(|t| t.name == "workflow__chase")
+        .expect("the saved workflow is listed");
+    let listed = serde_json::to_value(tool).unwrap();
+    assert_eq!(listed["inputSchema"]["required"], json!(["list"]));
+    assert_eq!(
+        listed["annotations"],
+        json!({"readOnlyHint": false, "destructiveHint": false, "idempotentHint": false, "openWorldHint": true}),
+        "derived from its steps' tools, failing closed"
+    );
+
+    let report =
+        orchestrate_named(&session, "workflow__chase", json!({"list": "collections"})).await;
+    assert_eq!(report["status"], "partial", "{report:#}");
+    assert_eq!(report["output"], json!({"created": 2}));
+    assert!(
+        events(&config).contains(&"message #finance: 2 follow-ups".to_owned()),
+        "the input's default applied"
+    );
+
+    let refused = call(&session, "workflow__chase", json!({"list": 7})).await;
+    assert_eq!(refused.is_error, Some(true));
+    let report = refused.structured_content.unwrap();
+    assert_eq!(report["status"], "invalid");
+    assert_eq!(report["errors"][0]["path"], "/inputs/list");
+}
+
+async fn orchestrate_named(session: &Session, name: &str, arguments: Value) -> Value {
+    call(session, name, arguments)
+        .await
+        .structured_content
+        .expect("a report")
+}
+
+#[tokio::test]
+async fn a_bad_saved_workflow_is_refused_at_load_with_its_place() {
+    let config = business(false);
+    let text = std::fs::read_to_string(&config.path).unwrap()
+        + "\n[workflows.broken]\ninput_schema = { type = \"nonsense\" }\n\n[[workflows.broken.steps]]\nid = \"a\"\ntool = \"chat__send\"\nwhen = \"true\"\n";
+    std::fs::write(&config.path, text).unwrap();
+    let (code, stdout, stderr) = super::support::conductor_cli(&config.path, &["check"]).await;
+    assert_eq!(code, 1);
+    assert_eq!(stdout, "");
+    insta::assert_snapshot!(stderr.replace(&config.path.display().to_string(), "[CONFIG]"));
+}
+
+#[tokio::test]
+async fn conductor_run_runs_a_file_or_a_saved_workflow() {
+    let config = business(false);
+    with_saved(&config);
+    let file = config.dir.path().join("chase.json");
+    let mut workflow = unpaid_to_tasks();
+    workflow.as_object_mut().unwrap().remove("inputs");
+    std::fs::write(&file, workflow.to_string()).unwrap();
+    let file = file.display().to_string();
+
+    let (code, stdout, stderr) = super::support::conductor_cli(
+        &config.path,
+        &[
+            "run",
+            &file,
+            "--input",
+            "list=collections",
+            "--input",
+            "channel=#ops",
+        ],
+    )
+    .await;
+    assert_eq!(code, 2, "partial exits 2: {stdout}\n{stderr}");
+    assert!(stdout.contains(": partial in "), "{stdout}");
+    assert!(
+        stdout.contains("tasks[1]: list `collections` refused the task `Chase INV-2 (Globex)`"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("] tasks: item 3/3 succeeded")
+            || stderr.contains("] tasks: item 1/3 succeeded"),
+        "live progress: {stderr}"
+    );
+    assert!(
+        events(&config).contains(&"message #ops: 2 of 3 follow-ups created, 1 failed".to_owned())
+    );
+
+    let (code, stdout, _) = super::support::conductor_cli(
+        &config.path,
+        &["run", "chase", "--input", "list=ops", "--json"],
+    )
+    .await;
+    assert_eq!(code, 2, "{stdout}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    // A new process: the tracker refuses INV-2 once again, which 50% tolerates.
+    assert_eq!(report["status"], "partial");
+
+    let (code, _, stderr) =
+        super::support::conductor_cli(&config.path, &["run", "nothing_here"]).await;
+    assert_eq!(code, 1);
+    assert_eq!(
+        stderr.trim(),
+        "error: `nothing_here` is neither a file nor a saved workflow (saved: chase)"
     );
 }

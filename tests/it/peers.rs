@@ -181,3 +181,48 @@ async fn the_bundled_config_starts_every_server() {
         );
     }
 }
+
+/// The same workflow as an ordinary tool call from the Python SDK, with progress notifications.
+#[tokio::test]
+async fn the_python_sdk_runs_a_workflow_with_progress() {
+    let config =
+        TestConfig::fixtures(&[("books", "books"), ("tracker", "tracker"), ("chat", "chat")]);
+    let workflow = json!({
+        "inputs": {"list": "collections"},
+        "steps": [
+            {"id": "unpaid", "tool": "books__list_invoices", "args": {"status": "unpaid"}},
+            {"id": "tasks", "tool": "tracker__create_task", "for_each": "${{ steps.unpaid.output.invoices }}", "as": "inv",
+             "tolerate_failures": 1, "args": {"title": "Chase ${{ inv.number }}", "list": "${{ inputs.list }}"}},
+            {"id": "summary", "tool": "chat__send", "trigger": "all_done",
+             "args": {"channel": "#finance", "text": "${{ steps.tasks.stats.succeeded }} created"}}
+        ]
+    })
+    .to_string();
+    for mode in ["auto", "legacy"] {
+        let report = python_client(
+            &config,
+            &[
+                "--mode",
+                mode,
+                "--call",
+                "orchestrate",
+                "--args",
+                &workflow,
+                "--progress",
+            ],
+        )
+        .await;
+        let run = &report["call"]["structuredContent"];
+        assert_eq!(run["status"], "partial", "{report:#}");
+        assert_eq!(run["steps"]["tasks"]["stats"]["succeeded"], 2);
+        assert_eq!(report["call"]["isError"], false);
+        // One notification per settled step and per settled item: 3 steps, 3 items.
+        assert_eq!(report["progress"], 6, "{report:#}");
+        assert!(
+            report["tools"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("orchestrate"))
+        );
+    }
+}
