@@ -60,6 +60,9 @@ pub struct StepState {
 pub struct RunRecord {
     pub report: RunReport,
     pub steps: Vec<StepState>,
+    /// What `idem_key` values start with: the first run's id, kept by every resumption so a
+    /// downstream sees the same idempotency keys again.
+    pub idem_base: String,
 }
 
 /// What a run needs besides the workflow.
@@ -79,6 +82,7 @@ struct Context {
     budget: Semaphore,
     cancel: CancellationToken,
     run_id: String,
+    idem_base: String,
     preview: bool,
     progress: Option<ProgressSink>,
     settled: AtomicU64,
@@ -128,6 +132,10 @@ pub async fn execute(
         ),
         cancel: run_cancel.clone(),
         run_id: options.run_id.clone(),
+        idem_base: options.previous.as_ref().map_or_else(
+            || options.run_id.clone(),
+            |previous| previous.idem_base.clone(),
+        ),
         preview: options.preview,
         progress: options.progress,
         settled: AtomicU64::new(0),
@@ -141,6 +149,7 @@ pub async fn execute(
     let cancelled = run_cancel.is_cancelled();
     let mut record = scheduler.finish(validated, &context, cancelled, started.elapsed());
     record.report.run_id = options.run_id;
+    record.idem_base = context.idem_base.clone();
     record
 }
 
@@ -447,6 +456,7 @@ impl<'a> Scheduler<'a> {
         RunRecord {
             report,
             steps: self.states,
+            idem_base: String::new(),
         }
     }
 }
@@ -683,7 +693,10 @@ async fn run_single(
 ) -> StepState {
     let scope = with_vars(
         scope,
-        &[("idem_key", json!(format!("{}:{}", context.run_id, step.id)))],
+        &[(
+            "idem_key",
+            json!(format!("{}:{}", context.idem_base, step.id)),
+        )],
     );
     if let Some(condition) = &step.condition {
         match context.expressions.condition(condition, &scope) {
@@ -853,7 +866,7 @@ async fn run_items(
                     ),
                     (
                         "idem_key",
-                        json!(format!("{}:{}:{index}", context.run_id, step.id)),
+                        json!(format!("{}:{}:{index}", context.idem_base, step.id)),
                     ),
                 ],
             );
@@ -1066,7 +1079,7 @@ async fn apply_on_error(context: &Context, step: &Step, scope: &Value, state: &m
                     ("error", error),
                     (
                         "idem_key",
-                        json!(format!("{}:{}:fallback", context.run_id, step.id)),
+                        json!(format!("{}:{}:fallback", context.idem_base, step.id)),
                     ),
                 ],
             );

@@ -544,3 +544,38 @@ async fn conductor_run_runs_a_file_or_a_saved_workflow() {
         "error: `nothing_here` is neither a file nor a saved workflow (saved: chase)"
     );
 }
+
+#[tokio::test]
+async fn idempotency_keys_survive_a_resume() {
+    let config = business(false);
+    let session = serve(&config).await;
+    let workflow = json!({"steps": [
+        {"id": "tasks", "tool": "tracker__create_task", "for_each": "${{ ['first', 'INV-2 second'] }}",
+         "tolerate_failures": 1, "args": {"title": "${{ item }}", "list": "${{ idem_key }}"}}
+    ]});
+    let first = orchestrate(&session, workflow.clone()).await;
+    assert_eq!(first["status"], "partial", "{first:#}");
+    let run_id = first["run_id"].as_str().unwrap().to_owned();
+
+    let mut again = workflow;
+    again["resume"] = json!({"run_id": run_id});
+    let resumed = orchestrate(&session, again).await;
+    assert_eq!(resumed["status"], "succeeded", "{resumed:#}");
+    assert_ne!(resumed["run_id"], first["run_id"]);
+
+    let tasks = call(&session, "tracker__list_tasks", json!({}))
+        .await
+        .structured_content
+        .unwrap();
+    let lists: Vec<&str> = tasks["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["list"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        lists,
+        [format!("{run_id}:tasks:0"), format!("{run_id}:tasks:1")],
+        "keys of the first run"
+    );
+}
