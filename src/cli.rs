@@ -167,10 +167,8 @@ where
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let registry = Registry::start(config).await;
     let router = Router::new(registry.clone());
-    let orchestrator = Arc::new(Orchestrator::new(
-        Arc::new(router.clone()),
-        Arc::new(Runs::default()),
-    ));
+    let runs = Arc::new(Runs::new(registry.config().keep_runs));
+    let orchestrator = Arc::new(Orchestrator::new(Arc::new(router.clone()), runs));
     let server = ConductorServer::new(router, orchestrator);
     tracing::info!(
         tools = registry.catalog().tools().len(),
@@ -462,8 +460,8 @@ async fn run_workflow(
     workflow: Value,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let router = Router::new(registry);
-    let orchestrator = Orchestrator::new(Arc::new(router), Arc::new(Runs::default()));
+    let runs = Arc::new(Runs::new(registry.config().keep_runs));
+    let orchestrator = Orchestrator::new(Arc::new(Router::new(registry)), runs);
     // Live progress for the person watching, on stderr so stdout stays the result.
     let progress: ProgressSink = Arc::new(|update: ProgressUpdate| {
         let mut stderr = std::io::stderr().lock();

@@ -221,7 +221,7 @@ impl ServerHandler for ConductorServer {
             return match self.orchestrator.runs().read(run_id, &request.uri) {
                 Some(result) => Ok(ReadResourceResponse::Complete(result)),
                 None => Err(McpError::resource_not_found(
-                    format!("no kept run `{run_id}` (runs are kept for a day)"),
+                    format!("no kept run `{run_id}` (runs are kept for `[conductor] keep_runs`)"),
                     None,
                 )),
             };

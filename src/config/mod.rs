@@ -25,6 +25,7 @@ use reader::{Table, Value, as_table, wrong_type};
 pub const DEFAULT_SEPARATOR: &str = "__";
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+pub const DEFAULT_KEEP_RUNS: Duration = Duration::from_secs(24 * 3600);
 
 /// A whole, valid configuration.
 #[derive(Debug, Clone)]
@@ -32,6 +33,8 @@ pub struct Config {
     /// The file it was read from; relative paths inside it are relative to its folder.
     pub path: PathBuf,
     pub separator: String,
+    /// How long finished workflow runs are kept for reading back and resuming.
+    pub keep_runs: Duration,
     /// Every server in file order, enabled or not.
     pub servers: Vec<ServerSpec>,
     /// Saved workflows, offered as tools `workflow__<name>`, in file order.
@@ -199,6 +202,7 @@ struct Defaults {
     separator: String,
     startup_timeout: Duration,
     call_timeout: Duration,
+    keep_runs: Duration,
 }
 
 fn validate(
@@ -214,6 +218,7 @@ fn validate(
             separator: DEFAULT_SEPARATOR.to_owned(),
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
             call_timeout: DEFAULT_CALL_TIMEOUT,
+            keep_runs: DEFAULT_KEEP_RUNS,
         },
     };
     // Absolute, so a child's folder does not depend on where conductor was started.
@@ -240,6 +245,7 @@ fn validate(
     Some(Config {
         path: path.to_owned(),
         separator: defaults.separator,
+        keep_runs: defaults.keep_runs,
         servers,
         workflows,
     })
@@ -262,11 +268,13 @@ fn read_defaults(mut table: Table<'_, '_>, problems: &mut Problems) -> Defaults 
         read_duration(&mut table, "startup_timeout", problems).unwrap_or(DEFAULT_STARTUP_TIMEOUT);
     let call_timeout =
         read_duration(&mut table, "call_timeout", problems).unwrap_or(DEFAULT_CALL_TIMEOUT);
+    let keep_runs = read_duration(&mut table, "keep_runs", problems).unwrap_or(DEFAULT_KEEP_RUNS);
     table.finish(problems);
     Defaults {
         separator,
         startup_timeout,
         call_timeout,
+        keep_runs,
     }
 }
 

@@ -259,14 +259,6 @@ impl<'a> Scheduler<'a> {
             return ended(StepStatus::Cancelled, "the run was cancelled".to_owned());
         }
         let trigger = step.trigger;
-        if let Some(failed) = &self.failed_at
-            && !matches!(trigger, Trigger::AllDone | Trigger::AnyFailed)
-        {
-            return ended(
-                StepStatus::Cancelled,
-                format!("the run failed at step `{failed}`"),
-            );
-        }
         let befores = &self.predecessors[index];
         let of = |i: &usize| (&self.validated.workflow.steps[*i].id, &self.states[*i]);
         let broken = befores.iter().map(of).find(|(_, state)| {
@@ -302,6 +294,14 @@ impl<'a> Scheduler<'a> {
                 );
             }
             _ => {}
+        }
+        if let Some(failed) = &self.failed_at
+            && !matches!(trigger, Trigger::AllDone | Trigger::AnyFailed)
+        {
+            return ended(
+                StepStatus::Cancelled,
+                format!("the run failed at step `{failed}`"),
+            );
         }
         // Resuming: a step that succeeded before keeps its result, unless something it depends
         // on ran again.

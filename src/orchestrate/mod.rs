@@ -68,20 +68,21 @@ pub trait Tools: Send + Sync {
     ) -> Result<CallToolResult, CallError>;
 }
 
+/// Enough finished runs for anyone's day; past it, the oldest go first.
+const MOST_RUNS_KEPT: usize = 1000;
+
 /// Finished runs, kept for `resume` and for reading back, for a while.
 #[derive(Debug)]
 pub struct Runs {
     records: DashMap<String, (Instant, Arc<RunRecord>, Value)>,
     keep_for: Duration,
-    most: usize,
 }
 
 impl Runs {
-    pub fn new(keep_for: Duration, most: usize) -> Self {
+    pub fn new(keep_for: Duration) -> Self {
         Runs {
             records: DashMap::new(),
             keep_for,
-            most,
         }
     }
 
@@ -109,7 +110,7 @@ impl Runs {
     fn keep(&self, record: Arc<RunRecord>, workflow: Value) {
         self.records
             .retain(|_, entry| entry.0.elapsed() < self.keep_for);
-        if self.records.len() >= self.most
+        if self.records.len() >= MOST_RUNS_KEPT
             && let Some(oldest) = self
                 .records
                 .iter()
@@ -122,12 +123,6 @@ impl Runs {
             record.report.run_id.clone(),
             (Instant::now(), record, workflow),
         );
-    }
-}
-
-impl Default for Runs {
-    fn default() -> Self {
-        Runs::new(Duration::from_secs(24 * 3600), 1000)
     }
 }
 
@@ -238,7 +233,10 @@ impl Orchestrator {
                 path: "/resume/run_id".to_owned(),
                 code: "unknown_run".to_owned(),
                 message: format!("no kept run `{run_id}`"),
-                hint: Some("runs are kept for 24 hours after they end".to_owned()),
+                hint: Some(
+                    "runs are kept for `[conductor] keep_runs` (a day by default) after they end"
+                        .to_owned(),
+                ),
             });
         };
         if ran != identity(workflow) {

@@ -190,11 +190,15 @@ impl RunReport {
                 text.push_str(&format!(" ({hint})"));
             }
         }
-        if let Some(output) = &self.output {
-            let shown = output.to_string();
-            if shown.len() <= 2000 {
-                text.push_str(&format!("\noutput: {shown}"));
-            }
+        // Text reads best as itself; anything else as compact JSON. Long outputs stay in
+        // `structuredContent` only.
+        let shown = match &self.output {
+            Some(Value::String(output)) => Some(output.trim_end().to_owned()),
+            Some(output) => Some(output.to_string()),
+            None => None,
+        };
+        if let Some(shown) = shown.filter(|shown| shown.len() <= 2000) {
+            text.push_str(&format!("\noutput: {shown}"));
         }
         text
     }

@@ -579,3 +579,134 @@ async fn idempotency_keys_survive_a_resume() {
         "keys of the first run"
     );
 }
+
+#[tokio::test]
+async fn conditions_triggers_and_on_error_decide_what_runs() {
+    let config = business(false);
+    let session = serve(&config).await;
+    let report = orchestrate(
+        &session,
+        json!({"steps": [{"id": "both", "tool": "books__summary", "value": 1}]}),
+    )
+    .await;
+    assert_eq!(report["status"], "invalid", "{report:#}");
+    assert_eq!(report["errors"][0]["code"], "tool_and_value");
+    let report = orchestrate(
+        &session,
+        json!({"steps": [{"id": "a", "value": "${{ undefined_thing | default('b') }}"}]}),
+    )
+    .await;
+    assert_eq!(report["status"], "invalid", "{report:#}");
+    assert_eq!(report["errors"][0]["code"], "unknown_variable");
+
+    let report = orchestrate(&session, json!({"steps": [
+        {"id": "skipped", "value": 1, "if": "false"},
+        {"id": "after_skip", "value": "${{ steps.skipped.status }}"},
+        {"id": "join", "value": "joined", "trigger": "none_failed", "needs": ["skipped"]},
+        {"id": "defaulted", "value": "${{ steps.skipped.output.missing }}", "trigger": "all_done", "on_error": {"default": "fallback value"}},
+        {"id": "uses_default", "value": "${{ steps.defaulted.output }}"},
+        {"id": "alarm", "value": "raised", "trigger": "any_failed", "needs": ["defaulted"]},
+        {"id": "quiet", "value": "raised", "trigger": "any_failed", "needs": ["join"]},
+        {"id": "each", "value": "${{ item * 10 }}", "for_each": "${{ [1, 2, 3] }}", "if": "item != 2"}
+    ], "output": {"each": "${{ steps.each.output }}", "default": "${{ steps.uses_default.output }}", "join": "${{ steps.join.output }}"}})).await;
+    assert_eq!(report["status"], "partial", "{report:#}");
+    let status = |id: &str| report["steps"][id]["status"].as_str().unwrap().to_owned();
+    assert_eq!(status("skipped"), "skipped");
+    assert_eq!(
+        status("after_skip"),
+        "skipped",
+        "all_succeeded after a skip"
+    );
+    assert_eq!(status("join"), "succeeded", "none_failed after a skip");
+    assert_eq!(status("defaulted"), "failed");
+    assert_eq!(report["steps"]["defaulted"]["defaulted"], true);
+    assert_eq!(
+        report["steps"]["defaulted"]["error"]["kind"],
+        "reference_error"
+    );
+    assert_eq!(
+        status("uses_default"),
+        "succeeded",
+        "a defaulted failure lets dependants run"
+    );
+    assert_eq!(status("alarm"), "succeeded", "any_failed after a failure");
+    assert_eq!(status("quiet"), "skipped", "any_failed without one");
+    assert_eq!(
+        report["output"],
+        json!({"each": [10, null, 30], "default": "fallback value", "join": "joined"})
+    );
+    assert_eq!(
+        report["steps"]["each"]["stats"],
+        json!({"total": 3, "succeeded": 2, "failed": 0, "skipped": 1})
+    );
+}
+
+#[tokio::test]
+async fn a_failure_stops_new_steps_except_all_done_ones() {
+    let config = business(false);
+    let session = serve(&config).await;
+    let report = orchestrate(
+        &session,
+        json!({"steps": [
+            {"id": "fails", "value": "${{ [1] | first | int + none }}"},
+            {"id": "slow_branch", "tool": "slow__sleep", "args": {"ms": 300}},
+            {"id": "after_slow", "value": "never", "needs": ["slow_branch"]},
+            {"id": "dependant", "value": "${{ steps.fails.output }}"},
+            {"id": "report", "value": "${{ steps.fails.status }}", "trigger": "all_done"}
+        ]}),
+    )
+    .await;
+    assert_eq!(report["status"], "failed", "{report:#}");
+    let step = |id: &str| report["steps"][id].clone();
+    assert_eq!(step("fails")["status"], "failed");
+    assert_eq!(step("dependant")["status"], "upstream_failed");
+    assert_eq!(
+        step("slow_branch")["status"],
+        "succeeded",
+        "a step already running finishes"
+    );
+    assert_eq!(step("after_slow")["status"], "cancelled");
+    assert_eq!(
+        step("after_slow")["reason"],
+        "the run failed at step `fails`"
+    );
+    assert_eq!(step("report")["status"], "succeeded");
+    assert_eq!(report["output"]["report"], "failed");
+}
+
+#[tokio::test]
+async fn the_run_timeout_cancels_and_the_budget_limits_calls_in_flight() {
+    let config = business(false);
+    let session = serve(&config).await;
+    let report = orchestrate(
+        &session,
+        json!({"timeout_ms": 500, "steps": [
+            {"id": "long", "tool": "slow__sleep", "args": {"ms": 20000}},
+            {"id": "next", "value": 1, "needs": ["long"]}
+        ]}),
+    )
+    .await;
+    assert_eq!(report["status"], "cancelled", "{report:#}");
+    assert_eq!(report["steps"]["long"]["status"], "cancelled");
+    assert_eq!(report["steps"]["next"]["status"], "cancelled");
+
+    // One call in flight at a time: each sleep starts after the previous one finished.
+    let report = orchestrate(&session, json!({"max_concurrency": 1, "steps": [
+        {"id": "a", "tool": "slow__sleep", "args": {"ms": 201}},
+        {"id": "b", "tool": "slow__sleep", "for_each": "${{ [202, 203] }}", "args": {"ms": "${{ item }}"}}
+    ]})).await;
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    let log: Vec<String> = events(&config)
+        .into_iter()
+        .filter(|e| e.contains("sleep 20") && !e.contains("20000"))
+        .collect();
+    for pair in log.chunks(2) {
+        assert!(
+            pair[0].starts_with("started")
+                && pair[1].starts_with("finished")
+                && pair[0][8..] == pair[1][9..],
+            "{log:?}"
+        );
+    }
+    assert_eq!(log.len(), 6, "{log:?}");
+}
