@@ -10,7 +10,7 @@ mod uri;
 
 use std::collections::HashMap;
 
-use rmcp::model::{Prompt, Resource, ResourceTemplate, Tool};
+use rmcp::model::{Prompt, Resource, ResourceTemplate, Tool, ToolAnnotations};
 
 use crate::config::{Prefix, ServerName, ServerSpec, did_you_mean};
 pub use naming::{MAX_NAME_LEN, public_name};
@@ -195,6 +195,22 @@ impl Catalog {
             offered.name = name.clone().into();
             if let Some(description) = spec.tools.descriptions.get(&original) {
                 offered.description = Some(description.clone().into());
+            }
+            if let Some(hints) = spec.tools.annotations.get(&original) {
+                let annotations = offered
+                    .annotations
+                    .get_or_insert_with(ToolAnnotations::default);
+                let overrides = [
+                    (&mut annotations.read_only_hint, hints.read_only),
+                    (&mut annotations.destructive_hint, hints.destructive),
+                    (&mut annotations.idempotent_hint, hints.idempotent),
+                    (&mut annotations.open_world_hint, hints.open_world),
+                ];
+                for (hint, configured) in overrides {
+                    if configured.is_some() {
+                        *hint = configured;
+                    }
+                }
             }
             self.tool_index.insert(name, self.tools.len());
             self.tools.push(ToolEntry {

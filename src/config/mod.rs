@@ -141,6 +141,18 @@ pub struct ToolRules {
     pub rename: HashMap<String, String>,
     /// Original tool name to a description that replaces the server's.
     pub descriptions: HashMap<String, String>,
+    /// Original tool name to annotation hints that replace the server's own: a server's
+    /// annotations are untrusted, and retries and workflow safety depend on them.
+    pub annotations: HashMap<String, AnnotationOverride>,
+}
+
+/// Hints set in the config for one tool; unset ones keep the server's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AnnotationOverride {
+    pub read_only: Option<bool>,
+    pub destructive: Option<bool>,
+    pub idempotent: Option<bool>,
+    pub open_world: Option<bool>,
 }
 
 impl ToolRules {
@@ -671,12 +683,30 @@ fn read_tool_rules(mut table: Table<'_, '_>, problems: &mut Problems) -> ToolRul
         .into_iter()
         .map(|(tool, text)| (tool.into_inner(), text.into_inner()))
         .collect();
+    let mut annotations = HashMap::new();
+    if let Some(overrides) = table.table("annotations", problems) {
+        for (tool, value) in overrides.entries() {
+            let path = format!("{}.{}", overrides.path(), tool.get_ref());
+            let Some(mut hints) = as_table(value, path, problems) else {
+                continue;
+            };
+            let hint = AnnotationOverride {
+                read_only: hints.bool("read_only", problems),
+                destructive: hints.bool("destructive", problems),
+                idempotent: hints.bool("idempotent", problems),
+                open_world: hints.bool("open_world", problems),
+            };
+            hints.finish(problems);
+            annotations.insert(tool.into_inner(), hint);
+        }
+    }
     table.finish(problems);
     ToolRules {
         allow,
         deny,
         rename,
         descriptions,
+        annotations,
     }
 }
 

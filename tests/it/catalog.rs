@@ -91,6 +91,29 @@ descriptions = { read_file = "Read one note." }
 }
 
 #[test]
+fn the_config_overrides_a_servers_annotations() {
+    let config = config(
+        "[servers.api]\ncommand = \"x\"\n[servers.api.tools.annotations]\nupsert = { idempotent = true, destructive = false }\n",
+    );
+    let listing = Listing {
+        tools: vec![
+            serde_json::from_value(json!({
+                "name": "upsert", "inputSchema": {"type": "object"},
+                "annotations": {"destructiveHint": true, "openWorldHint": false}
+            }))
+            .unwrap(),
+        ],
+        ..Listing::default()
+    };
+    let catalog = build(&config, &[listing]);
+    let annotations = serde_json::to_value(&catalog.tools()[0].tool.annotations).unwrap();
+    assert_eq!(
+        annotations,
+        json!({"destructiveHint": false, "idempotentHint": true, "openWorldHint": false})
+    );
+}
+
+#[test]
 fn a_clash_hides_the_later_tool_and_says_how_to_fix_it() {
     let text = "[servers.a]\ncommand = \"x\"\nprefix = false\n[servers.b]\ncommand = \"x\"\nprefix = false\n";
     let catalog = build(
