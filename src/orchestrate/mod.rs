@@ -1,7 +1,7 @@
 //! `orchestrate`: run a workflow, a graph of tool calls across servers, as one request.
 //!
-//! A workflow is validated whole before anything runs ([`validate`]), then executed
-//! ([`execute`]) through the [`Tools`] seam, so that a step reaches a server exactly the way a
+//! A workflow is validated whole before anything runs ([`mod@validate`]), then executed
+//! ([`mod@execute`]) through the [`Tools`] seam, so that a step reaches a server exactly the way a
 //! proxied call does: through the router, with its timeouts and cancellation. Finished runs are
 //! kept for a while ([`Runs`]) so they can be read back and resumed.
 
