@@ -47,8 +47,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve every downstream as one MCP server over stdio (add this to Claude Desktop).
-    Serve,
+    /// Serve every downstream as one MCP server: over stdio (add this to Claude Desktop), or
+    /// over HTTP with `--http`.
+    Serve {
+        /// Serve Streamable HTTP at `http://ADDR/mcp` instead of stdio, e.g. `127.0.0.1:8080`.
+        #[arg(long, value_name = "ADDR")]
+        http: Option<std::net::SocketAddr>,
+    },
     /// List the unified catalog of tools.
     Tools {
         /// Print JSON instead of a table.
@@ -89,7 +94,7 @@ enum Command {
 
 impl Cli {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
-        let default_log = if matches!(self.command, Command::Serve) {
+        let default_log = if matches!(self.command, Command::Serve { .. }) {
             "info"
         } else {
             "warn"
@@ -111,7 +116,10 @@ impl Cli {
             );
         }
         match self.command {
-            Command::Serve => serve(config).await,
+            Command::Serve { http: None } => serve(config).await,
+            Command::Serve {
+                http: Some(address),
+            } => serve_http(config, address).await,
             Command::Tools { json, server } => {
                 with_registry(config, |registry| async move {
                     tools(&registry, json, server.as_deref())
@@ -190,6 +198,33 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     };
     registry.shutdown().await;
     outcome.map(|()| ExitCode::SUCCESS)
+}
+
+async fn serve_http(config: Config, address: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
+    crate::http::check_exposure(address, &config.http)?;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address}"))?;
+    let bound = listener
+        .local_addr()
+        .context("the listener has no address")?;
+    let registry = Registry::start(config).await;
+    let router = Router::new(registry.clone());
+    let runs = Arc::new(Runs::new(registry.config().keep_runs));
+    let orchestrator = Arc::new(Orchestrator::new(Arc::new(router), runs));
+    let sessions_end = CancellationToken::new();
+    let app = crate::http::app(registry.clone(), orchestrator, bound, sessions_end.clone());
+    // Scripts and tests read the address from this line (the port may have been 0).
+    tracing::info!(address = %bound, "serving Streamable HTTP at http://{bound}/mcp");
+    let outcome = crate::http::serve(listener, app, async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing requests in flight");
+        sessions_end.cancel();
+    })
+    .await;
+    registry.shutdown().await;
+    outcome.context("the HTTP server failed")?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn shutdown_signal() {

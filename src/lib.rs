@@ -7,13 +7,14 @@
 //! - [`registry`]: the set of downstreams, their state, and the current catalog;
 //! - [`router`]: the one path every downstream request takes (with [`retry`], its policy);
 //! - [`orchestrate`]: workflows of tool calls, run through the router;
-//! - [`server`]: the MCP handler clients talk to;
+//! - [`server`]: the MCP handler clients talk to, over stdio or [`http`];
 //! - [`cli`]: the `conductor` commands.
 
 pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod downstream;
+pub mod http;
 pub mod orchestrate;
 pub mod registry;
 pub mod retry;

@@ -39,6 +39,36 @@ pub struct Config {
     pub servers: Vec<ServerSpec>,
     /// Saved workflows, offered as tools `workflow__<name>`, in file order.
     pub workflows: Vec<WorkflowSpec>,
+    /// How `conductor serve --http` serves.
+    pub http: HttpSettings,
+}
+
+/// `[http]`: serving over HTTP.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Bearer tokens a client may present; none means no authentication (loopback only).
+    pub tokens: Vec<String>,
+    /// `Host` values accepted besides the loopback names (DNS-rebinding protection).
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins accepted besides loopback ones; a request from any other is refused.
+    pub allowed_origins: Vec<String>,
+    pub max_body_bytes: usize,
+    pub max_sessions: usize,
+    /// A session with no traffic for this long is closed.
+    pub session_idle: Duration,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            tokens: Vec::new(),
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            max_body_bytes: 4 * 1024 * 1024,
+            max_sessions: 100,
+            session_idle: Duration::from_secs(300),
+        }
+    }
 }
 
 /// A workflow saved in the config. The config only reads it; the orchestrate layer checks what
@@ -253,6 +283,10 @@ fn validate(
             .collect(),
         None => Vec::new(),
     };
+    let http = root
+        .table("http", problems)
+        .map(|table| read_http(table, env, problems))
+        .unwrap_or_default();
     root.finish(problems);
     Some(Config {
         path: path.to_owned(),
@@ -260,6 +294,7 @@ fn validate(
         keep_runs: defaults.keep_runs,
         servers,
         workflows,
+        http,
     })
 }
 
@@ -496,6 +531,83 @@ fn read_server(
         call_timeout,
         tools,
     })
+}
+
+fn read_http(
+    mut table: Table<'_, '_>,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> HttpSettings {
+    let defaults = HttpSettings::default();
+    let mut tokens = Vec::new();
+    for token in table.strings("tokens", problems).unwrap_or_default() {
+        match expand(token.get_ref(), env) {
+            Ok(value) if value.len() >= 16 => tokens.push(value),
+            Ok(_) => problems.add_with_hint(
+                token.span(),
+                "`http.tokens`: a token must be at least 16 characters",
+                Some("generate one with `openssl rand -hex 32`"),
+            ),
+            Err(error) => problems.add_with_hint(
+                token.span(),
+                format!("`http.tokens`: {error}"),
+                Some("set it in the environment conductor starts in"),
+            ),
+        }
+    }
+    let strings =
+        |table: &mut Table<'_, '_>, key: &'static str, problems: &mut Problems| -> Vec<String> {
+            table
+                .strings(key, problems)
+                .unwrap_or_default()
+                .into_iter()
+                .map(Spanned::into_inner)
+                .collect()
+        };
+    let allowed_hosts = strings(&mut table, "allowed_hosts", problems);
+    let allowed_origins = strings(&mut table, "allowed_origins", problems);
+    let count = |table: &mut Table<'_, '_>,
+                 key: &'static str,
+                 default: usize,
+                 problems: &mut Problems|
+     -> usize {
+        match table.get(key).map(|value| (value.span(), value.get_ref())) {
+            None => default,
+            Some((_, DeValue::Integer(integer)))
+                if integer.as_str().parse::<usize>().is_ok_and(|n| n > 0) =>
+            {
+                integer.as_str().parse().unwrap_or(default)
+            }
+            Some((span, other)) => {
+                wrong_type(
+                    span,
+                    &format!("http.{key}"),
+                    "a positive integer",
+                    other,
+                    problems,
+                );
+                default
+            }
+        }
+    };
+    let max_body_bytes = count(
+        &mut table,
+        "max_body_bytes",
+        defaults.max_body_bytes,
+        problems,
+    );
+    let max_sessions = count(&mut table, "max_sessions", defaults.max_sessions, problems);
+    let session_idle =
+        read_duration(&mut table, "session_idle", problems).unwrap_or(defaults.session_idle);
+    table.finish(problems);
+    HttpSettings {
+        tokens,
+        allowed_hosts,
+        allowed_origins,
+        max_body_bytes,
+        max_sessions,
+        session_idle,
+    }
 }
 
 /// The keys of `[workflows.<name>]` that belong to the workflow itself.

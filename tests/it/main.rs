@@ -5,6 +5,8 @@
 //! - `serve`: `conductor serve` as a real child process, driven by an rmcp client over stdio,
 //!   with fixture downstreams over stdio and Streamable HTTP;
 //! - `cli`: the `tools`, `call` and `check` commands (snapshots);
+//! - `http`: `conductor serve --http`: Streamable HTTP clients, health, and refused misuse;
+//! - `orchestrate`: workflow validation (snapshots) and runs across fixture servers;
 //! - `peers`: third-party parts: the Python SDK client, the npm reference servers, and the
 //!   bundled `servers.toml` (installed by `scripts/install-peers`).
 
@@ -17,6 +19,7 @@
 mod catalog;
 mod cli;
 mod config;
+mod http;
 mod orchestrate;
 mod peers;
 mod serve;

@@ -238,3 +238,60 @@ pub async fn conductor_cli(config: &Path, args: &[&str]) -> (i32, String, String
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// `conductor serve --http 127.0.0.1:0` on a config; stopped when dropped.
+pub struct HttpConductor {
+    pub base: String,
+    /// Held so that dropping the guard kills the process.
+    _child: tokio::process::Child,
+}
+
+impl HttpConductor {
+    pub async fn start(config: &TestConfig) -> Self {
+        let mut child = tokio::process::Command::new(CONDUCTOR)
+            .args(["serve", "--http", "127.0.0.1:0", "--config"])
+            .arg(&config.path)
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("conductor starts");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let base = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(at) = line.find("serving Streamable HTTP at http://") {
+                    let rest = &line[at + "serving Streamable HTTP at ".len()..];
+                    let url = rest.split_whitespace().next().unwrap_or_default();
+                    return url.trim_end_matches("/mcp").to_owned();
+                }
+            }
+            panic!("conductor ended without serving");
+        })
+        .await
+        .expect("conductor serves within 30 seconds");
+        // Keep reading stderr so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        HttpConductor {
+            base,
+            _child: child,
+        }
+    }
+
+    pub fn mcp(&self) -> String {
+        format!("{}/mcp", self.base)
+    }
+}
+
+/// An rmcp client over Streamable HTTP, with an optional bearer token.
+pub async fn http_session(url: &str, token: Option<&str>) -> Session {
+    use rmcp::transport::StreamableHttpClientTransport;
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+    let mut config = StreamableHttpClientTransportConfig::with_uri(url.to_owned());
+    if let Some(token) = token {
+        config = config.auth_header(token.to_owned());
+    }
+    TestClient::default()
+        .serve(StreamableHttpClientTransport::from_config(config))
+        .await
+        .expect("an MCP session over HTTP")
+}

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Drive an MCP server with the official Python SDK client and print what it saw as JSON.
 
-  python py_client.py [--mode auto|legacy] [--call NAME --args JSON] [--read URI] [--progress] -- COMMAND ARGS...
+  python py_client.py [--mode auto|legacy] [--call NAME --args JSON] [--read URI] [--progress] [--token T] -- COMMAND ARGS...
+  python py_client.py [options] -- http://127.0.0.1:PORT/mcp
 
-Connects over stdio (auto mode probes `server/discover` first, as the SDK does by default),
+Connects over stdio, or Streamable HTTP for a URL (auto mode probes `server/discover` first, as the SDK does by default),
 lists tools, prompts and resources, optionally calls one tool and reads one resource, and
 prints one JSON object. Exits non-zero when any step fails.
 """
@@ -15,7 +16,9 @@ import sys
 from typing import Any
 
 import anyio
+import httpx2
 from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
 
 
 def parse() -> tuple[argparse.Namespace, list[str]]:
@@ -30,6 +33,7 @@ def parse() -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--read")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--env", action="append", default=[])
+    parser.add_argument("--token")
     return parser.parse_args(argv[:split]), argv[split + 1 :]
 
 
@@ -43,7 +47,12 @@ def block(b: Any) -> dict[str, Any]:
 
 async def run(ns: argparse.Namespace, command: list[str]) -> dict[str, Any]:
     env = dict(item.split("=", 1) for item in ns.env) or None
-    target = StdioServerParameters(command=command[0], args=command[1:], env=env)
+    if len(command) == 1 and command[0].startswith("http"):
+        # A URL: Streamable HTTP, with an optional bearer token.
+        headers = {"Authorization": f"Bearer {ns.token}"} if ns.token else None
+        target = streamable_http_client(command[0], http_client=httpx2.AsyncClient(headers=headers))
+    else:
+        target = StdioServerParameters(command=command[0], args=command[1:], env=env)
     out: dict[str, Any] = {"progress": 0}
     async with Client(target, mode=ns.mode, read_timeout_seconds=60) as client:
         out["protocol_version"] = client.session.protocol_version

@@ -1,0 +1,246 @@
+//! `conductor serve --http`: Streamable HTTP at `/mcp`, health endpoints, and what it refuses.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use super::support::{
+    CONDUCTOR, HttpConductor, TestConfig, call, http_session, project_root, python, text_of,
+};
+
+const TOKEN: &str = "a-test-token-0123456789";
+
+fn initialize() -> Value {
+    json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}})
+}
+
+/// A raw POST to `/mcp`, as a client that speaks HTTP but not necessarily MCP would send it.
+async fn post(
+    url: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, reqwest::header::HeaderMap, String) {
+    let mut request = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(body.to_owned());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.expect("an HTTP answer");
+    let status = response.status();
+    let headers = response.headers().clone();
+    (status, headers, response.text().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn clients_use_every_tool_over_streamable_http() {
+    let config = TestConfig::fixtures(&[("echo", "echo"), ("live", "changing")]);
+    let server = HttpConductor::start(&config).await;
+
+    let session = http_session(&server.mcp(), None).await;
+    let names: Vec<String> = session
+        .list_all_tools()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    assert!(
+        names.contains(&"echo__echo".to_owned()) && names.contains(&"orchestrate".to_owned()),
+        "{names:?}"
+    );
+    assert_eq!(
+        text_of(&call(&session, "echo__echo", json!({"text": "over http"})).await),
+        "over http"
+    );
+
+    // Notifications reach the session whose request caused them, over its stream.
+    call(&session, "live__add_tool", json!({"name": "fresh"})).await;
+    session
+        .service()
+        .recorder
+        .wait_for("notifications/tools/list_changed", 1)
+        .await;
+
+    // A second, independent session.
+    let other = http_session(&server.mcp(), None).await;
+    let report = call(
+        &other,
+        "orchestrate",
+        json!({"steps": [{"id": "say", "tool": "echo__echo", "args": {"text": "hi"}}]}),
+    )
+    .await;
+    assert_eq!(report.structured_content.unwrap()["status"], "succeeded");
+
+    // The Python SDK's Streamable HTTP client, in both protocol eras.
+    for mode in ["auto", "legacy"] {
+        let output = tokio::process::Command::new(python())
+            .arg(project_root().join("tests/peers/py_client.py"))
+            .args([
+                "--mode",
+                mode,
+                "--call",
+                "echo__echo",
+                "--args",
+                r#"{"text": "from python"}"#,
+                "--",
+                &server.mcp(),
+            ])
+            .output()
+            .await
+            .unwrap();
+        let report: Value =
+            serde_json::from_slice(&output.stdout).unwrap_or_else(|_| panic!("{output:?}"));
+        assert_eq!(
+            report["call"]["structuredContent"]["text"], "from python",
+            "{report:#}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn health_and_readiness_show_each_downstream() {
+    let config = TestConfig::new(
+        "[servers.echo]\ncommand = \"{fixture}\"\nargs = [\"echo\"]\n\n[servers.broken]\ncommand = \"/nonexistent/server\"\n",
+    );
+    let server = HttpConductor::start(&config).await;
+    let health = reqwest::get(format!("{}/healthz", server.base))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let ready = reqwest::get(format!("{}/readyz", server.base))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["status"], "degraded");
+    assert_eq!(
+        body["servers"][0],
+        json!({"name": "echo", "status": "ready", "tools": 2, "transport": "stdio"})
+    );
+    assert_eq!(body["servers"][1]["status"], "failed");
+    assert!(
+        body["servers"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/server")
+    );
+}
+
+#[tokio::test]
+async fn misuse_is_refused_and_the_server_keeps_serving() {
+    let config = TestConfig::new(&format!(
+        "[http]\ntokens = [\"{TOKEN}\"]\nmax_body_bytes = 10000\n\n[servers.echo]\ncommand = \"{{fixture}}\"\nargs = [\"echo\"]\n"
+    ));
+    let server = HttpConductor::start(&config).await;
+    let url = server.mcp();
+    let bearer = format!("Bearer {TOKEN}");
+    let authorized = [("authorization", bearer.as_str())];
+    let body = initialize().to_string();
+
+    let (status, headers, _) = post(&url, &body, &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "no token");
+    assert_eq!(
+        headers["www-authenticate"],
+        "Bearer realm=\"mcp-conductor\""
+    );
+    let (status, _, text) = post(
+        &url,
+        &body,
+        &[("authorization", "Bearer wrong-token-wrong-token")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "wrong token");
+    assert!(text.contains("not valid"), "{text}");
+
+    let (status, _, _) = post(
+        &url,
+        &body,
+        &[authorized[0], ("origin", "http://evil.example")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "a foreign browser origin");
+    let (status, _, _) = post(&url, &body, &[authorized[0], ("host", "evil.example")]).await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "DNS rebinding: a foreign Host"
+    );
+
+    let huge =
+        json!({"jsonrpc": "2.0", "id": 2, "method": "ping", "params": {"pad": "x".repeat(20_000)}})
+            .to_string();
+    let (status, _, _) = post(&url, &huge, &authorized).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    let (status, _, text) = post(&url, "{not json", &authorized).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let error: Value =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("a JSON-RPC error, not {text:?}"));
+    assert_eq!(error["error"]["code"], -32700, "{error}");
+    let (status, _, text) = post(&url, r#"{"method": "ping"}"#, &authorized).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["error"]["code"],
+        -32600
+    );
+
+    let ping = json!({"jsonrpc": "2.0", "id": 3, "method": "ping"}).to_string();
+    let (status, _, _) = post(
+        &url,
+        &ping,
+        &[
+            authorized[0],
+            ("mcp-session-id", "no-such-session"),
+            ("mcp-protocol-version", "2025-06-18"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "an unknown session");
+
+    // After all that, a proper client is served.
+    let session = http_session(&url, Some(TOKEN)).await;
+    assert_eq!(
+        text_of(&call(&session, "echo__echo", json!({"text": "still here"})).await),
+        "still here"
+    );
+}
+
+#[tokio::test]
+async fn sessions_are_capped() {
+    let config = TestConfig::new(
+        "[http]\nmax_sessions = 1\n\n[servers.echo]\ncommand = \"{fixture}\"\nargs = [\"echo\"]\n",
+    );
+    let server = HttpConductor::start(&config).await;
+    let first = http_session(&server.mcp(), None).await;
+    let (status, headers, _) = post(&server.mcp(), &initialize().to_string(), &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["retry-after"], "30");
+    assert_eq!(
+        text_of(&call(&first, "echo__echo", json!({"text": "first"})).await),
+        "first"
+    );
+}
+
+#[tokio::test]
+async fn an_exposed_address_without_tokens_is_refused() {
+    let config = TestConfig::fixtures(&[("echo", "echo")]);
+    let output = tokio::process::Command::new(CONDUCTOR)
+        .args(["serve", "--http", "0.0.0.0:0", "--config"])
+        .arg(&config.path)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with("error: refusing to serve on 0.0.0.0:0 without authentication"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("[http] tokens"),
+        "says how to fix it: {stderr}"
+    );
+}
