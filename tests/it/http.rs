@@ -4,7 +4,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use super::support::{
-    CONDUCTOR, HttpConductor, TestConfig, call, http_session, project_root, python, text_of,
+    CONDUCTOR, HttpConductor, TestConfig, call, http_session, py_client, text_of,
 };
 
 const TOKEN: &str = "a-test-token-0123456789";
@@ -76,23 +76,15 @@ async fn clients_use_every_tool_over_streamable_http() {
 
     // The Python SDK's Streamable HTTP client, in both protocol eras.
     for mode in ["auto", "legacy"] {
-        let output = tokio::process::Command::new(python())
-            .arg(project_root().join("tests/peers/py_client.py"))
-            .args([
-                "--mode",
-                mode,
-                "--call",
-                "echo__echo",
-                "--args",
-                r#"{"text": "from python"}"#,
-                "--",
-                &server.mcp(),
-            ])
-            .output()
-            .await
-            .unwrap();
-        let report: Value =
-            serde_json::from_slice(&output.stdout).unwrap_or_else(|_| panic!("{output:?}"));
+        let options = [
+            "--mode",
+            mode,
+            "--call",
+            "echo__echo",
+            "--args",
+            r#"{"text": "from python"}"#,
+        ];
+        let report = py_client(&options, &[&server.mcp()]).await;
         assert_eq!(
             report["call"]["structuredContent"]["text"], "from python",
             "{report:#}"

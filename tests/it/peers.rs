@@ -4,27 +4,13 @@
 use serde_json::{Value, json};
 
 use super::support::{
-    CONDUCTOR, TestConfig, call, conductor_cli, node_server, project_root, python, serve, text_of,
+    CONDUCTOR, TestConfig, call, conductor_cli, node_server, project_root, serve, text_of,
 };
 
-/// Run `tests/peers/py_client.py` against `conductor serve` and return its JSON report.
+/// The Python client against `conductor serve` over stdio.
 async fn python_client(config: &TestConfig, options: &[&str]) -> Value {
-    let script = project_root().join("tests/peers/py_client.py");
     let config_path = config.path.display().to_string();
-    let output = tokio::process::Command::new(python())
-        .arg(script)
-        .args(options)
-        .args(["--", CONDUCTOR, "serve", "--config", &config_path])
-        .output()
-        .await
-        .expect("the Python client runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "the Python client failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_str(&stdout).expect("the Python client prints JSON")
+    super::support::py_client(options, &[CONDUCTOR, "serve", "--config", &config_path]).await
 }
 
 #[tokio::test]

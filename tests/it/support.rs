@@ -295,3 +295,23 @@ pub async fn http_session(url: &str, token: Option<&str>) -> Session {
         .await
         .expect("an MCP session over HTTP")
 }
+
+/// Run `tests/peers/py_client.py` (the official Python SDK client) with `options` against
+/// `target` (a command, or one URL) and return its JSON report; fail if it failed.
+pub async fn py_client(options: &[&str], target: &[&str]) -> serde_json::Value {
+    let output = tokio::process::Command::new(python())
+        .arg(project_root().join("tests/peers/py_client.py"))
+        .args(options)
+        .arg("--")
+        .args(target)
+        .output()
+        .await
+        .expect("the Python client runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the Python client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(&stdout).expect("the Python client prints JSON")
+}
