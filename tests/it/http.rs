@@ -90,6 +90,31 @@ async fn clients_use_every_tool_over_streamable_http() {
             "{report:#}"
         );
     }
+
+    // Its legacy HTTP+SSE client, in both eras, with a workflow and its progress.
+    let workflow = json!({"steps": [
+        {"id": "each", "tool": "echo__echo", "for_each": "${{ ['a', 'b'] }}", "args": {"text": "${{ item }}"}}
+    ]})
+    .to_string();
+    let sse = format!("{}/sse", server.base);
+    for (mode, era) in [("legacy", "2025-11-25"), ("auto", "2026-07-28")] {
+        let options = [
+            "--mode",
+            mode,
+            "--call",
+            "orchestrate",
+            "--args",
+            &workflow,
+            "--progress",
+        ];
+        let report = py_client(&options, &[&sse]).await;
+        assert_eq!(report["protocol_version"], era, "{report:#}");
+        assert_eq!(
+            report["call"]["structuredContent"]["status"], "succeeded",
+            "{report:#}"
+        );
+        assert_eq!(report["progress"], 3, "two items and the step: {report:#}");
+    }
 }
 
 #[tokio::test]
@@ -191,6 +216,27 @@ async fn misuse_is_refused_and_the_server_keeps_serving() {
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "an unknown session");
+
+    // The legacy transport refuses the same way.
+    let client = reqwest::Client::new();
+    let sse = format!("{}/sse", server.base);
+    assert_eq!(
+        client.get(&sse).send().await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let foreign = client
+        .get(&sse)
+        .header("authorization", &bearer)
+        .header("host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(foreign.status(), StatusCode::FORBIDDEN);
+    let messages = format!("{}/messages?sessionId=no-such-session", server.base);
+    let (status, _, text) = post(&messages, &ping, &authorized).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{text}");
+    let (status, _, text) = post(&messages, "[]", &authorized).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
 
     // After all that, a proper client is served.
     let session = http_session(&url, Some(TOKEN)).await;

@@ -2,7 +2,7 @@
 """Drive an MCP server with the official Python SDK client and print what it saw as JSON.
 
   python py_client.py [--mode auto|legacy] [--call NAME --args JSON] [--read URI] [--progress] [--token T] -- COMMAND ARGS...
-  python py_client.py [options] -- http://127.0.0.1:PORT/mcp
+  python py_client.py [options] -- http://127.0.0.1:PORT/mcp    (or .../sse for legacy HTTP+SSE)
 
 Connects over stdio, or Streamable HTTP for a URL (auto mode probes `server/discover` first, as the SDK does by default),
 lists tools, prompts and resources, optionally calls one tool and reads one resource, and
@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import httpx2
 from mcp import Client, StdioServerParameters
+from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
 
@@ -47,9 +48,12 @@ def block(b: Any) -> dict[str, Any]:
 
 async def run(ns: argparse.Namespace, command: list[str]) -> dict[str, Any]:
     env = dict(item.split("=", 1) for item in ns.env) or None
-    if len(command) == 1 and command[0].startswith("http"):
-        # A URL: Streamable HTTP, with an optional bearer token.
-        headers = {"Authorization": f"Bearer {ns.token}"} if ns.token else None
+    headers = {"Authorization": f"Bearer {ns.token}"} if ns.token else None
+    if len(command) == 1 and command[0].startswith("http") and command[0].rstrip("/").endswith("/sse"):
+        # A URL ending in /sse: the legacy HTTP+SSE transport.
+        target = sse_client(command[0], headers=headers)
+    elif len(command) == 1 and command[0].startswith("http"):
+        # Any other URL: Streamable HTTP, with an optional bearer token.
         target = streamable_http_client(command[0], http_client=httpx2.AsyncClient(headers=headers))
     else:
         target = StdioServerParameters(command=command[0], args=command[1:], env=env)

@@ -1,6 +1,6 @@
 //! Serving over HTTP: Streamable HTTP at `/mcp` (rmcp's service, one `ConductorServer` per
-//! session), `/healthz` and `/readyz`, behind bearer-token authentication, a check of every
-//! POST body, and a session cap.
+//! session), the legacy HTTP+SSE transport at `/sse` and `/messages` (module `sse`), `/healthz` and
+//! `/readyz`, behind bearer-token authentication, a check of every POST body, and a session cap.
 //!
 //! The app is a value ([`app`]) so tests can drive it; [`serve`] takes a bound listener and a
 //! shutdown signal.
@@ -19,6 +19,8 @@ use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, Stream
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
+
+mod sse;
 
 use crate::config::HttpSettings;
 use crate::orchestrate::Orchestrator;
@@ -43,6 +45,16 @@ struct Shared {
     registry: Arc<Registry>,
     settings: HttpSettings,
     sessions: Arc<LocalSessionManager>,
+    legacy: Arc<sse::SseSessions>,
+    /// `Host` and `Origin` values accepted on the legacy routes (rmcp checks `/mcp` itself).
+    hosts: Vec<String>,
+    origins: Vec<String>,
+}
+
+impl Shared {
+    async fn session_count(&self) -> usize {
+        self.sessions.sessions.read().await.len() + self.legacy.count()
+    }
 }
 
 /// Refuse a non-loopback address when no tokens are configured.
@@ -83,26 +95,42 @@ pub fn app(
         .collect();
     origins.extend(settings.allowed_origins.iter().cloned());
     let config = StreamableHttpServerConfig::default()
-        .with_allowed_hosts(hosts)
-        .with_allowed_origins(origins)
+        .with_allowed_hosts(hosts.clone())
+        .with_allowed_origins(origins.clone())
         .enforce_origin_validation()
         .with_max_request_body_bytes(settings.max_body_bytes)
-        .with_cancellation_token(shutdown);
+        .with_cancellation_token(shutdown.clone());
 
     let router = Router::new(registry.clone());
+    let make_server: Arc<dyn Fn() -> ConductorServer + Send + Sync> =
+        Arc::new(move || ConductorServer::new(router.clone(), orchestrator.clone()));
+    let factory = make_server.clone();
     let service: StreamableHttpService<ConductorServer, LocalSessionManager> =
-        StreamableHttpService::new(
-            move || Ok(ConductorServer::new(router.clone(), orchestrator.clone())),
-            sessions.clone(),
-            config,
-        );
+        StreamableHttpService::new(move || Ok(factory()), sessions.clone(), config);
+    let legacy = Arc::new(sse::SseSessions::default());
     let shared = Shared {
         registry,
         settings,
         sessions,
+        legacy: legacy.clone(),
+        hosts,
+        origins,
     };
+    let legacy_routes = axum::Router::new()
+        .route("/sse", get(sse::open))
+        .route("/messages", axum::routing::post(sse::post))
+        .with_state(sse::SseState {
+            sessions: legacy,
+            make_server,
+            shutdown,
+        })
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            check_host_and_origin,
+        ));
     let mcp = axum::Router::new()
         .nest_service("/mcp", service)
+        .merge(legacy_routes)
         .layer(middleware::from_fn_with_state(shared.clone(), check_post))
         .layer(middleware::from_fn_with_state(shared.clone(), authenticate));
     axum::Router::new()
@@ -191,8 +219,7 @@ async fn check_post(State(shared): State<Shared>, request: Request, next: Next) 
     }
     let opens_session = !parts.headers.contains_key("mcp-session-id")
         && message.get("method").and_then(Value::as_str) == Some("initialize");
-    if opens_session && shared.sessions.sessions.read().await.len() >= shared.settings.max_sessions
-    {
+    if opens_session && shared.session_count().await >= shared.settings.max_sessions {
         let mut response = (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"error": format!("too many sessions (at most {}); try again later", shared.settings.max_sessions)})),
@@ -207,9 +234,86 @@ async fn check_post(State(shared): State<Shared>, request: Request, next: Next) 
         .await
 }
 
-fn json_rpc_error(code: i32, message: &str) -> Response {
+pub(crate) fn json_rpc_error(code: i32, message: &str) -> Response {
     let body = json!({"jsonrpc": "2.0", "id": null, "error": {"code": code, "message": message}});
     (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+}
+
+/// DNS-rebinding protection for the legacy routes, as rmcp does for `/mcp`: the `Host` must be
+/// one we answer to, and a browser's `Origin` one we trust.
+async fn check_host_and_origin(
+    State(shared): State<Shared>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let allowed = {
+        let headers = request.headers();
+        let text =
+            |name: header::HeaderName| headers.get(name).and_then(|value| value.to_str().ok());
+        text(header::HOST).is_some_and(|host| host_allowed(host, &shared.hosts))
+            && text(header::ORIGIN).is_none_or(|origin| origin_allowed(origin, &shared.origins))
+    };
+    if !allowed {
+        return (StatusCode::FORBIDDEN, "this Host or Origin is not allowed").into_response();
+    }
+    // A new legacy session counts against the cap too.
+    if request.uri().path() == "/sse"
+        && shared.session_count().await >= shared.settings.max_sessions
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many sessions; try again later",
+        )
+            .into_response();
+    }
+    next.run(request).await
+}
+
+/// `host[:port]` against entries that are a host or a `host:port`.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let host = host.to_ascii_lowercase();
+    let (bare, _) = split_port(&host, "");
+    let bare = bare
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    allowed.iter().any(|entry| {
+        let entry = entry.to_ascii_lowercase();
+        entry == host || entry.trim_start_matches('[').trim_end_matches(']') == bare
+    })
+}
+
+/// `scheme://host[:port]` against entries of the same form, where the port may be `*`.
+fn origin_allowed(origin: &str, allowed: &[String]) -> bool {
+    let origin = origin.to_ascii_lowercase();
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    let default_port = if scheme == "https" { "443" } else { "80" };
+    let (host, port) = split_port(rest, default_port);
+    allowed.iter().any(|entry| {
+        let entry = entry.to_ascii_lowercase();
+        let Some((entry_scheme, entry_rest)) = entry.split_once("://") else {
+            return false;
+        };
+        let (entry_host, entry_port) = split_port(entry_rest, "*");
+        entry_scheme == scheme && entry_host == host && (entry_port == "*" || entry_port == port)
+    })
+}
+
+/// A `host:port` authority split at its port, which is `default_port` when absent (IPv6
+/// literals keep their colons inside brackets).
+fn split_port(authority: &str, default_port: &str) -> (String, String) {
+    match authority.rsplit_once(':') {
+        Some((host, port))
+            if !host.is_empty()
+                && !port.contains(']')
+                && (!host.contains(':') || host.ends_with(']')) =>
+        {
+            (host.to_owned(), port.to_owned())
+        }
+        _ => (authority.to_owned(), default_port.to_owned()),
+    }
 }
 
 /// Every downstream's state; 200 when all enabled servers are ready, 503 otherwise. Error
@@ -246,4 +350,34 @@ async fn readyz(State(shared): State<Shared>) -> Response {
         axum::Json(json!({"status": status, "servers": servers})),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(items: &[&str]) -> Vec<String> {
+        items.iter().map(|item| (*item).to_owned()).collect()
+    }
+
+    #[test]
+    fn hosts_match_with_or_without_a_port() {
+        let allowed = list(&["localhost", "127.0.0.1", "::1", "example.com:8080"]);
+        assert!(host_allowed("localhost:3000", &allowed));
+        assert!(host_allowed("127.0.0.1", &allowed));
+        assert!(host_allowed("[::1]:9000", &allowed));
+        assert!(host_allowed("example.com:8080", &allowed));
+        assert!(!host_allowed("example.com:9090", &allowed));
+        assert!(!host_allowed("evil.example", &allowed));
+    }
+
+    #[test]
+    fn origins_match_scheme_host_and_port() {
+        let allowed = list(&["http://localhost:*", "https://app.example.com:443"]);
+        assert!(origin_allowed("http://localhost:5173", &allowed));
+        assert!(origin_allowed("https://app.example.com", &allowed));
+        assert!(!origin_allowed("http://app.example.com", &allowed));
+        assert!(!origin_allowed("https://evil.example", &allowed));
+        assert!(!origin_allowed("null", &allowed));
+    }
 }
