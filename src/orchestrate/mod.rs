@@ -286,8 +286,51 @@ pub fn tool_result(report: &RunReport) -> CallToolResult {
     result
 }
 
-fn object_schema(schema: &Value) -> JsonObject {
+/// A generated schema as a tool publishes it: an object, with only the `format`s JSON Schema
+/// defines. schemars adds Rust ones (`uint64`, `double`...) that clients' validators warn about.
+pub(crate) fn object_schema(schema: &Value) -> JsonObject {
+    let mut schema = schema.clone();
+    keep_standard_formats(&mut schema);
     schema.as_object().cloned().unwrap_or_default()
+}
+
+const STANDARD_FORMATS: [&str; 19] = [
+    "date-time",
+    "date",
+    "time",
+    "duration",
+    "email",
+    "idn-email",
+    "hostname",
+    "idn-hostname",
+    "ipv4",
+    "ipv6",
+    "uri",
+    "uri-reference",
+    "iri",
+    "iri-reference",
+    "uuid",
+    "uri-template",
+    "json-pointer",
+    "relative-json-pointer",
+    "regex",
+];
+
+fn keep_standard_formats(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            let nonstandard = map
+                .get("format")
+                .and_then(Value::as_str)
+                .is_some_and(|format| !STANDARD_FORMATS.contains(&format));
+            if nonstandard {
+                map.remove("format");
+            }
+            map.values_mut().for_each(keep_standard_formats);
+        }
+        Value::Array(items) => items.iter_mut().for_each(keep_standard_formats),
+        _ => {}
+    }
 }
 
 const DESCRIPTION: &str = "Run a workflow: a graph of tool calls across servers, in one request, and get one merged \

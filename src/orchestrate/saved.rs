@@ -61,13 +61,9 @@ pub fn tool(spec: &WorkflowSpec, catalog: &Catalog) -> Tool {
             .into(),
     );
     tool.input_schema = Arc::new(spec.input_schema.as_object().cloned().unwrap_or_default());
-    tool.output_schema = Some(Arc::new(
-        schemars::schema_for!(RunReport)
-            .to_value()
-            .as_object()
-            .cloned()
-            .unwrap_or_default(),
-    ));
+    tool.output_schema = Some(Arc::new(super::object_schema(
+        &schemars::schema_for!(RunReport).to_value(),
+    )));
     tool.annotations = Some(derived_annotations(spec, catalog));
     tool
 }

@@ -1,0 +1,73 @@
+// Drive an MCP server with the official TypeScript SDK client (v1 `@modelcontextprotocol/sdk`
+// or v2 `@modelcontextprotocol/client`) and print what it saw as JSON.
+//
+//   node node_client.mjs --sdk v1|v2 [--mode legacy|auto] [--call NAME --args JSON] [--progress] [--token T] URL
+//
+// A URL ending in /sse uses the legacy HTTP+SSE transport; any other, Streamable HTTP.
+// Exits non-zero when a step fails.
+import path from "node:path";
+import { readFile } from "node:fs/promises";
+import { pathToFileURL, fileURLToPath } from "node:url";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const peers = process.env.CONDUCTOR_PEERS || path.join(here, "../../.peers");
+const modules = path.join(peers, "node/node_modules/@modelcontextprotocol");
+const load = (file) => import(pathToFileURL(file).href);
+
+async function sdk(which) {
+  if (which === "v2") {
+    const base = path.join(modules, "client");
+    const m = await load(path.join(base, "dist/index.mjs"));
+    const pkg = JSON.parse(await readFile(path.join(base, "package.json"), "utf8"));
+    return { label: `@modelcontextprotocol/client ${pkg.version}`, Client: m.Client, Http: m.StreamableHTTPClientTransport,
+             Sse: m.SSEClientTransport, callTool: (c, params, opts) => c.callTool(params, opts) };
+  }
+  const base = path.join(modules, "sdk");
+  const pkg = JSON.parse(await readFile(path.join(base, "package.json"), "utf8"));
+  return { label: `@modelcontextprotocol/sdk ${pkg.version}`,
+           Client: (await load(path.join(base, "dist/esm/client/index.js"))).Client,
+           Http: (await load(path.join(base, "dist/esm/client/streamableHttp.js"))).StreamableHTTPClientTransport,
+           Sse: (await load(path.join(base, "dist/esm/client/sse.js"))).SSEClientTransport,
+           callTool: (c, params, opts) => c.callTool(params, undefined, opts) };
+}
+
+function options(argv) {
+  const o = { sdk: "v1", mode: "legacy", args: "{}", progress: false };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (a === "--progress") o.progress = true;
+    else if (a.startsWith("--")) o[a.slice(2)] = argv[++i];
+    else o.url = a;
+  }
+  return o;
+}
+
+const o = options(process.argv.slice(2));
+const out = { progress: 0 };
+try {
+  const s = await sdk(o.sdk);
+  out.client = s.label;
+  const url = new URL(o.url);
+  const requestInit = o.token ? { headers: { Authorization: `Bearer ${o.token}` } } : undefined;
+  const transport = url.pathname.endsWith("/sse")
+    ? new s.Sse(url, { requestInit, eventSourceInit: o.token ? { fetch: (u, init) => fetch(u, { ...init, headers: { ...(init?.headers || {}), Authorization: `Bearer ${o.token}` } }) } : undefined })
+    : new s.Http(url, { requestInit });
+  const clientOptions = { capabilities: {} };
+  if (o.sdk === "v2") clientOptions.versionNegotiation = { mode: o.mode };
+  const client = new s.Client({ name: "conductor-node-test", version: "0.1.0" }, clientOptions);
+  await client.connect(transport);
+  out.protocol_version = client.getNegotiatedProtocolVersion?.() ?? transport.protocolVersion ?? null;
+  out.server_name = client.getServerVersion?.()?.name ?? null;
+  const tools = await client.listTools();
+  out.tools = tools.tools.map((t) => t.name);
+  if (o.call) {
+    const opts = o.progress ? { onprogress: () => { out.progress++; } } : {};
+    const result = await s.callTool(client, { name: o.call, arguments: JSON.parse(o.args) }, opts);
+    out.call = { isError: result.isError ?? false, content: result.content, structuredContent: result.structuredContent };
+  }
+  await client.close();
+  console.log(JSON.stringify(out, null, 2));
+} catch (error) {
+  console.log(JSON.stringify({ error: String(error?.stack || error) }));
+  process.exit(1);
+}
