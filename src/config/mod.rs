@@ -119,6 +119,8 @@ pub struct ServerSpec {
 pub enum Transport {
     Stdio(StdioSpec),
     StreamableHttp(HttpSpec),
+    /// The legacy HTTP+SSE transport (2024-11-05): an event stream and a URL to post to.
+    Sse(HttpSpec),
 }
 
 impl Transport {
@@ -127,6 +129,7 @@ impl Transport {
         match self {
             Transport::Stdio(_) => "stdio",
             Transport::StreamableHttp(_) => "streamable-http",
+            Transport::Sse(_) => "sse",
         }
     }
 }
@@ -387,23 +390,20 @@ fn read_server(
         .map(|tools| read_tool_rules(tools, problems))
         .unwrap_or_default();
 
+    // `command` means stdio; `url` means Streamable HTTP unless `transport = "sse"` asks for
+    // the legacy HTTP+SSE transport.
+    let legacy_sse = transport_kind
+        .as_ref()
+        .is_some_and(|kind| kind.get_ref() == "sse");
     if let Some(kind) = &transport_kind {
-        let expected = if url.is_some() {
-            "streamable-http"
-        } else {
-            "stdio"
+        let fits = match kind.get_ref().as_str() {
+            "stdio" => Some(url.is_none()),
+            "streamable-http" | "sse" => Some(url.is_some()),
+            _ => None,
         };
-        match kind.get_ref().as_str() {
-            "stdio" | "streamable-http" if kind.get_ref() == expected => {}
-            "sse" => problems.add_with_hint(
-                kind.span(),
-                format!(
-                    "server `{}`: the legacy HTTP+SSE transport is not supported for downstreams yet",
-                    name.get_ref()
-                ),
-                Some("use the server's Streamable HTTP endpoint (often `/mcp`) if it has one"),
-            ),
-            "stdio" | "streamable-http" => problems.add_with_hint(
+        match fits {
+            Some(true) => {}
+            Some(false) => problems.add_with_hint(
                 kind.span(),
                 format!(
                     "server `{}`: `transport = \"{}\"` does not match the server's {}",
@@ -411,12 +411,16 @@ fn read_server(
                     kind.get_ref(),
                     if url.is_some() { "`url`" } else { "`command`" }
                 ),
-                Some("`command` means stdio and `url` means streamable-http; `transport` may be left out"),
+                Some("`stdio` goes with `command`; `streamable-http` and `sse` go with `url`"),
             ),
-            other => problems.add_with_hint(
+            None => problems.add_with_hint(
                 kind.span(),
-                format!("server `{}`: unknown transport `{other}`", name.get_ref()),
-                Some("use `stdio` or `streamable-http`"),
+                format!(
+                    "server `{}`: unknown transport `{}`",
+                    name.get_ref(),
+                    kind.get_ref()
+                ),
+                Some("use `stdio`, `streamable-http` or `sse` (the legacy HTTP+SSE transport)"),
             ),
         }
     }
@@ -499,10 +503,15 @@ fn read_server(
                     expanded(Some(value), &what, problems).map(|value| (key.into_inner(), value))
                 })
                 .collect();
-            Some(Transport::StreamableHttp(HttpSpec {
+            let spec = HttpSpec {
                 url: url?,
                 headers: headers.into_iter().collect::<Option<_>>()?,
-            }))
+            };
+            Some(if legacy_sse {
+                Transport::Sse(spec)
+            } else {
+                Transport::StreamableHttp(spec)
+            })
         }
         (Some(command), Some(_)) => {
             problems.add_with_hint(

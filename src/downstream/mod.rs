@@ -5,6 +5,7 @@
 //! service in a background task; dropping or closing it stops the child process.
 
 mod client;
+mod sse;
 mod stdio;
 
 use std::collections::HashMap;
@@ -88,6 +89,10 @@ impl Connection {
                     let child = stdio::spawn(&spec.name, stdio)?;
                     let pid = child.id();
                     serve(spec, client, child, pid, events).await
+                }
+                Transport::Sse(http) => {
+                    let transport = sse::connect(&http.url, header_map(http)?).await?;
+                    serve(spec, client, transport, None, events).await
                 }
                 Transport::StreamableHttp(http) => {
                     let transport = StreamableHttpClientTransport::from_config(http_config(http)?);
@@ -214,8 +219,9 @@ where
     })
 }
 
-fn http_config(http: &HttpSpec) -> Result<StreamableHttpClientTransportConfig, ConnectError> {
-    let mut headers = HashMap::new();
+/// The configured headers as HTTP headers, each name and value checked.
+fn header_map(http: &HttpSpec) -> Result<http::HeaderMap, ConnectError> {
+    let mut headers = http::HeaderMap::new();
     for (name, value) in &http.headers {
         let header_name = http::HeaderName::try_from(name.as_str())
             .map_err(|_| ConnectError::Header { name: name.clone() })?;
@@ -223,6 +229,14 @@ fn http_config(http: &HttpSpec) -> Result<StreamableHttpClientTransportConfig, C
             .map_err(|_| ConnectError::Header { name: name.clone() })?;
         headers.insert(header_name, header_value);
     }
+    Ok(headers)
+}
+
+fn http_config(http: &HttpSpec) -> Result<StreamableHttpClientTransportConfig, ConnectError> {
+    let headers: HashMap<http::HeaderName, http::HeaderValue> = header_map(http)?
+        .into_iter()
+        .filter_map(|(name, value)| name.map(|name| (name, value)))
+        .collect();
     Ok(StreamableHttpClientTransportConfig::with_uri(http.url.clone()).custom_headers(headers))
 }
 

@@ -127,7 +127,7 @@ command = "git-mcp"
 [servers.remote]
 url = "ftp://example.com"
 headers = { Authorization = "Bearer ${MISSING_TOKEN}" }
-transport = "sse"
+transport = "websocket"
 
 [servers.both]
 command = "x"

@@ -212,3 +212,103 @@ async fn the_python_sdk_runs_a_workflow_with_progress() {
         );
     }
 }
+
+/// A third-party server listening on a free loopback port; stopped when dropped.
+struct Listening {
+    port: u16,
+    _child: tokio::process::Child,
+}
+
+impl Listening {
+    /// Start `command` with `{port}` in its arguments or `PORT` in its environment replaced by
+    /// a free port, and wait until the port accepts connections.
+    async fn start(program: &str, args: &[&str]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let args: Vec<String> = args
+            .iter()
+            .map(|arg| arg.replace("{port}", &port.to_string()))
+            .collect();
+        let child = tokio::process::Command::new(program)
+            .args(&args)
+            .env("PORT", port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the server starts");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Listening {
+                    port,
+                    _child: child,
+                };
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("{program} {args:?} did not listen on {port}");
+    }
+}
+
+/// Third-party servers reached over Streamable HTTP and over the legacy HTTP+SSE transport.
+#[tokio::test]
+async fn third_party_http_servers_are_reached_over_both_transports() {
+    let fixture = project_root()
+        .join("tests/peers/py_fixture_server.py")
+        .display()
+        .to_string();
+    let python = super::support::python();
+    let everything = node_server("server-everything");
+    let py_http = Listening::start(
+        &python,
+        &[
+            &fixture,
+            "--transport",
+            "streamable-http",
+            "--port",
+            "{port}",
+        ],
+    )
+    .await;
+    let py_sse = Listening::start(
+        &python,
+        &[&fixture, "--transport", "sse", "--port", "{port}"],
+    )
+    .await;
+    let ev_http = Listening::start("node", &[&everything, "streamableHttp"]).await;
+    let ev_sse = Listening::start("node", &[&everything, "sse"]).await;
+    let config = TestConfig::new(&format!(
+        "[servers.py_http]\nurl = \"http://127.0.0.1:{}/mcp\"\n\n\
+         [servers.py_sse]\nurl = \"http://127.0.0.1:{}/sse\"\ntransport = \"sse\"\n\n\
+         [servers.ev_http]\nurl = \"http://127.0.0.1:{}/mcp\"\n\n\
+         [servers.ev_sse]\nurl = \"http://127.0.0.1:{}/sse\"\ntransport = \"sse\"\n",
+        py_http.port, py_sse.port, ev_http.port, ev_sse.port
+    ));
+    let session = serve(&config).await;
+    for server in ["py_http", "py_sse"] {
+        let result = call(&session, &format!("{server}__test_simple_text"), json!({})).await;
+        assert!(!text_of(&result).is_empty(), "{server}: {result:?}");
+        let failed = call(
+            &session,
+            &format!("{server}__test_error_handling"),
+            json!({}),
+        )
+        .await;
+        assert_eq!(failed.is_error, Some(true), "{server}");
+    }
+    for server in ["ev_http", "ev_sse"] {
+        let result = call(
+            &session,
+            &format!("{server}__echo"),
+            json!({"message": server}),
+        )
+        .await;
+        assert_eq!(text_of(&result), format!("Echo: {server}"));
+    }
+}
