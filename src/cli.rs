@@ -547,6 +547,9 @@ fn check(registry: &Registry) -> anyhow::Result<ExitCode> {
         }
         let error = match &state.status {
             Status::Failed(reason) => one_line(reason, 100),
+            Status::Reconnecting { attempt, error } => {
+                one_line(&format!("attempt {attempt}: {error}"), 100)
+            }
             _ => String::new(),
         };
         rows.push(row([

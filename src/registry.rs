@@ -28,6 +28,12 @@ pub enum Status {
     Ready,
     /// It never came up, or its connection ended; with the reason.
     Failed(String),
+    /// A remote server whose connection ended, being reached again: the attempt, and why the
+    /// last one failed.
+    Reconnecting {
+        attempt: u32,
+        error: String,
+    },
     /// Stopped by conductor, at shutdown.
     Stopped,
 }
@@ -39,6 +45,7 @@ impl Status {
             Status::Starting => "starting",
             Status::Ready => "ready",
             Status::Failed(_) => "failed",
+            Status::Reconnecting { .. } => "reconnecting",
             Status::Stopped => "stopped",
         }
     }
@@ -61,7 +68,13 @@ pub struct Registry {
     config: Config,
     servers: DashMap<ServerName, ServerState>,
     catalog: watch::Sender<Arc<Catalog>>,
+    /// Where connections report what happens to them.
+    events: mpsc::UnboundedSender<Event>,
 }
+
+/// Waits between attempts to reach a remote server again: doubling from the first, capped.
+const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(500);
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(30);
 
 impl Registry {
     /// Connect to every enabled server at once; return when each is ready or has failed, which
@@ -72,6 +85,7 @@ impl Registry {
             servers: DashMap::new(),
             catalog: watch::Sender::new(Arc::new(Catalog::default())),
             config,
+            events: events_tx,
         });
         for spec in &registry.config.servers {
             let status = if spec.enabled {
@@ -93,22 +107,25 @@ impl Registry {
         let openings = registry
             .config
             .enabled_servers()
-            .map(|spec| registry.open(spec, events_tx.clone()));
+            .map(|spec| registry.open(spec));
         futures::future::join_all(openings).await;
         registry.publish();
         spawn_event_loop(Arc::downgrade(&registry), events_rx);
         registry
     }
 
-    async fn open(&self, spec: &ServerSpec, events: mpsc::UnboundedSender<Event>) {
+    /// Reach a server and list what it offers.
+    async fn connect(&self, spec: &ServerSpec) -> Result<(Connection, Listing), String> {
+        let connection = Connection::open(spec, self.events.clone())
+            .await
+            .map_err(|error| error.to_string())?;
+        let listing = connection.list().await.map_err(|error| error.to_string())?;
+        Ok((connection, listing))
+    }
+
+    async fn open(&self, spec: &ServerSpec) {
         let started = Instant::now();
-        let opened = match Connection::open(spec, events).await {
-            Ok(connection) => match connection.list().await {
-                Ok(listing) => Ok((connection, listing)),
-                Err(error) => Err(error.to_string()),
-            },
-            Err(error) => Err(error.to_string()),
-        };
+        let opened = self.connect(spec).await;
         let Some(mut state) = self.servers.get_mut(&spec.name) else {
             return;
         };
@@ -167,6 +184,9 @@ impl Registry {
     pub fn unavailable_reason(&self, server: &ServerName) -> String {
         match self.servers.get(server).map(|state| state.status.clone()) {
             Some(Status::Failed(reason)) => format!("server `{server}` is down: {reason}"),
+            Some(Status::Reconnecting { attempt, error }) => {
+                format!("server `{server}` is reconnecting (attempt {attempt}): {error}")
+            }
             Some(status) => format!("server `{server}` is {}", status.label()),
             None => format!("server `{server}` is not configured"),
         }
@@ -178,7 +198,7 @@ impl Registry {
             .servers
             .iter_mut()
             .filter_map(|mut state| {
-                if state.status == Status::Ready {
+                if matches!(state.status, Status::Ready | Status::Reconnecting { .. }) {
                     state.status = Status::Stopped;
                 }
                 state.connection.take()
@@ -201,7 +221,7 @@ impl Registry {
         self.catalog.send_replace(Arc::new(catalog));
     }
 
-    async fn handle(&self, event: Event) {
+    async fn handle(self: &Arc<Self>, event: Event) {
         match event {
             Event::ListChanged { server, kind } => self.relist(&server, kind).await,
             Event::Closed { server, reason } => {
@@ -212,10 +232,21 @@ impl Registry {
                     return;
                 }
                 tracing::error!(server = %server, reason = %reason, "downstream connection ended");
-                state.status = Status::Failed(format!("connection ended: {reason}"));
+                let remote = !matches!(state.spec.transport, crate::config::Transport::Stdio(_));
                 state.connection = None;
+                state.status = if remote {
+                    Status::Reconnecting {
+                        attempt: 1,
+                        error: format!("connection ended: {reason}"),
+                    }
+                } else {
+                    Status::Failed(format!("connection ended: {reason}"))
+                };
                 drop(state);
                 self.publish();
+                if remote {
+                    tokio::spawn(reconnect(Arc::downgrade(self), server));
+                }
             }
         }
     }
@@ -245,6 +276,51 @@ impl Registry {
         if changed {
             tracing::info!(server = %server, ?kind, "downstream list changed");
             self.publish();
+        }
+    }
+}
+
+/// Reach a remote server again after its connection ended, waiting longer after each failure,
+/// until it answers or the registry stops. Its tools return (with a list-changed notification to
+/// clients) when it does.
+async fn reconnect(registry: std::sync::Weak<Registry>, server: ServerName) {
+    let mut delay = RECONNECT_FIRST_DELAY;
+    let mut attempt = 1;
+    loop {
+        // Full jitter, so many conductors do not knock on a recovering server all at once.
+        tokio::time::sleep(delay.mul_f64(0.5 + fastrand::f64() / 2.0)).await;
+        let Some(registry) = registry.upgrade() else {
+            return;
+        };
+        let spec = match registry.servers.get(&server) {
+            Some(state) if matches!(state.status, Status::Reconnecting { .. }) => {
+                state.spec.clone()
+            }
+            _ => return,
+        };
+        let outcome = registry.connect(&spec).await;
+        let Some(mut state) = registry.servers.get_mut(&server) else {
+            return;
+        };
+        if !matches!(state.status, Status::Reconnecting { .. }) {
+            return; // stopped meanwhile
+        }
+        match outcome {
+            Ok((connection, listing)) => {
+                tracing::info!(server = %server, attempt, tools = listing.tools.len(), "downstream reconnected");
+                state.status = Status::Ready;
+                state.connection = Some(Arc::new(connection));
+                state.listing = listing;
+                drop(state);
+                registry.publish();
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(server = %server, attempt, error = %error, "downstream still unreachable");
+                attempt += 1;
+                state.status = Status::Reconnecting { attempt, error };
+                delay = (delay * 2).min(RECONNECT_MAX_DELAY);
+            }
         }
     }
 }

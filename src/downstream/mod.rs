@@ -237,7 +237,12 @@ fn http_config(http: &HttpSpec) -> Result<StreamableHttpClientTransportConfig, C
         .into_iter()
         .filter_map(|(name, value)| name.map(|name| (name, value)))
         .collect();
-    Ok(StreamableHttpClientTransportConfig::with_uri(http.url.clone()).custom_headers(headers))
+    // A server that restarted has forgotten our session: start a new one rather than fail.
+    Ok(
+        StreamableHttpClientTransportConfig::with_uri(http.url.clone())
+            .custom_headers(headers)
+            .reinit_on_expired_session(true),
+    )
 }
 
 fn tolerate_missing<T>(

@@ -330,8 +330,13 @@ async fn readyz(State(shared): State<Shared>) -> Response {
                 "status": state.status.label(),
                 "tools": state.listing.tools.len(),
             });
-            if let (true, Status::Failed(reason)) = (show_errors, &state.status) {
-                entry["error"] = json!(reason);
+            match (show_errors, &state.status) {
+                (true, Status::Failed(reason)) => entry["error"] = json!(reason),
+                (true, Status::Reconnecting { attempt, error }) => {
+                    entry["attempt"] = json!(attempt);
+                    entry["error"] = json!(error);
+                }
+                _ => {}
             }
             entry
         })

@@ -228,6 +228,10 @@ impl Listening {
             .local_addr()
             .unwrap()
             .port();
+        Listening::start_on(port, program, args).await
+    }
+
+    async fn start_on(port: u16, program: &str, args: &[&str]) -> Self {
         let args: Vec<String> = args
             .iter()
             .map(|arg| arg.replace("{port}", &port.to_string()))
@@ -310,5 +314,84 @@ async fn third_party_http_servers_are_reached_over_both_transports() {
         )
         .await;
         assert_eq!(text_of(&result), format!("Echo: {server}"));
+    }
+}
+
+/// A remote server that goes away is reached again when it comes back, and its tools return.
+#[tokio::test]
+async fn remote_servers_that_restart_are_reconnected() {
+    let fixture = project_root()
+        .join("tests/peers/py_fixture_server.py")
+        .display()
+        .to_string();
+    let python = super::support::python();
+    let sse_args = [fixture.as_str(), "--transport", "sse", "--port", "{port}"];
+    let http_args = [
+        fixture.as_str(),
+        "--transport",
+        "streamable-http",
+        "--port",
+        "{port}",
+    ];
+    let sse = Listening::start(&python, &sse_args).await;
+    let http = Listening::start(&python, &http_args).await;
+    let (sse_port, http_port) = (sse.port, http.port);
+    let config = TestConfig::new(&format!(
+        "[servers.old]\nurl = \"http://127.0.0.1:{sse_port}/sse\"\ntransport = \"sse\"\n\n\
+         [servers.new]\nurl = \"http://127.0.0.1:{http_port}/mcp\"\n"
+    ));
+    let session = serve(&config).await;
+    let recorder = session.service().recorder.clone();
+    for server in ["old", "new"] {
+        assert_eq!(
+            text_of(
+                &call(
+                    &session,
+                    &format!("{server}__echo"),
+                    json!({"message": "before"})
+                )
+                .await
+            ),
+            "Echo: before"
+        );
+    }
+
+    drop(sse);
+    drop(http);
+    // The SSE stream ends at once: the server's tools leave the catalog.
+    recorder
+        .wait_for("notifications/tools/list_changed", 1)
+        .await;
+    let names: Vec<String> = session
+        .list_all_tools()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    assert!(
+        !names.iter().any(|name| name.starts_with("old__")),
+        "{names:?}"
+    );
+
+    let _sse = Listening::start_on(sse_port, &python, &sse_args).await;
+    let _http = Listening::start_on(http_port, &python, &http_args).await;
+    recorder
+        .wait_for("notifications/tools/list_changed", 2)
+        .await;
+    for server in ["old", "new"] {
+        let mut answer = String::new();
+        for _ in 0..50 {
+            let params = rmcp::model::CallToolRequestParams::new(format!("{server}__echo"))
+                .with_arguments(json!({"message": "after"}).as_object().cloned().unwrap());
+            if let Ok(result) = session.call_tool(params).await
+                && result.is_error != Some(true)
+            {
+                answer = text_of(&result);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        assert_eq!(answer, "Echo: after", "{server} is served again");
     }
 }
