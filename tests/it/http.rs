@@ -4,7 +4,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use super::support::{
-    CONDUCTOR, HttpConductor, TestConfig, call, http_session, py_client, text_of,
+    CONDUCTOR, HttpConductor, TestConfig, call, http_session, py_client, text_of, tool_names,
 };
 
 const TOKEN: &str = "a-test-token-0123456789";
@@ -40,13 +40,7 @@ async fn clients_use_every_tool_over_streamable_http() {
     let server = HttpConductor::start(&config).await;
 
     let session = http_session(&server.mcp(), None).await;
-    let names: Vec<String> = session
-        .list_all_tools()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|t| t.name.to_string())
-        .collect();
+    let names: Vec<String> = tool_names(&session).await;
     assert!(
         names.contains(&"echo__echo".to_owned()) && names.contains(&"orchestrate".to_owned()),
         "{names:?}"

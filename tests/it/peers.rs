@@ -5,6 +5,7 @@ use serde_json::{Value, json};
 
 use super::support::{
     CONDUCTOR, TestConfig, call, conductor_cli, node_server, project_root, serve, text_of,
+    tool_names,
 };
 
 /// The Python client against `conductor serve` over stdio.
@@ -362,13 +363,7 @@ async fn remote_servers_that_restart_are_reconnected() {
     recorder
         .wait_for("notifications/tools/list_changed", 1)
         .await;
-    let names: Vec<String> = session
-        .list_all_tools()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|t| t.name.to_string())
-        .collect();
+    let names: Vec<String> = tool_names(&session).await;
     assert!(
         !names.iter().any(|name| name.starts_with("old__")),
         "{names:?}"

@@ -12,7 +12,7 @@ use rmcp::service::{PeerRequestOptions, ServiceError};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use super::support::{HttpFixture, TestConfig, call, serve, text_of};
+use super::support::{HttpFixture, TestConfig, call, serve, text_of, tool_names};
 
 fn to_json<T: serde::Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap()
@@ -280,13 +280,7 @@ async fn a_downstream_that_exits_mid_call_fails_that_call_and_nothing_else() {
     recorder
         .wait_for("notifications/tools/list_changed", 1)
         .await;
-    let names: Vec<String> = session
-        .list_all_tools()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|t| t.name.to_string())
-        .collect();
+    let names: Vec<String> = tool_names(&session).await;
     assert!(
         !names.iter().any(|name| name.starts_with("crashy__")),
         "{names:?}"

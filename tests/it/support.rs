@@ -315,3 +315,14 @@ pub async fn py_client(options: &[&str], target: &[&str]) -> serde_json::Value {
     );
     serde_json::from_str(&stdout).expect("the Python client prints JSON")
 }
+
+/// The names of every tool a session lists.
+pub async fn tool_names(session: &Session) -> Vec<String> {
+    session
+        .list_all_tools()
+        .await
+        .expect("tools/list answers")
+        .into_iter()
+        .map(|tool| tool.name.to_string())
+        .collect()
+}
