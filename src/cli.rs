@@ -184,10 +184,16 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     );
     let outcome = match server.serve(rmcp::transport::stdio()).await {
         Ok(service) => {
+            let stop = service.cancellation_token();
+            let waiting = service.waiting();
+            tokio::pin!(waiting);
             tokio::select! {
-                quit = service.waiting() => quit.map(|_| ()).context("the stdio session failed"),
+                quit = &mut waiting => quit.map(|_| ()).context("the stdio session failed"),
                 () = shutdown_signal() => {
-                    tracing::info!("shutting down on signal");
+                    // The session keeps serving while requests in flight finish.
+                    drain(&registry).await;
+                    stop.cancel();
+                    let _ = waiting.await;
                     Ok(())
                 }
             }
@@ -216,15 +222,29 @@ async fn serve_http(config: Config, address: std::net::SocketAddr) -> anyhow::Re
     let app = crate::http::app(registry.clone(), orchestrator, bound, sessions_end.clone());
     // Scripts and tests read the address from this line (the port may have been 0).
     tracing::info!(address = %bound, "serving Streamable HTTP at http://{bound}/mcp");
+    let draining = registry.clone();
     let outcome = crate::http::serve(listener, app, async move {
         shutdown_signal().await;
-        tracing::info!("shutting down: finishing requests in flight");
+        drain(&draining).await;
         sessions_end.cancel();
     })
     .await;
     registry.shutdown().await;
     outcome.context("the HTTP server failed")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long shutdown waits for requests in flight before it stops anyway.
+const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Let the requests in flight finish (up to a deadline), then give their answers a moment to
+/// leave before the sessions close.
+async fn drain(registry: &Registry) {
+    tracing::info!("shutting down: finishing requests in flight");
+    if !registry.drained(DRAIN_DEADLINE).await {
+        tracing::warn!("requests still in flight after the shutdown deadline; stopping anyway");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
 }
 
 async fn shutdown_signal() {

@@ -70,6 +70,20 @@ pub struct Registry {
     catalog: watch::Sender<Arc<Catalog>>,
     /// Where connections report what happens to them.
     events: mpsc::UnboundedSender<Event>,
+    /// Client requests being served, so shutdown can let them finish.
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts one request in flight until dropped.
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a Registry);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Waits between attempts to reach a remote server again: doubling from the first, capped.
@@ -86,6 +100,7 @@ impl Registry {
             catalog: watch::Sender::new(Arc::new(Catalog::default())),
             config,
             events: events_tx,
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
         });
         for spec in &registry.config.servers {
             let status = if spec.enabled {
@@ -190,6 +205,25 @@ impl Registry {
             Some(status) => format!("server `{server}` is {}", status.label()),
             None => format!("server `{server}` is not configured"),
         }
+    }
+
+    /// Count a request in flight while the returned guard lives.
+    pub fn track(&self) -> InFlight<'_> {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlight(self)
+    }
+
+    /// Wait until no request is in flight, or `deadline` passes; say which.
+    pub async fn drained(&self, deadline: Duration) -> bool {
+        let until = Instant::now() + deadline;
+        while self.in_flight.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
     }
 
     /// Stop every downstream, each with a grace period to exit by itself.

@@ -254,6 +254,7 @@ impl Router {
         timeout: Option<Duration>,
         cancel: &CancellationToken,
     ) -> Result<ServerResult, CallError> {
+        let _in_flight = self.registry.track();
         let Some(connection) = self.registry.connection(server) else {
             return Err(CallError::Unavailable(
                 self.registry.unavailable_reason(server),

@@ -97,6 +97,8 @@ impl ServerHandler for ConductorServer {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
+        // A whole workflow counts as in flight, between its steps too.
+        let _in_flight = self.router.registry().track();
         let saved = saved::find(self.router.registry().config(), &request.name);
         if request.name == orchestrate::TOOL_NAME || saved.is_some() {
             let arguments = request.arguments.unwrap_or_default();

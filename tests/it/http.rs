@@ -432,3 +432,86 @@ async fn the_conformance_suite_passes_all_but_its_baseline() {
     );
     assert!(stdout.contains("Total: 23 passed, 9 failed"), "{stdout}");
 }
+
+#[tokio::test]
+async fn delete_ends_a_session_and_sessions_are_isolated() {
+    let config = TestConfig::fixtures(&[("echo", "echo")]);
+    let server = HttpConductor::start(&config).await;
+
+    // DELETE with the session id ends the session; it is unknown afterwards.
+    let (status, headers, _) = post(&server.mcp(), &initialize().to_string(), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let session_id = headers["mcp-session-id"].to_str().unwrap().to_owned();
+    let deleted = reqwest::Client::new()
+        .delete(server.mcp())
+        .header("mcp-session-id", &session_id)
+        .header("mcp-protocol-version", "2025-06-18")
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success(), "{}", deleted.status());
+    let ping = json!({"jsonrpc": "2.0", "id": 2, "method": "ping"}).to_string();
+    let (status, _, _) = post(
+        &server.mcp(),
+        &ping,
+        &[
+            ("mcp-session-id", &session_id),
+            ("mcp-protocol-version", "2025-06-18"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Progress goes only to the session whose request caused it.
+    let busy = http_session(&server.mcp(), None).await;
+    let quiet = http_session(&server.mcp(), None).await;
+    let workflow = json!({"steps": [{"id": "each", "tool": "echo__echo", "for_each": "${{ [1, 2, 3] }}", "args": {"text": "${{ item | string }}"}}]});
+    let params = rmcp::model::CallToolRequestParams::new("orchestrate")
+        .with_arguments(workflow.as_object().cloned().unwrap());
+    // rmcp's client puts a progress token on every request it sends.
+    let request = rmcp::model::CallToolRequest::new(params);
+    busy.peer()
+        .send_request(rmcp::model::ClientRequest::CallToolRequest(request))
+        .await
+        .unwrap();
+    busy.service()
+        .recorder
+        .wait_for("notifications/progress", 4)
+        .await;
+    assert_eq!(quiet.service().recorder.count("notifications/progress"), 0);
+    assert_eq!(
+        text_of(&call(&quiet, "echo__echo", json!({"text": "quiet"})).await),
+        "quiet"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_lets_requests_in_flight_finish() {
+    let config = TestConfig::fixtures(&[("slow", "slow")]);
+    let mut server = HttpConductor::start(&config).await;
+    let session = http_session(&server.mcp(), None).await;
+    let slow =
+        tokio::spawn(async move { call(&session, "slow__sleep", json!({"ms": 1500})).await });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let pid = server.child.id().expect("conductor runs");
+    let signalled = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await
+        .unwrap();
+    assert!(signalled.success());
+    let result = tokio::time::timeout(std::time::Duration::from_secs(20), slow)
+        .await
+        .expect("the call in flight is answered, not cut off")
+        .unwrap();
+    assert_eq!(
+        text_of(&result),
+        "slept 1500 ms",
+        "the call in flight was answered"
+    );
+    let status = tokio::time::timeout(std::time::Duration::from_secs(20), server.child.wait())
+        .await
+        .expect("conductor exits")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}

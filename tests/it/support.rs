@@ -149,6 +149,14 @@ impl ClientHandler for TestClient {
     async fn on_resource_list_changed(&self, _context: NotificationContext<RoleClient>) {
         self.recorder.record("notifications/resources/list_changed");
     }
+
+    async fn on_progress(
+        &self,
+        _params: rmcp::model::ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        self.recorder.record("notifications/progress");
+    }
 }
 
 pub type Session = RunningService<RoleClient, TestClient>;
@@ -243,7 +251,7 @@ pub async fn conductor_cli(config: &Path, args: &[&str]) -> (i32, String, String
 pub struct HttpConductor {
     pub base: String,
     /// Held so that dropping the guard kills the process.
-    _child: tokio::process::Child,
+    pub child: tokio::process::Child,
 }
 
 impl HttpConductor {
@@ -271,10 +279,7 @@ impl HttpConductor {
         .expect("conductor serves within 30 seconds");
         // Keep reading stderr so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        HttpConductor {
-            base,
-            _child: child,
-        }
+        HttpConductor { base, child }
     }
 
     pub fn mcp(&self) -> String {
