@@ -26,6 +26,8 @@ pub const DEFAULT_SEPARATOR: &str = "__";
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_KEEP_RUNS: Duration = Duration::from_secs(24 * 3600);
+/// An environment variable whose value is accepted as a bearer token, besides `[http] tokens`.
+pub const TOKEN_VARIABLE: &str = "CONDUCTOR_TOKEN";
 
 /// A whole, valid configuration.
 #[derive(Debug, Clone)]
@@ -286,10 +288,22 @@ fn validate(
             .collect(),
         None => Vec::new(),
     };
-    let http = root
+    let mut http = root
         .table("http", problems)
         .map(|table| read_http(table, env, problems))
         .unwrap_or_default();
+    // A token may also come from the environment alone, with no `[http]` table at all.
+    if let Some(token) = env(TOKEN_VARIABLE).filter(|token| !token.is_empty()) {
+        if token.len() >= 16 {
+            http.tokens.push(token);
+        } else {
+            problems.add_with_hint(
+                0..0,
+                format!("`{TOKEN_VARIABLE}` is set but shorter than 16 characters"),
+                Some("generate one with `openssl rand -hex 32`"),
+            );
+        }
+    }
     root.finish(problems);
     Some(Config {
         path: path.to_owned(),

@@ -33,8 +33,8 @@ use crate::server::ConductorServer;
 pub enum HttpError {
     #[error(
         "refusing to serve on {0} without authentication: anyone who can reach it could call every tool. \
-         Set tokens in servers.toml (`[http] tokens = [\"${{CONDUCTOR_TOKEN}}\"]`, at least 16 characters), \
-         or serve on a loopback address such as 127.0.0.1"
+         Set a token of at least 16 characters in the environment as `CONDUCTOR_TOKEN`, or in servers.toml \
+         (`[http] tokens = [\"${{MY_TOKEN}}\"]`), or serve on a loopback address such as 127.0.0.1"
     )]
     Unauthenticated(SocketAddr),
 }

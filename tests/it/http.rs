@@ -515,3 +515,16 @@ async fn shutdown_lets_requests_in_flight_finish() {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test]
+async fn a_token_may_come_from_the_environment() {
+    let config = TestConfig::fixtures(&[("echo", "echo")]);
+    let server = HttpConductor::start_with(&config, &[("CONDUCTOR_TOKEN", TOKEN)]).await;
+    let (status, _, _) = post(&server.mcp(), &initialize().to_string(), &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let session = http_session(&server.mcp(), Some(TOKEN)).await;
+    assert_eq!(
+        text_of(&call(&session, "echo__echo", json!({"text": "env"})).await),
+        "env"
+    );
+}

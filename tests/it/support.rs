@@ -256,9 +256,15 @@ pub struct HttpConductor {
 
 impl HttpConductor {
     pub async fn start(config: &TestConfig) -> Self {
+        HttpConductor::start_with(config, &[]).await
+    }
+
+    /// Start with these environment variables set.
+    pub async fn start_with(config: &TestConfig, env: &[(&str, &str)]) -> Self {
         let mut child = tokio::process::Command::new(CONDUCTOR)
             .args(["serve", "--http", "127.0.0.1:0", "--config"])
             .arg(&config.path)
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
