@@ -1,6 +1,7 @@
 //! Serving over HTTP: Streamable HTTP at `/mcp` (rmcp's service, one `ConductorServer` per
 //! session), the legacy HTTP+SSE transport at `/sse` and `/messages` (module `sse`), `/healthz` and
 //! `/readyz`, behind bearer-token authentication, a check of every POST body, and a session cap.
+//! Streams are resumable: their events are kept (module `events`) for a client that reconnects.
 //!
 //! The app is a value ([`app`]) so tests can drive it; [`serve`] takes a bound listener and a
 //! shutdown signal.
@@ -20,6 +21,7 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
+mod events;
 mod sse;
 
 use crate::config::HttpSettings;
@@ -76,7 +78,8 @@ pub fn app(
     let settings = registry.config().http.clone();
     let mut session_config = SessionConfig::default();
     session_config.keep_alive = Some(settings.session_idle);
-    let mut sessions = LocalSessionManager::default();
+    let mut sessions = LocalSessionManager::default()
+        .with_event_store(Arc::new(events::MemoryEventStore::default()));
     sessions.session_config = session_config;
     let sessions = Arc::new(sessions);
 

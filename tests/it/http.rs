@@ -528,3 +528,71 @@ async fn a_token_may_come_from_the_environment() {
         "env"
     );
 }
+
+/// A client whose stream dropped mid-call reconnects with `Last-Event-ID` and gets the answer,
+/// whether the call finished while it was away or finishes after it is back.
+#[tokio::test]
+async fn dropped_streams_resume_with_last_event_id() {
+    let config = TestConfig::fixtures(&[("slow", "slow")]);
+    let server = HttpConductor::start(&config).await;
+    let (_, headers, _) = post(&server.mcp(), &initialize().to_string(), &[]).await;
+    let session_id = headers["mcp-session-id"].to_str().unwrap().to_owned();
+    let session = [
+        ("mcp-session-id", session_id.as_str()),
+        ("mcp-protocol-version", "2025-06-18"),
+    ];
+    post(
+        &server.mcp(),
+        &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string(),
+        &session,
+    )
+    .await;
+
+    for (away_ms, call_ms) in [(1200, 600), (0, 800)] {
+        let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                          "params": {"name": "slow__sleep", "arguments": {"ms": call_ms}}});
+        let mut response = reqwest::Client::new()
+            .post(server.mcp())
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header(session[0].0, session[0].1)
+            .header(session[1].0, session[1].1)
+            .body(call.to_string())
+            .send()
+            .await
+            .unwrap();
+        // Read until the first event id, then drop the connection.
+        let mut seen = String::new();
+        let last_event_id = loop {
+            let chunk = response
+                .chunk()
+                .await
+                .unwrap()
+                .expect("an event before the answer");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if let Some(line) = seen.lines().find(|line| line.starts_with("id:")) {
+                break line["id:".len()..].trim().to_owned();
+            }
+        };
+        drop(response);
+        tokio::time::sleep(std::time::Duration::from_millis(away_ms)).await;
+        let resumed = reqwest::Client::new()
+            .get(server.mcp())
+            .header("accept", "text/event-stream")
+            .header("last-event-id", &last_event_id)
+            .header(session[0].0, session[0].1)
+            .header(session[1].0, session[1].1)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resumed.status(), StatusCode::OK);
+        let body = tokio::time::timeout(std::time::Duration::from_secs(10), resumed.text())
+            .await
+            .expect("the resumed stream ends after the answer")
+            .unwrap();
+        assert!(
+            body.contains(&format!("slept {call_ms} ms")),
+            "away {away_ms} ms: {body}"
+        );
+    }
+}
