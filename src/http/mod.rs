@@ -102,6 +102,9 @@ pub fn app(
         .with_allowed_origins(origins.clone())
         .enforce_origin_validation()
         .with_max_request_body_bytes(settings.max_body_bytes)
+        // Stateless (2026-07-28) requests get a plain JSON answer when nothing streams before
+        // it, and SSE when progress or notifications come first.
+        .with_json_response(true)
         .with_cancellation_token(shutdown.clone());
 
     let router = Router::new(registry.clone());

@@ -596,3 +596,33 @@ async fn dropped_streams_resume_with_last_event_id() {
         );
     }
 }
+
+/// A 2026-07-28 request carries its own metadata and needs no session; a simple answer comes
+/// back as plain JSON.
+#[tokio::test]
+async fn stateless_requests_get_plain_json_answers() {
+    let config = TestConfig::fixtures(&[("echo", "echo")]);
+    let server = HttpConductor::start(&config).await;
+    let meta = json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"},
+        "io.modelcontextprotocol/clientCapabilities": {}
+    });
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                      "params": {"name": "echo__echo", "arguments": {"text": "stateless"}, "_meta": meta}});
+    let headers = [
+        ("mcp-protocol-version", "2026-07-28"),
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "echo__echo"),
+    ];
+    let (status, response_headers, body) = post(&server.mcp(), &call.to_string(), &headers).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(response_headers["content-type"], "application/json");
+    assert!(
+        !response_headers.contains_key("mcp-session-id"),
+        "no session for a stateless request"
+    );
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["result"]["structuredContent"]["text"], "stateless");
+    assert_eq!(answer["result"]["resultType"], "complete");
+}
