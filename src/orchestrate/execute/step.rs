@@ -253,31 +253,49 @@ async fn run_single(
         would_call.push(preview_call(step, tool, None, rendered));
         return not_called();
     }
-    let args = match rendered {
-        Ok(Value::Object(args)) => args,
-        Ok(_) => {
-            return failed(
-                StepError {
-                    kind: FailureKind::TypeError,
-                    message: "`args` must be an object".to_owned(),
-                },
-                0,
-            );
-        }
-        Err(error) => return failed(expression_failure(error), 0),
-    };
-    let called = call_with_retry(
-        context,
-        tool,
-        args,
-        &retry_for(context, tool, step),
-        step.timeout_ms.map(Duration::from_millis),
-    )
-    .await;
+    let called = call_step(context, step, tool, rendered).await;
     match called.result {
         Ok(output) => succeeded(output, called.attempts),
         Err(error) => failed(error, called.attempts),
     }
+}
+
+/// The step's tool called with its rendered arguments, retried by the step's policy. Arguments
+/// that did not render, or are not an object, fail before any call.
+async fn call_step(
+    context: &Context,
+    step: &Step,
+    tool: &str,
+    rendered: Result<Value, ExprError>,
+) -> Called {
+    let args = match rendered {
+        Ok(Value::Object(args)) => args,
+        Ok(_) => {
+            let error = StepError {
+                kind: FailureKind::TypeError,
+                message: "`args` must be an object".to_owned(),
+            };
+            return Called {
+                result: Err(error),
+                attempts: 0,
+            };
+        }
+        Err(error) => {
+            return Called {
+                result: Err(expression_failure(error)),
+                attempts: 0,
+            };
+        }
+    };
+    let retry = retry_for(context, tool, step);
+    call_with_retry(
+        context,
+        tool,
+        args,
+        &retry,
+        step.timeout_ms.map(Duration::from_millis),
+    )
+    .await
 }
 
 /// In preview, a write is not made; its dependants still get to show what they would do.
@@ -528,37 +546,7 @@ async fn run_item(
             Some(call),
         );
     }
-    let args = match rendered {
-        Ok(Value::Object(args)) => args,
-        Ok(_) => {
-            let error = StepError {
-                kind: FailureKind::TypeError,
-                message: "`args` must be an object".to_owned(),
-            };
-            return (
-                item_record(item, StepStatus::Failed, Value::Null),
-                0,
-                Some(error),
-                None,
-            );
-        }
-        Err(error) => {
-            return (
-                item_record(item, StepStatus::Failed, Value::Null),
-                0,
-                Some(expression_failure(error)),
-                None,
-            );
-        }
-    };
-    let called = call_with_retry(
-        context,
-        tool,
-        args,
-        &retry_for(context, tool, step),
-        step.timeout_ms.map(Duration::from_millis),
-    )
-    .await;
+    let called = call_step(context, step, tool, rendered).await;
     match called.result {
         Ok(output) => (
             item_record(item, StepStatus::Succeeded, output),
