@@ -5,21 +5,25 @@
 
 mod diagnostic;
 mod expand;
+mod http;
 mod reader;
+mod server;
+mod workflows;
+
+pub use workflows::WORKFLOW_BODY_KEYS;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
-use toml::Spanned;
-use toml::de::{DeTable, DeValue};
+use globset::GlobSet;
+use toml::de::DeTable;
 
 use diagnostic::Problems;
 pub use diagnostic::{ConfigError, Problem, did_you_mean};
 pub use expand::{ExpandError, expand};
-use reader::{Table, Value, as_table, wrong_type};
+use reader::Table;
 
 /// The separator between a server's prefix and a tool or prompt name, unless configured.
 pub const DEFAULT_SEPARATOR: &str = "__";
@@ -277,20 +281,22 @@ fn validate(
     let servers = match root.table("servers", problems) {
         Some(table) => table
             .entries()
-            .filter_map(|(name, value)| read_server(name, value, &defaults, &folder, env, problems))
+            .filter_map(|(name, value)| {
+                server::read_server(name, value, &defaults, &folder, env, problems)
+            })
             .collect(),
         None => Vec::new(),
     };
     let workflows = match root.table("workflows", problems) {
         Some(table) => table
             .entries()
-            .filter_map(|(name, value)| read_workflow(name, value, problems))
+            .filter_map(|(name, value)| workflows::read_workflow(name, value, problems))
             .collect(),
         None => Vec::new(),
     };
     let mut http = root
         .table("http", problems)
-        .map(|table| read_http(table, env, problems))
+        .map(|table| http::read_http(table, env, problems))
         .unwrap_or_default();
     // A token may also come from the environment alone, with no `[http]` table at all.
     if let Some(token) = env(TOKEN_VARIABLE).filter(|token| !token.is_empty()) {
@@ -358,509 +364,6 @@ pub fn is_valid_public_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
 }
 
-fn read_server(
-    name: Spanned<String>,
-    value: &Value<'_>,
-    defaults: &Defaults,
-    folder: &Path,
-    env: &dyn Fn(&str) -> Option<String>,
-    problems: &mut Problems,
-) -> Option<ServerSpec> {
-    let server_name = check_server_name(&name, &defaults.separator, problems);
-    let mut table = as_table(value, format!("servers.{}", name.get_ref()), problems)?;
-    let expanded = |text: Option<Spanned<String>>, what: &str, problems: &mut Problems| {
-        let text = text?;
-        match expand(text.get_ref(), env) {
-            Ok(value) => Some(value),
-            Err(error) => {
-                let hint = matches!(error, ExpandError::Missing(_)).then(|| {
-                    "set it in the environment conductor starts in, or give a default: `${NAME:-value}`"
-                });
-                problems.add_with_hint(
-                    text.span(),
-                    format!("server `{}`: `{what}`: {error}", name.get_ref()),
-                    hint,
-                );
-                None
-            }
-        }
-    };
-
-    let command = table.string("command", problems);
-    let url = table.string("url", problems);
-    let transport_kind = table.string("transport", problems);
-    let args = table.strings("args", problems);
-    let env_vars = table.string_map("env", problems);
-    let cwd = table.string("cwd", problems);
-    let headers = table.string_map("headers", problems);
-    let enabled = table.bool("enabled", problems).unwrap_or(true);
-    let prefix = read_prefix(&mut table, &defaults.separator, problems);
-    let startup_timeout =
-        read_duration(&mut table, "startup_timeout", problems).unwrap_or(defaults.startup_timeout);
-    let call_timeout =
-        read_duration(&mut table, "call_timeout", problems).unwrap_or(defaults.call_timeout);
-    let tools = table
-        .table("tools", problems)
-        .map(|tools| read_tool_rules(tools, problems))
-        .unwrap_or_default();
-
-    // `command` means stdio; `url` means Streamable HTTP unless `transport = "sse"` asks for
-    // the legacy HTTP+SSE transport.
-    let legacy_sse = transport_kind
-        .as_ref()
-        .is_some_and(|kind| kind.get_ref() == "sse");
-    if let Some(kind) = &transport_kind {
-        let fits = match kind.get_ref().as_str() {
-            "stdio" => Some(url.is_none()),
-            "streamable-http" | "sse" => Some(url.is_some()),
-            _ => None,
-        };
-        match fits {
-            Some(true) => {}
-            Some(false) => problems.add_with_hint(
-                kind.span(),
-                format!(
-                    "server `{}`: `transport = \"{}\"` does not match the server's {}",
-                    name.get_ref(),
-                    kind.get_ref(),
-                    if url.is_some() { "`url`" } else { "`command`" }
-                ),
-                Some("`stdio` goes with `command`; `streamable-http` and `sse` go with `url`"),
-            ),
-            None => problems.add_with_hint(
-                kind.span(),
-                format!(
-                    "server `{}`: unknown transport `{}`",
-                    name.get_ref(),
-                    kind.get_ref()
-                ),
-                Some("use `stdio`, `streamable-http` or `sse` (the legacy HTTP+SSE transport)"),
-            ),
-        }
-    }
-
-    let transport = match (command, url) {
-        (Some(command), None) => {
-            for (key, value) in headers.iter() {
-                problems.add(
-                    key.span().start..value.span().end,
-                    format!(
-                        "server `{}`: `headers` only apply to a server with `url`",
-                        name.get_ref()
-                    ),
-                );
-            }
-            let command = expanded(Some(command), "command", problems);
-            let args: Vec<Option<String>> = args
-                .unwrap_or_default()
-                .into_iter()
-                .map(|arg| expanded(Some(arg), "args", problems))
-                .collect();
-            let env_vars: Vec<Option<(String, String)>> = env_vars
-                .into_iter()
-                .map(|(key, value)| {
-                    let what = format!("env.{}", key.get_ref());
-                    expanded(Some(value), &what, problems).map(|value| (key.into_inner(), value))
-                })
-                .collect();
-            let cwd = match cwd {
-                Some(cwd) => expanded(Some(cwd), "cwd", problems).map(|cwd| folder.join(cwd)),
-                None => Some(folder.to_path_buf()),
-            };
-            // A relative path to a program (`bin/server`) is relative to the folder the server
-            // starts in, like its arguments, whichever folder conductor itself was started in.
-            let command = match (command, &cwd) {
-                (Some(command), Some(cwd))
-                    if command.contains('/') && Path::new(&command).is_relative() =>
-                {
-                    Some(cwd.join(command).display().to_string())
-                }
-                (command, _) => command,
-            };
-            Some(Transport::Stdio(StdioSpec {
-                command: command?,
-                args: args.into_iter().collect::<Option<_>>()?,
-                env: env_vars.into_iter().collect::<Option<_>>()?,
-                cwd: cwd?,
-            }))
-        }
-        (None, Some(url)) => {
-            let span = url.span();
-            for key in ["args", "env", "cwd"] {
-                if let Some(value) = table.get(key) {
-                    problems.add(
-                        value.span(),
-                        format!(
-                            "server `{}`: `{key}` only applies to a server with `command`",
-                            name.get_ref()
-                        ),
-                    );
-                }
-            }
-            let url = expanded(Some(url), "url", problems);
-            if let Some(url) = &url
-                && !(url.starts_with("http://") || url.starts_with("https://"))
-            {
-                problems.add_with_hint(
-                    span,
-                    format!(
-                        "server `{}`: `url` must start with `http://` or `https://`",
-                        name.get_ref()
-                    ),
-                    Some("a Streamable HTTP endpoint usually ends in `/mcp`"),
-                );
-            }
-            let headers: Vec<Option<(String, String)>> = headers
-                .into_iter()
-                .map(|(key, value)| {
-                    let what = format!("headers.{}", key.get_ref());
-                    expanded(Some(value), &what, problems).map(|value| (key.into_inner(), value))
-                })
-                .collect();
-            let spec = HttpSpec {
-                url: url?,
-                headers: headers.into_iter().collect::<Option<_>>()?,
-            };
-            Some(if legacy_sse {
-                Transport::Sse(spec)
-            } else {
-                Transport::StreamableHttp(spec)
-            })
-        }
-        (Some(command), Some(_)) => {
-            problems.add_with_hint(
-                command.span(),
-                format!("server `{}` has both `command` and `url`", name.get_ref()),
-                Some("a server is either a local process (`command`) or a remote one (`url`)"),
-            );
-            None
-        }
-        (None, None) => {
-            problems.add_with_hint(
-                name.span(),
-                format!("server `{}` has neither `command` nor `url`", name.get_ref()),
-                Some("add `command = \"...\"` for a local process or `url = \"https://...\"` for a remote server"),
-            );
-            None
-        }
-    };
-    table.finish(problems);
-    Some(ServerSpec {
-        name: server_name?,
-        transport: transport?,
-        enabled,
-        prefix,
-        startup_timeout,
-        call_timeout,
-        tools,
-    })
-}
-
-fn read_http(
-    mut table: Table<'_, '_>,
-    env: &dyn Fn(&str) -> Option<String>,
-    problems: &mut Problems,
-) -> HttpSettings {
-    let defaults = HttpSettings::default();
-    let mut tokens = Vec::new();
-    for token in table.strings("tokens", problems).unwrap_or_default() {
-        match expand(token.get_ref(), env) {
-            Ok(value) if value.len() >= 16 => tokens.push(value),
-            Ok(_) => problems.add_with_hint(
-                token.span(),
-                "`http.tokens`: a token must be at least 16 characters",
-                Some("generate one with `openssl rand -hex 32`"),
-            ),
-            Err(error) => problems.add_with_hint(
-                token.span(),
-                format!("`http.tokens`: {error}"),
-                Some("set it in the environment conductor starts in"),
-            ),
-        }
-    }
-    let strings =
-        |table: &mut Table<'_, '_>, key: &'static str, problems: &mut Problems| -> Vec<String> {
-            table
-                .strings(key, problems)
-                .unwrap_or_default()
-                .into_iter()
-                .map(Spanned::into_inner)
-                .collect()
-        };
-    let allowed_hosts = strings(&mut table, "allowed_hosts", problems);
-    let allowed_origins = strings(&mut table, "allowed_origins", problems);
-    let count = |table: &mut Table<'_, '_>,
-                 key: &'static str,
-                 default: usize,
-                 problems: &mut Problems|
-     -> usize {
-        match table.get(key).map(|value| (value.span(), value.get_ref())) {
-            None => default,
-            Some((_, DeValue::Integer(integer)))
-                if integer.as_str().parse::<usize>().is_ok_and(|n| n > 0) =>
-            {
-                integer.as_str().parse().unwrap_or(default)
-            }
-            Some((span, other)) => {
-                wrong_type(
-                    span,
-                    &format!("http.{key}"),
-                    "a positive integer",
-                    other,
-                    problems,
-                );
-                default
-            }
-        }
-    };
-    let max_body_bytes = count(
-        &mut table,
-        "max_body_bytes",
-        defaults.max_body_bytes,
-        problems,
-    );
-    let max_sessions = count(&mut table, "max_sessions", defaults.max_sessions, problems);
-    let session_idle =
-        read_duration(&mut table, "session_idle", problems).unwrap_or(defaults.session_idle);
-    table.finish(problems);
-    HttpSettings {
-        tokens,
-        allowed_hosts,
-        allowed_origins,
-        max_body_bytes,
-        max_sessions,
-        session_idle,
-    }
-}
-
-/// The keys of `[workflows.<name>]` that belong to the workflow itself.
-pub const WORKFLOW_BODY_KEYS: [&str; 5] =
-    ["steps", "output", "return", "timeout_ms", "max_concurrency"];
-
-fn read_workflow(
-    name: Spanned<String>,
-    value: &Value<'_>,
-    problems: &mut Problems,
-) -> Option<WorkflowSpec> {
-    let mut table = as_table(value, format!("workflows.{}", name.get_ref()), problems)?;
-    let tool_name = format!("workflow__{}", name.get_ref());
-    let valid_name = name
-        .get_ref()
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        && is_valid_public_name(&tool_name);
-    if !valid_name {
-        problems.add_with_hint(
-            name.span(),
-            format!("workflow name `{}` is not allowed", name.get_ref()),
-            Some("use letters, digits, `_` or `-`; the tool `workflow__<name>` must fit in 64 characters"),
-        );
-    }
-    let description = table
-        .string("description", problems)
-        .map(Spanned::into_inner);
-    let input_schema = match table.get("input_schema") {
-        Some(schema) if matches!(schema.get_ref(), DeValue::Table(_)) => to_json(schema.get_ref()),
-        Some(schema) => {
-            wrong_type(
-                schema.span(),
-                &format!("workflows.{}.input_schema", name.get_ref()),
-                "a table (a JSON Schema)",
-                schema.get_ref(),
-                problems,
-            );
-            serde_json::json!({"type": "object"})
-        }
-        None => serde_json::json!({"type": "object"}),
-    };
-    let mut body = serde_json::Map::new();
-    for key in WORKFLOW_BODY_KEYS {
-        if let Some(value) = table.get(key) {
-            body.insert(key.to_owned(), to_json(value.get_ref()));
-        }
-    }
-    if !body.contains_key("steps") {
-        problems.add_with_hint(
-            name.span(),
-            format!("workflow `{}` has no steps", name.get_ref()),
-            Some("add steps as `[[workflows.<name>.steps]]` tables"),
-        );
-    }
-    table.finish(problems);
-    let (line, column) = diagnostic::line_column(problems.source(), name.span().start);
-    valid_name.then(|| WorkflowSpec {
-        name: name.into_inner(),
-        description,
-        input_schema,
-        body: serde_json::Value::Object(body),
-        line,
-        column,
-    })
-}
-
-/// A TOML value as JSON: what `orchestrate` and JSON Schema speak. Datetimes become strings.
-fn to_json(value: &DeValue<'_>) -> serde_json::Value {
-    use serde_json::Value as Json;
-    match value {
-        DeValue::String(text) => Json::String(text.to_string()),
-        DeValue::Integer(integer) => integer
-            .as_str()
-            .replace('_', "")
-            .parse::<i64>()
-            .map(Json::from)
-            .unwrap_or_else(|_| Json::String(integer.as_str().to_owned())),
-        DeValue::Float(float) => float
-            .as_str()
-            .replace('_', "")
-            .parse::<f64>()
-            .ok()
-            .and_then(serde_json::Number::from_f64)
-            .map_or(Json::Null, Json::Number),
-        DeValue::Boolean(flag) => Json::Bool(*flag),
-        DeValue::Datetime(datetime) => Json::String(datetime.to_string()),
-        DeValue::Array(items) => {
-            Json::Array(items.iter().map(|item| to_json(item.get_ref())).collect())
-        }
-        DeValue::Table(table) => Json::Object(
-            table
-                .iter()
-                .map(|(key, item)| (key.get_ref().to_string(), to_json(item.get_ref())))
-                .collect(),
-        ),
-    }
-}
-
-fn check_server_name(
-    name: &Spanned<String>,
-    separator: &str,
-    problems: &mut Problems,
-) -> Option<ServerName> {
-    let text = name.get_ref();
-    if !is_valid_public_name(text) {
-        problems.add_with_hint(
-            name.span(),
-            format!("server name `{text}` is not allowed"),
-            Some("use 1 to 64 letters, digits, `_` or `-`"),
-        );
-        return None;
-    }
-    if text == "runs" || text == "workflow" {
-        problems.add_with_hint(
-            name.span(),
-            format!("server name `{text}` is reserved: conductor uses it for workflows"),
-            Some("give this server another name"),
-        );
-        return None;
-    }
-    if text.contains(separator) {
-        problems.add_with_hint(
-            name.span(),
-            format!("server name `{text}` contains the separator `{separator}`"),
-            Some("tool names are `<server><separator><tool>`, so the server part must not contain the separator; rename the server or set `[conductor] separator`"),
-        );
-        return None;
-    }
-    Some(ServerName(text.clone()))
-}
-
-fn read_prefix(table: &mut Table<'_, '_>, separator: &str, problems: &mut Problems) -> Prefix {
-    let path = format!("{}.prefix", table.path());
-    let Some(value) = table.get("prefix") else {
-        return Prefix::ServerName;
-    };
-    match value.get_ref() {
-        DeValue::Boolean(true) => Prefix::ServerName,
-        DeValue::Boolean(false) => Prefix::None,
-        DeValue::String(text) if text.is_empty() => Prefix::None,
-        DeValue::String(text) if !is_valid_public_name(text) || text.contains(separator) => {
-            problems.add_with_hint(
-                value.span(),
-                format!("prefix `{text}` is not allowed"),
-                Some(format!(
-                    "use letters, digits, `_` or `-`, without the separator `{separator}`; or `prefix = false` for no prefix"
-                )),
-            );
-            Prefix::ServerName
-        }
-        DeValue::String(text) => Prefix::Custom(text.to_string()),
-        other => {
-            wrong_type(value.span(), &path, "a string or `false`", other, problems);
-            Prefix::ServerName
-        }
-    }
-}
-
-fn read_tool_rules(mut table: Table<'_, '_>, problems: &mut Problems) -> ToolRules {
-    let allow = table
-        .strings("allow", problems)
-        .map(|globs| compile_globs(globs, problems));
-    let deny = table
-        .strings("deny", problems)
-        .map(|globs| compile_globs(globs, problems));
-    let rename = table
-        .string_map("rename", problems)
-        .into_iter()
-        .filter(|(_, new_name)| {
-            let valid = is_valid_public_name(new_name.get_ref());
-            if !valid {
-                problems.add_with_hint(
-                    new_name.span(),
-                    format!("`{}` is not a valid tool name", new_name.get_ref()),
-                    Some("use 1 to 64 letters, digits, `_` or `-`"),
-                );
-            }
-            valid
-        })
-        .map(|(old, new)| (old.into_inner(), new.into_inner()))
-        .collect();
-    let descriptions = table
-        .string_map("descriptions", problems)
-        .into_iter()
-        .map(|(tool, text)| (tool.into_inner(), text.into_inner()))
-        .collect();
-    let mut annotations = HashMap::new();
-    if let Some(overrides) = table.table("annotations", problems) {
-        for (tool, value) in overrides.entries() {
-            let path = format!("{}.{}", overrides.path(), tool.get_ref());
-            let Some(mut hints) = as_table(value, path, problems) else {
-                continue;
-            };
-            let hint = AnnotationOverride {
-                read_only: hints.bool("read_only", problems),
-                destructive: hints.bool("destructive", problems),
-                idempotent: hints.bool("idempotent", problems),
-                open_world: hints.bool("open_world", problems),
-            };
-            hints.finish(problems);
-            annotations.insert(tool.into_inner(), hint);
-        }
-    }
-    table.finish(problems);
-    ToolRules {
-        allow,
-        deny,
-        rename,
-        descriptions,
-        annotations,
-    }
-}
-
-fn compile_globs(globs: Vec<Spanned<String>>, problems: &mut Problems) -> GlobSet {
-    let mut builder = GlobSetBuilder::new();
-    for glob in globs {
-        match Glob::new(glob.get_ref()) {
-            Ok(compiled) => {
-                builder.add(compiled);
-            }
-            Err(error) => problems.add(
-                glob.span(),
-                format!("invalid glob `{}`: {}", glob.get_ref(), error.kind()),
-            ),
-        }
-    }
-    builder.build().unwrap_or_else(|_| GlobSet::empty())
-}
-
 fn read_duration(
     table: &mut Table<'_, '_>,
     key: &'static str,
@@ -925,25 +428,5 @@ mod tests {
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(format_duration(Duration::from_secs(30)), "30s");
         assert_eq!(format_duration(Duration::from_micros(300)), "0ms");
-    }
-
-    #[test]
-    fn tool_rules_allow_then_deny() {
-        let mut problems = Problems::new("");
-        let rules = ToolRules {
-            allow: Some(compile_globs(
-                vec![Spanned::new(0..0, "read_*".into())],
-                &mut problems,
-            )),
-            deny: Some(compile_globs(
-                vec![Spanned::new(0..0, "*_secret".into())],
-                &mut problems,
-            )),
-            ..ToolRules::default()
-        };
-        assert!(rules.offers("read_file"));
-        assert!(!rules.offers("read_secret"));
-        assert!(!rules.offers("write_file"));
-        assert!(ToolRules::default().offers("anything"));
     }
 }

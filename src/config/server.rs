@@ -1,0 +1,366 @@
+//! One `[servers.<name>]` table: its transport, names, timeouts and tool rules.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use toml::Spanned;
+use toml::de::DeValue;
+
+use super::diagnostic::Problems;
+use super::reader::{Table, Value, as_table, wrong_type};
+use super::*;
+
+pub(super) fn read_server(
+    name: Spanned<String>,
+    value: &Value<'_>,
+    defaults: &Defaults,
+    folder: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Option<ServerSpec> {
+    let server_name = check_server_name(&name, &defaults.separator, problems);
+    let mut table = as_table(value, format!("servers.{}", name.get_ref()), problems)?;
+    let expanded = |text: Option<Spanned<String>>, what: &str, problems: &mut Problems| {
+        let text = text?;
+        match expand(text.get_ref(), env) {
+            Ok(value) => Some(value),
+            Err(error) => {
+                let hint = matches!(error, ExpandError::Missing(_)).then(|| {
+                    "set it in the environment conductor starts in, or give a default: `${NAME:-value}`"
+                });
+                problems.add_with_hint(
+                    text.span(),
+                    format!("server `{}`: `{what}`: {error}", name.get_ref()),
+                    hint,
+                );
+                None
+            }
+        }
+    };
+
+    let command = table.string("command", problems);
+    let url = table.string("url", problems);
+    let transport_kind = table.string("transport", problems);
+    let args = table.strings("args", problems);
+    let env_vars = table.string_map("env", problems);
+    let cwd = table.string("cwd", problems);
+    let headers = table.string_map("headers", problems);
+    let enabled = table.bool("enabled", problems).unwrap_or(true);
+    let prefix = read_prefix(&mut table, &defaults.separator, problems);
+    let startup_timeout =
+        read_duration(&mut table, "startup_timeout", problems).unwrap_or(defaults.startup_timeout);
+    let call_timeout =
+        read_duration(&mut table, "call_timeout", problems).unwrap_or(defaults.call_timeout);
+    let tools = table
+        .table("tools", problems)
+        .map(|tools| read_tool_rules(tools, problems))
+        .unwrap_or_default();
+
+    // `command` means stdio; `url` means Streamable HTTP unless `transport = "sse"` asks for
+    // the legacy HTTP+SSE transport.
+    let legacy_sse = transport_kind
+        .as_ref()
+        .is_some_and(|kind| kind.get_ref() == "sse");
+    if let Some(kind) = &transport_kind {
+        let fits = match kind.get_ref().as_str() {
+            "stdio" => Some(url.is_none()),
+            "streamable-http" | "sse" => Some(url.is_some()),
+            _ => None,
+        };
+        match fits {
+            Some(true) => {}
+            Some(false) => problems.add_with_hint(
+                kind.span(),
+                format!(
+                    "server `{}`: `transport = \"{}\"` does not match the server's {}",
+                    name.get_ref(),
+                    kind.get_ref(),
+                    if url.is_some() { "`url`" } else { "`command`" }
+                ),
+                Some("`stdio` goes with `command`; `streamable-http` and `sse` go with `url`"),
+            ),
+            None => problems.add_with_hint(
+                kind.span(),
+                format!(
+                    "server `{}`: unknown transport `{}`",
+                    name.get_ref(),
+                    kind.get_ref()
+                ),
+                Some("use `stdio`, `streamable-http` or `sse` (the legacy HTTP+SSE transport)"),
+            ),
+        }
+    }
+
+    let transport = match (command, url) {
+        (Some(command), None) => {
+            for (key, value) in headers.iter() {
+                problems.add(
+                    key.span().start..value.span().end,
+                    format!(
+                        "server `{}`: `headers` only apply to a server with `url`",
+                        name.get_ref()
+                    ),
+                );
+            }
+            let command = expanded(Some(command), "command", problems);
+            let args: Vec<Option<String>> = args
+                .unwrap_or_default()
+                .into_iter()
+                .map(|arg| expanded(Some(arg), "args", problems))
+                .collect();
+            let env_vars: Vec<Option<(String, String)>> = env_vars
+                .into_iter()
+                .map(|(key, value)| {
+                    let what = format!("env.{}", key.get_ref());
+                    expanded(Some(value), &what, problems).map(|value| (key.into_inner(), value))
+                })
+                .collect();
+            let cwd = match cwd {
+                Some(cwd) => expanded(Some(cwd), "cwd", problems).map(|cwd| folder.join(cwd)),
+                None => Some(folder.to_path_buf()),
+            };
+            // A relative path to a program (`bin/server`) is relative to the folder the server
+            // starts in, like its arguments, whichever folder conductor itself was started in.
+            let command = match (command, &cwd) {
+                (Some(command), Some(cwd))
+                    if command.contains('/') && Path::new(&command).is_relative() =>
+                {
+                    Some(cwd.join(command).display().to_string())
+                }
+                (command, _) => command,
+            };
+            Some(Transport::Stdio(StdioSpec {
+                command: command?,
+                args: args.into_iter().collect::<Option<_>>()?,
+                env: env_vars.into_iter().collect::<Option<_>>()?,
+                cwd: cwd?,
+            }))
+        }
+        (None, Some(url)) => {
+            let span = url.span();
+            for key in ["args", "env", "cwd"] {
+                if let Some(value) = table.get(key) {
+                    problems.add(
+                        value.span(),
+                        format!(
+                            "server `{}`: `{key}` only applies to a server with `command`",
+                            name.get_ref()
+                        ),
+                    );
+                }
+            }
+            let url = expanded(Some(url), "url", problems);
+            if let Some(url) = &url
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                problems.add_with_hint(
+                    span,
+                    format!(
+                        "server `{}`: `url` must start with `http://` or `https://`",
+                        name.get_ref()
+                    ),
+                    Some("a Streamable HTTP endpoint usually ends in `/mcp`"),
+                );
+            }
+            let headers: Vec<Option<(String, String)>> = headers
+                .into_iter()
+                .map(|(key, value)| {
+                    let what = format!("headers.{}", key.get_ref());
+                    expanded(Some(value), &what, problems).map(|value| (key.into_inner(), value))
+                })
+                .collect();
+            let spec = HttpSpec {
+                url: url?,
+                headers: headers.into_iter().collect::<Option<_>>()?,
+            };
+            Some(if legacy_sse {
+                Transport::Sse(spec)
+            } else {
+                Transport::StreamableHttp(spec)
+            })
+        }
+        (Some(command), Some(_)) => {
+            problems.add_with_hint(
+                command.span(),
+                format!("server `{}` has both `command` and `url`", name.get_ref()),
+                Some("a server is either a local process (`command`) or a remote one (`url`)"),
+            );
+            None
+        }
+        (None, None) => {
+            problems.add_with_hint(
+                name.span(),
+                format!("server `{}` has neither `command` nor `url`", name.get_ref()),
+                Some("add `command = \"...\"` for a local process or `url = \"https://...\"` for a remote server"),
+            );
+            None
+        }
+    };
+    table.finish(problems);
+    Some(ServerSpec {
+        name: server_name?,
+        transport: transport?,
+        enabled,
+        prefix,
+        startup_timeout,
+        call_timeout,
+        tools,
+    })
+}
+
+fn check_server_name(
+    name: &Spanned<String>,
+    separator: &str,
+    problems: &mut Problems,
+) -> Option<ServerName> {
+    let text = name.get_ref();
+    if !is_valid_public_name(text) {
+        problems.add_with_hint(
+            name.span(),
+            format!("server name `{text}` is not allowed"),
+            Some("use 1 to 64 letters, digits, `_` or `-`"),
+        );
+        return None;
+    }
+    if text == "runs" || text == "workflow" {
+        problems.add_with_hint(
+            name.span(),
+            format!("server name `{text}` is reserved: conductor uses it for workflows"),
+            Some("give this server another name"),
+        );
+        return None;
+    }
+    if text.contains(separator) {
+        problems.add_with_hint(
+            name.span(),
+            format!("server name `{text}` contains the separator `{separator}`"),
+            Some("tool names are `<server><separator><tool>`, so the server part must not contain the separator; rename the server or set `[conductor] separator`"),
+        );
+        return None;
+    }
+    Some(ServerName(text.clone()))
+}
+
+fn read_prefix(table: &mut Table<'_, '_>, separator: &str, problems: &mut Problems) -> Prefix {
+    let path = format!("{}.prefix", table.path());
+    let Some(value) = table.get("prefix") else {
+        return Prefix::ServerName;
+    };
+    match value.get_ref() {
+        DeValue::Boolean(true) => Prefix::ServerName,
+        DeValue::Boolean(false) => Prefix::None,
+        DeValue::String(text) if text.is_empty() => Prefix::None,
+        DeValue::String(text) if !is_valid_public_name(text) || text.contains(separator) => {
+            problems.add_with_hint(
+                value.span(),
+                format!("prefix `{text}` is not allowed"),
+                Some(format!(
+                    "use letters, digits, `_` or `-`, without the separator `{separator}`; or `prefix = false` for no prefix"
+                )),
+            );
+            Prefix::ServerName
+        }
+        DeValue::String(text) => Prefix::Custom(text.to_string()),
+        other => {
+            wrong_type(value.span(), &path, "a string or `false`", other, problems);
+            Prefix::ServerName
+        }
+    }
+}
+
+fn read_tool_rules(mut table: Table<'_, '_>, problems: &mut Problems) -> ToolRules {
+    let allow = table
+        .strings("allow", problems)
+        .map(|globs| compile_globs(globs, problems));
+    let deny = table
+        .strings("deny", problems)
+        .map(|globs| compile_globs(globs, problems));
+    let rename = table
+        .string_map("rename", problems)
+        .into_iter()
+        .filter(|(_, new_name)| {
+            let valid = is_valid_public_name(new_name.get_ref());
+            if !valid {
+                problems.add_with_hint(
+                    new_name.span(),
+                    format!("`{}` is not a valid tool name", new_name.get_ref()),
+                    Some("use 1 to 64 letters, digits, `_` or `-`"),
+                );
+            }
+            valid
+        })
+        .map(|(old, new)| (old.into_inner(), new.into_inner()))
+        .collect();
+    let descriptions = table
+        .string_map("descriptions", problems)
+        .into_iter()
+        .map(|(tool, text)| (tool.into_inner(), text.into_inner()))
+        .collect();
+    let mut annotations = HashMap::new();
+    if let Some(overrides) = table.table("annotations", problems) {
+        for (tool, value) in overrides.entries() {
+            let path = format!("{}.{}", overrides.path(), tool.get_ref());
+            let Some(mut hints) = as_table(value, path, problems) else {
+                continue;
+            };
+            let hint = AnnotationOverride {
+                read_only: hints.bool("read_only", problems),
+                destructive: hints.bool("destructive", problems),
+                idempotent: hints.bool("idempotent", problems),
+                open_world: hints.bool("open_world", problems),
+            };
+            hints.finish(problems);
+            annotations.insert(tool.into_inner(), hint);
+        }
+    }
+    table.finish(problems);
+    ToolRules {
+        allow,
+        deny,
+        rename,
+        descriptions,
+        annotations,
+    }
+}
+
+pub(super) fn compile_globs(globs: Vec<Spanned<String>>, problems: &mut Problems) -> GlobSet {
+    let mut builder = GlobSetBuilder::new();
+    for glob in globs {
+        match Glob::new(glob.get_ref()) {
+            Ok(compiled) => {
+                builder.add(compiled);
+            }
+            Err(error) => problems.add(
+                glob.span(),
+                format!("invalid glob `{}`: {}", glob.get_ref(), error.kind()),
+            ),
+        }
+    }
+    builder.build().unwrap_or_else(|_| GlobSet::empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_rules_allow_then_deny() {
+        let mut problems = Problems::new("");
+        let rules = ToolRules {
+            allow: Some(compile_globs(
+                vec![Spanned::new(0..0, "read_*".into())],
+                &mut problems,
+            )),
+            deny: Some(compile_globs(
+                vec![Spanned::new(0..0, "*_secret".into())],
+                &mut problems,
+            )),
+            ..ToolRules::default()
+        };
+        assert!(rules.offers("read_file"));
+        assert!(!rules.offers("read_secret"));
+        assert!(!rules.offers("write_file"));
+        assert!(ToolRules::default().offers("anything"));
+    }
+}
