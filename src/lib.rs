@@ -5,11 +5,13 @@
 //! - [`downstream`]: live connections to downstream servers (the only place transports are built);
 //! - [`catalog`]: the immutable, namespaced offer built from what the downstreams list;
 //! - [`registry`]: the set of downstreams, their state, and the current catalog;
-//! - [`router`]: the one path every downstream request takes (with [`retry`], its policy);
+//! - [`router`]: the one path every downstream request takes (with [`retry`], its policy, and
+//!   [`breaker`], one circuit per server);
 //! - [`orchestrate`]: workflows of tool calls, run through the router;
 //! - [`server`]: the MCP handler clients talk to, over stdio or [`http`];
 //! - [`cli`]: the `conductor` commands.
 
+pub mod breaker;
 pub mod catalog;
 pub mod cli;
 pub mod config;

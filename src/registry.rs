@@ -12,6 +12,7 @@ use dashmap::DashMap;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::breaker::{Breaker, BreakerState};
 use crate::catalog::{Catalog, Listing};
 use crate::config::{Config, ServerName, ServerSpec};
 use crate::downstream::{Connection, Event, ListKind};
@@ -72,6 +73,8 @@ pub struct Registry {
     events: mpsc::UnboundedSender<Event>,
     /// Client requests being served, so shutdown can let them finish.
     in_flight: std::sync::atomic::AtomicUsize,
+    /// One circuit per server, shared by every session and workflow.
+    breakers: DashMap<ServerName, Breaker>,
 }
 
 /// Counts one request in flight until dropped.
@@ -101,8 +104,13 @@ impl Registry {
             config,
             events: events_tx,
             in_flight: std::sync::atomic::AtomicUsize::new(0),
+            breakers: DashMap::new(),
         });
         for spec in &registry.config.servers {
+            registry.breakers.insert(
+                spec.name.clone(),
+                Breaker::new(spec.breaker_failures, spec.breaker_cool_down),
+            );
             let status = if spec.enabled {
                 Status::Starting
             } else {
@@ -205,6 +213,38 @@ impl Registry {
             Some(status) => format!("server `{server}` is {}", status.label()),
             None => format!("server `{server}` is not configured"),
         }
+    }
+
+    /// May a call go to `server` now? `Err` says how long its open circuit has left.
+    pub fn admit(&self, server: &ServerName) -> Result<(), Duration> {
+        match self.breakers.get_mut(server) {
+            Some(mut breaker) => breaker.admit(tokio::time::Instant::now()),
+            None => Ok(()),
+        }
+    }
+
+    /// Record how an admitted call to `server` ended, for its circuit.
+    pub fn record(&self, server: &ServerName, transient_failure: bool) {
+        if let Some(mut breaker) = self.breakers.get_mut(server) {
+            let was_open = !matches!(breaker.state(), BreakerState::Closed { .. });
+            breaker.record(transient_failure, tokio::time::Instant::now());
+            match (was_open, breaker.state()) {
+                (false, BreakerState::Open { .. }) => {
+                    tracing::warn!(server = %server, "circuit open: calls fail at once until the cool-down ends")
+                }
+                (true, BreakerState::Closed { .. }) => {
+                    tracing::info!(server = %server, "circuit closed again")
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether `server`'s circuit is open (or waiting on its trial call).
+    pub fn circuit_open(&self, server: &ServerName) -> bool {
+        self.breakers
+            .get(server)
+            .is_some_and(|breaker| !matches!(breaker.state(), BreakerState::Closed { .. }))
     }
 
     /// Count a request in flight while the returned guard lives.

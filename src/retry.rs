@@ -32,6 +32,9 @@ pub enum FailureKind {
     ReferenceError,
     /// An expression produced the wrong kind of value.
     TypeError,
+    /// The server's circuit is open after repeated failures: not sent, and not worth retrying
+    /// until the circuit lets a trial through.
+    CircuitOpen,
     Cancelled,
 }
 

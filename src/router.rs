@@ -46,6 +46,14 @@ pub enum CallError {
     Closed { server: ServerName, what: String },
     #[error("cancelled by the client")]
     Cancelled,
+    #[error(
+        "server `{server}`: the circuit is open after repeated failures; calls fail at once for {}",
+        if retry_in.is_zero() { "a moment, while a trial call is out".to_owned() } else { format!("another {}", format_duration(*retry_in)) }
+    )]
+    CircuitOpen {
+        server: ServerName,
+        retry_in: Duration,
+    },
     /// The downstream answered with a JSON-RPC error: passed on as it is.
     #[error("server `{server}`: {error}")]
     Downstream { server: ServerName, error: McpError },
@@ -69,6 +77,7 @@ impl CallError {
             CallError::Timeout { .. } => FailureKind::Timeout,
             CallError::Closed { .. } | CallError::Failed { .. } => FailureKind::ConnectionLost,
             CallError::Cancelled => FailureKind::Cancelled,
+            CallError::CircuitOpen { .. } => FailureKind::CircuitOpen,
             CallError::Downstream { error, .. } if error.code == ErrorCode::INVALID_PARAMS => {
                 FailureKind::InvalidArgs
             }
@@ -255,6 +264,28 @@ impl Router {
         cancel: &CancellationToken,
     ) -> Result<ServerResult, CallError> {
         let _in_flight = self.registry.track();
+        if let Err(retry_in) = self.registry.admit(server) {
+            return Err(CallError::CircuitOpen {
+                server: server.clone(),
+                retry_in,
+            });
+        }
+        let outcome = self
+            .send_admitted(server, what, request, timeout, cancel)
+            .await;
+        let transient = matches!(&outcome, Err(error) if error.kind().is_transient());
+        self.registry.record(server, transient);
+        outcome
+    }
+
+    async fn send_admitted(
+        &self,
+        server: &ServerName,
+        what: String,
+        request: ClientRequest,
+        timeout: Option<Duration>,
+        cancel: &CancellationToken,
+    ) -> Result<ServerResult, CallError> {
         let Some(connection) = self.registry.connection(server) else {
             return Err(CallError::Unavailable(
                 self.registry.unavailable_reason(server),

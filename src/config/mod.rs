@@ -117,6 +117,10 @@ pub struct ServerSpec {
     pub prefix: Prefix,
     pub startup_timeout: Duration,
     pub call_timeout: Duration,
+    /// Consecutive transient failures that open the server's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open circuit fails calls at once before it lets a trial through.
+    pub breaker_cool_down: Duration,
     pub tools: ToolRules,
 }
 

@@ -69,6 +69,25 @@ impl<'t, 'i> Table<'t, 'i> {
         }
     }
 
+    /// A positive integer.
+    pub(crate) fn count(&mut self, key: &'static str, problems: &mut Problems) -> Option<u64> {
+        let value = self.get(key)?;
+        let path = self.child_path(key);
+        match value.get_ref() {
+            DeValue::Integer(integer) => match integer.as_str().replace('_', "").parse::<u64>() {
+                Ok(count) if count > 0 => Some(count),
+                _ => {
+                    problems.add(value.span(), format!("`{path}` must be a positive integer"));
+                    None
+                }
+            },
+            other => {
+                wrong_type(value.span(), &path, "a positive integer", other, problems);
+                None
+            }
+        }
+    }
+
     pub(crate) fn strings(
         &mut self,
         key: &'static str,

@@ -52,6 +52,13 @@ pub(super) fn read_server(
         read_duration(&mut table, "startup_timeout", problems).unwrap_or(defaults.startup_timeout);
     let call_timeout =
         read_duration(&mut table, "call_timeout", problems).unwrap_or(defaults.call_timeout);
+    let breaker_failures = table
+        .count("breaker_failures", problems)
+        .map_or(crate::breaker::DEFAULT_FAILURES, |count| {
+            count.min(u64::from(u32::MAX)) as u32
+        });
+    let breaker_cool_down = read_duration(&mut table, "breaker_cool_down", problems)
+        .unwrap_or(crate::breaker::DEFAULT_COOL_DOWN);
     let tools = table
         .table("tools", problems)
         .map(|tools| read_tool_rules(tools, problems))
@@ -205,6 +212,8 @@ pub(super) fn read_server(
         prefix,
         startup_timeout,
         call_timeout,
+        breaker_failures,
+        breaker_cool_down,
         tools,
     })
 }

@@ -336,6 +336,9 @@ async fn readyz(State(shared): State<Shared>) -> Response {
                 "status": state.status.label(),
                 "tools": state.listing.tools.len(),
             });
+            if shared.registry.circuit_open(&state.spec.name) {
+                entry["circuit"] = json!("open");
+            }
             match (show_errors, &state.status) {
                 (true, Status::Failed(reason)) => entry["error"] = json!(reason),
                 (true, Status::Reconnecting { attempt, error }) => {

@@ -518,3 +518,37 @@ async fn children_stop_when_the_client_goes_away() {
         assert!(!is_running(pid), "downstream {pid} outlived conductor");
     }
 }
+
+#[tokio::test]
+async fn a_failing_server_trips_its_circuit_breaker_and_a_trial_closes_it() {
+    let config = slow_fixture(
+        "call_timeout = \"100ms\"\nbreaker_failures = 2\nbreaker_cool_down = \"700ms\"\n",
+    );
+    let session = serve(&config).await;
+    for _ in 0..2 {
+        let result = call(&session, "slow__sleep", json!({"ms": 5000})).await;
+        assert!(text_of(&result).contains("timed out"), "{result:?}");
+    }
+    // Open: the call fails at once and never reaches the server.
+    let refused = call(&session, "slow__sleep", json!({"ms": 11})).await;
+    assert_eq!(refused.is_error, Some(true));
+    assert!(
+        text_of(&refused).contains("the circuit is open after repeated failures"),
+        "{refused:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // After the cool-down a trial goes through, and its success closes the circuit.
+    assert_eq!(
+        text_of(&call(&session, "slow__sleep", json!({"ms": 12})).await),
+        "slept 12 ms"
+    );
+    assert_eq!(
+        text_of(&call(&session, "slow__sleep", json!({"ms": 13})).await),
+        "slept 13 ms"
+    );
+    let log = std::fs::read_to_string(config.events_file()).unwrap();
+    assert!(
+        !log.contains("started sleep 11"),
+        "the refused call was not sent: {log}"
+    );
+}
