@@ -10,6 +10,7 @@ use std::time::Duration;
 use rmcp::model::ToolAnnotations;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 /// How a call failed, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -156,6 +157,37 @@ impl Retry {
         attempt < self.max_attempts && self.on.iter().any(|on| on.covers(kind))
     }
 
+    /// Make attempts until one succeeds, fails in a way this policy does not retry, or `cancel`
+    /// fires, waiting between attempts as the policy says. Returns the last outcome and how many
+    /// attempts were made. The one retry loop: proxied calls and workflow steps both use it.
+    pub async fn run<T, E, F, Fut>(
+        &self,
+        cancel: &CancellationToken,
+        kind: impl Fn(&E) -> FailureKind,
+        mut attempt: F,
+    ) -> (Result<T, E>, u32)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let outcome = attempt().await;
+            let failure = match &outcome {
+                Ok(_) => return (outcome, attempts),
+                Err(error) => kind(error),
+            };
+            if cancel.is_cancelled() || !self.retries(failure, attempts) {
+                return (outcome, attempts);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.delay(attempts)) => {}
+                () = cancel.cancelled() => return (outcome, attempts),
+            }
+        }
+    }
+
     /// How long to wait before attempt `attempt + 1`: exponential, capped, with full jitter
     /// (a random wait up to the computed one), so many retrying callers do not stampede.
     pub fn delay(&self, attempt: u32) -> Duration {
@@ -211,6 +243,42 @@ mod tests {
         assert!(
             !retry.retries(FailureKind::NotDelivered, 1),
             "the step's list replaces the default"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn run_stops_at_success_or_at_what_it_does_not_retry() {
+        let retry = Retry::for_tool(Some(&annotations(Some(true), None)), None);
+        let cancel = CancellationToken::new();
+        let mut calls = 0;
+        let (outcome, attempts) = retry
+            .run(
+                &cancel,
+                |kind: &FailureKind| *kind,
+                || {
+                    calls += 1;
+                    let result = if calls < 3 {
+                        Err(FailureKind::Timeout)
+                    } else {
+                        Ok(calls)
+                    };
+                    async move { result }
+                },
+            )
+            .await;
+        assert_eq!((outcome, attempts), (Ok(3), 3));
+
+        let (outcome, attempts) = retry
+            .run(
+                &cancel,
+                |kind: &FailureKind| *kind,
+                || async { Err::<(), _>(FailureKind::ToolError) },
+            )
+            .await;
+        assert_eq!(
+            (outcome, attempts),
+            (Err(FailureKind::ToolError), 1),
+            "tool errors are not retried"
         );
     }
 

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use crate::catalog::Catalog;
 use crate::orchestrate::execute::{ProgressSink, ProgressUpdate};
 use crate::orchestrate::{self, Orchestrator, saved};
+use crate::retry::Retry;
 use crate::router::{CallError, Router};
 
 /// One client session's view of conductor.
@@ -132,7 +133,19 @@ impl ServerHandler for ConductorServer {
                 &report,
             )));
         }
-        match self.router.call_tool(request, None, &context.ct).await {
+        // The same annotation-aware policy as workflow steps: read-only and idempotent tools
+        // are tried again after transient failures, others only if the call never went out.
+        let annotations = self
+            .catalog()
+            .tool(&request.name)
+            .and_then(|entry| entry.tool.annotations.clone());
+        let retry = Retry::for_tool(annotations.as_ref(), None);
+        let (outcome, _) = retry
+            .run(&context.ct, CallError::kind, || {
+                self.router.call_tool(request.clone(), None, &context.ct)
+            })
+            .await;
+        match outcome {
             Ok(ServerResult::CallToolResult(mut result)) => {
                 mark_complete(&mut result.result_type);
                 Ok(CallToolResponse::Complete(result))

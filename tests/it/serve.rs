@@ -552,3 +552,30 @@ async fn a_failing_server_trips_its_circuit_breaker_and_a_trial_closes_it() {
         "the refused call was not sent: {log}"
     );
 }
+
+#[tokio::test]
+async fn proxied_calls_are_retried_by_the_tools_annotations() {
+    let config = slow_fixture("call_timeout = \"200ms\"\n");
+    let session = serve(&config).await;
+    let read = call(&session, "slow__slow_read", json!({"ms": 3000})).await;
+    assert!(text_of(&read).contains("timed out"), "{read:?}");
+    let write = call(&session, "slow__sleep", json!({"ms": 3000})).await;
+    assert!(text_of(&write).contains("timed out"), "{write:?}");
+    wait_for_event(&config, "cancelled sleep 3000").await;
+    let log = std::fs::read_to_string(config.events_file()).unwrap();
+    // Read-only: tried three times. A write that may have happened: once.
+    assert_eq!(
+        log.lines()
+            .filter(|line| *line == "started read 3000")
+            .count(),
+        3,
+        "{log}"
+    );
+    assert_eq!(
+        log.lines()
+            .filter(|line| *line == "started sleep 3000")
+            .count(),
+        1,
+        "{log}"
+    );
+}

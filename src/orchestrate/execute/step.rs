@@ -85,51 +85,37 @@ async fn call_with_retry(
         kind: FailureKind::Cancelled,
         message: "cancelled".to_owned(),
     };
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
+    let attempt = || async {
+        // Each attempt takes a slot of the run's budget, and gives it back while waiting.
         let permit = tokio::select! {
             permit = context.budget.acquire() => permit,
-            () = context.cancel.cancelled() => return Called { result: Err(cancelled()), attempts: attempts - 1 },
+            () = context.cancel.cancelled() => return Err(cancelled()),
         };
         let outcome = context
             .tools
             .call(tool, args.clone(), timeout, &context.cancel)
             .await;
         drop(permit);
-        let failure = match outcome {
-            Ok(result) if result.is_error != Some(true) => {
-                return Called {
-                    result: Ok(output_of(&result)),
-                    attempts,
-                };
-            }
-            Ok(result) => StepError {
+        match outcome {
+            Ok(result) if result.is_error != Some(true) => Ok(output_of(&result)),
+            Ok(result) => Err(StepError {
                 kind: FailureKind::ToolError,
                 message: error_text(&result),
-            },
-            Err(error) => StepError {
+            }),
+            Err(error) => Err(StepError {
                 kind: error.kind(),
                 message: error.to_string(),
-            },
-        };
-        if context.cancel.is_cancelled() {
-            return Called {
-                result: Err(cancelled()),
-                attempts,
-            };
+            }),
         }
-        if !retry.retries(failure.kind, attempts) {
-            return Called {
-                result: Err(failure),
-                attempts,
-            };
-        }
-        tokio::select! {
-            () = tokio::time::sleep(retry.delay(attempts)) => {}
-            () = context.cancel.cancelled() => return Called { result: Err(cancelled()), attempts },
-        }
-    }
+    };
+    let (outcome, attempts) = retry
+        .run(&context.cancel, |failure: &StepError| failure.kind, attempt)
+        .await;
+    let result = match outcome {
+        Err(_) if context.cancel.is_cancelled() => Err(cancelled()),
+        other => other,
+    };
+    Called { result, attempts }
 }
 
 fn retry_for(context: &Context, tool: &str, step: &Step) -> Retry {
