@@ -340,6 +340,17 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// `id` names no step: an `unknown_step` problem at `pointer`, hinting the nearest id.
+    fn unknown_step(&mut self, pointer: impl Into<String>, id: &str) {
+        let hint = self.nearest_id(id);
+        self.errors.push(problem(
+            pointer,
+            "unknown_step",
+            format!("no step `{id}`"),
+            hint,
+        ));
+    }
+
     fn nearest_id(&self, id: &str) -> Option<String> {
         did_you_mean(id, self.ids.keys().copied()).map(|near| format!("did you mean `{near}`?"))
     }
@@ -351,13 +362,7 @@ impl<'a> Checker<'a> {
             if self.ids.contains_key(need.as_str()) {
                 add_edge(&mut needs, need, false);
             } else {
-                let hint = self.nearest_id(need);
-                self.errors.push(problem(
-                    format!("{base}/needs/{position}"),
-                    "unknown_step",
-                    format!("no step `{need}`"),
-                    hint,
-                ));
+                self.unknown_step(format!("{base}/needs/{position}"), need);
             }
         }
 
@@ -633,13 +638,7 @@ impl<'a> Checker<'a> {
             } else if self.ids.contains_key(id) {
                 add_edge(needs, id, true);
             } else {
-                let hint = self.nearest_id(id);
-                self.errors.push(problem(
-                    pointer,
-                    "unknown_step",
-                    format!("no step `{id}`"),
-                    hint,
-                ));
+                self.unknown_step(pointer, id);
             }
         }
     }
@@ -653,13 +652,7 @@ impl<'a> Checker<'a> {
         self.check_roots(&found, None, false);
         for (id, pointer) in found.steps() {
             if !self.ids.contains_key(id) {
-                let hint = self.nearest_id(id);
-                self.errors.push(problem(
-                    pointer,
-                    "unknown_step",
-                    format!("no step `{id}`"),
-                    hint,
-                ));
+                self.unknown_step(pointer, id);
             }
         }
     }
@@ -667,13 +660,7 @@ impl<'a> Checker<'a> {
     fn check_return(&mut self) {
         for (position, id) in self.workflow.return_steps.iter().enumerate() {
             if !self.ids.contains_key(id.as_str()) {
-                let hint = self.nearest_id(id);
-                self.errors.push(problem(
-                    format!("/return/{position}"),
-                    "unknown_step",
-                    format!("no step `{id}`"),
-                    hint,
-                ));
+                self.unknown_step(format!("/return/{position}"), id);
             }
         }
     }
