@@ -50,11 +50,6 @@ impl FailureKind {
                 | FailureKind::ConnectionLost
         )
     }
-
-    /// Failures after which the call certainly did not take effect.
-    pub fn certainly_not_applied(self) -> bool {
-        matches!(self, FailureKind::NotDelivered | FailureKind::RateLimited)
-    }
 }
 
 /// A kind of failure a retry policy may name.

@@ -29,16 +29,6 @@ pub enum ConfigError {
     },
 }
 
-impl ConfigError {
-    /// The problems found, empty when the file could not be read at all.
-    pub fn problems(&self) -> &[Problem] {
-        match self {
-            ConfigError::Read { .. } => &[],
-            ConfigError::Invalid { problems, .. } => problems,
-        }
-    }
-}
-
 fn render(path: &Path, problems: &[Problem]) -> String {
     let mut out = format!(
         "config `{}` has {} problem{}",

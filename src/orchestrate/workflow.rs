@@ -219,13 +219,3 @@ impl Default for OnError {
         OnError::Simple(OnErrorKind::Fail)
     }
 }
-
-impl OnError {
-    /// Whether a failure of this step lets its dependants run as if it had succeeded.
-    pub fn tolerates(&self) -> bool {
-        matches!(
-            self,
-            OnError::Simple(OnErrorKind::Continue) | OnError::Default(_)
-        )
-    }
-}
