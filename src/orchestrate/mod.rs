@@ -12,7 +12,7 @@ pub mod saved;
 pub mod validate;
 pub mod workflow;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -154,22 +154,25 @@ impl Orchestrator {
 
     /// The `orchestrate` tool as clients list it.
     pub fn tool() -> Tool {
-        let mut tool = Tool::default();
-        tool.name = TOOL_NAME.into();
-        tool.title = Some("Run a workflow of tool calls".to_owned());
-        tool.description = Some(DESCRIPTION.into());
-        tool.input_schema = Arc::new(object_schema(validate::workflow_schema()));
-        tool.output_schema = Some(Arc::new(object_schema(
-            &schemars::schema_for!(RunReport).to_value(),
-        )));
-        tool.annotations = Some(ToolAnnotations::from_raw(
-            Some("Run a workflow".to_owned()),
-            Some(false),
-            Some(true),
-            Some(false),
-            Some(true),
-        ));
-        tool
+        // Built once: `tools/list` asks for it on every listing, and it never changes.
+        static TOOL: OnceLock<Tool> = OnceLock::new();
+        TOOL.get_or_init(|| {
+            let mut tool = Tool::default();
+            tool.name = TOOL_NAME.into();
+            tool.title = Some("Run a workflow of tool calls".to_owned());
+            tool.description = Some(DESCRIPTION.into());
+            tool.input_schema = Arc::new(object_schema(validate::workflow_schema()));
+            tool.output_schema = Some(report_schema());
+            tool.annotations = Some(ToolAnnotations::from_raw(
+                Some("Run a workflow".to_owned()),
+                Some(false),
+                Some(true),
+                Some(false),
+                Some(true),
+            ));
+            tool
+        })
+        .clone()
     }
 
     /// Validate `input` and, by its mode, return the plan, preview it, or run it.
@@ -284,6 +287,14 @@ pub fn tool_result(report: &RunReport) -> CallToolResult {
     };
     result.structured_content = serde_json::to_value(report).ok();
     result
+}
+
+/// The `outputSchema` of `orchestrate` and of every saved workflow: a run's report.
+pub(crate) fn report_schema() -> Arc<JsonObject> {
+    static SCHEMA: OnceLock<Arc<JsonObject>> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| Arc::new(object_schema(&schemars::schema_for!(RunReport).to_value())))
+        .clone()
 }
 
 /// A generated schema as a tool publishes it: an object, with only the `format`s JSON Schema

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use rmcp::model::{JsonObject, Tool, ToolAnnotations};
 use serde_json::Value;
 
-use super::report::RunReport;
 use super::validate::{Problem, check_shape};
 use crate::catalog::Catalog;
 use crate::config::{Config, WorkflowSpec};
@@ -61,9 +60,7 @@ pub fn tool(spec: &WorkflowSpec, catalog: &Catalog) -> Tool {
             .into(),
     );
     tool.input_schema = Arc::new(spec.input_schema.as_object().cloned().unwrap_or_default());
-    tool.output_schema = Some(Arc::new(super::object_schema(
-        &schemars::schema_for!(RunReport).to_value(),
-    )));
+    tool.output_schema = Some(super::report_schema());
     tool.annotations = Some(derived_annotations(spec, catalog));
     tool
 }
