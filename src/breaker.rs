@@ -40,6 +40,11 @@ impl Breaker {
         }
     }
 
+    /// Whether it was built with these settings (a changed config replaces it).
+    pub fn has_settings(&self, threshold: u32, cool_down: Duration) -> bool {
+        self.threshold == threshold.max(1) && self.cool_down == cool_down
+    }
+
     pub fn state(&self) -> BreakerState {
         self.state
     }

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -173,11 +174,13 @@ where
 }
 
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    let path = config.path.clone();
     let registry = Registry::start(config).await;
+    spawn_config_watch(&registry, path);
     let router = Router::new(registry.clone());
     let runs = Arc::new(Runs::new(registry.config().keep_runs));
-    let orchestrator = Arc::new(Orchestrator::new(Arc::new(router.clone()), runs));
-    let server = ConductorServer::new(router, orchestrator);
+    let orchestrator = Orchestrator::new(Arc::new(router.clone()), runs);
+    let server = ConductorServer::new(&router, &orchestrator);
     tracing::info!(
         tools = registry.catalog().tools().len(),
         "serving over stdio"
@@ -214,7 +217,9 @@ async fn serve_http(config: Config, address: std::net::SocketAddr) -> anyhow::Re
     let bound = listener
         .local_addr()
         .context("the listener has no address")?;
+    let path = config.path.clone();
     let registry = Registry::start(config).await;
+    spawn_config_watch(&registry, path);
     let router = Router::new(registry.clone());
     let runs = Arc::new(Runs::new(registry.config().keep_runs));
     let orchestrator = Arc::new(Orchestrator::new(Arc::new(router), runs));
@@ -245,6 +250,67 @@ async fn drain(registry: &Registry) {
         tracing::warn!("requests still in flight after the shutdown deadline; stopping anyway");
     }
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+}
+
+/// How often the config file is looked at for changes while serving.
+const CONFIG_POLL: Duration = Duration::from_secs(1);
+
+/// Apply `servers.toml` again whenever its content changes (looked at every second, and at
+/// once on SIGHUP). A file with problems is reported, every problem, and the running config
+/// stays. Polling the content, rather than watching inotify events, also sees the
+/// rename-over-the-old-file that editors do, and costs one small read a second.
+fn spawn_config_watch(registry: &Arc<Registry>, path: PathBuf) {
+    let registry = Arc::downgrade(registry);
+    tokio::spawn(async move {
+        let mut seen = std::fs::read(&path).ok();
+        #[cfg(unix)]
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            #[cfg(unix)]
+            let hangup_received = async {
+                match hangup.as_mut() {
+                    Some(signal) => signal.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let hangup_received = std::future::pending::<Option<()>>();
+            let forced = tokio::select! {
+                () = tokio::time::sleep(CONFIG_POLL) => false,
+                _ = hangup_received => true,
+            };
+            let Some(registry) = registry.upgrade() else {
+                return;
+            };
+            let content = match std::fs::read(&path) {
+                Ok(content) => content,
+                Err(error) => {
+                    if seen.is_some() {
+                        tracing::warn!(path = %path.display(), error = %error, "cannot read the config; keeping the running one");
+                        seen = None;
+                    }
+                    continue;
+                }
+            };
+            if !forced && seen.as_ref() == Some(&content) {
+                continue;
+            }
+            seen = Some(content);
+            match Config::load(&path) {
+                Ok(config) => {
+                    tracing::info!(path = %path.display(), "config changed: applying it");
+                    registry.reload(config).await;
+                    tracing::info!(tools = registry.catalog().tools().len(), "config applied");
+                }
+                Err(error) => {
+                    tracing::error!(
+                        "the changed config has problems; keeping the running one:\n{error}"
+                    );
+                }
+            }
+        }
+    });
 }
 
 async fn shutdown_signal() {
@@ -555,23 +621,27 @@ fn check(registry: &Registry) -> anyhow::Result<ExitCode> {
         "PROMPTS",
         "RESOURCES",
         "STARTUP",
-        "ERROR",
+        "DETAIL",
     ])];
     let mut failed = 0;
     for state in registry.states() {
         let listing = &state.listing;
-        let ready = state.status == Status::Ready;
-        let count = |n: usize| if ready { n.to_string() } else { "-".to_owned() };
+        let serves = state.status.serves();
+        let count = |n: usize| {
+            if serves {
+                n.to_string()
+            } else {
+                "-".to_owned()
+            }
+        };
         if matches!(state.status, Status::Failed(_)) {
             failed += 1;
         }
-        let error = match &state.status {
-            Status::Failed(reason) => one_line(reason, 100),
-            Status::Reconnecting { attempt, error } => {
-                one_line(&format!("attempt {attempt}: {error}"), 100)
-            }
-            _ => String::new(),
-        };
+        let error = state
+            .status
+            .detail()
+            .map(|detail| one_line(&detail, 100))
+            .unwrap_or_default();
         rows.push(row([
             state.spec.name.as_str(),
             state.spec.transport.kind(),

@@ -5,7 +5,19 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = mcp_conductor::cli::Cli::parse();
+    use mcp_conductor::downstream;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args
+        .get(1)
+        .is_some_and(|arg| arg == downstream::LAUNCHER_ARG)
+    {
+        return downstream::run_launcher(&args[2..]);
+    }
+    // Children are started through this executable, so they die with conductor.
+    if let Ok(executable) = std::env::current_exe() {
+        downstream::use_launcher(executable);
+    }
+    let cli = mcp_conductor::cli::Cli::parse_from(args);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -1,42 +1,64 @@
-//! The registry: every configured downstream, its live connection and state, and the catalog
+//! The registry: every configured downstream, its live connections and state, and the catalog
 //! built from what the ready ones offer.
 //!
-//! Connections open concurrently. Events from downstreams (a list changed, a connection ended)
-//! are handled by one task that re-lists, rebuilds the catalog and publishes it on a watch
-//! channel, which the server sessions follow to tell their clients.
+//! It is also the supervisor. Each server has one or more replicas (children of a stdio server,
+//! or one connection to a remote one); a replica that ends or stops answering pings is started
+//! again with doubling waits, and a child that keeps crashing is given up after
+//! `max_restarts`. Lazily started servers are woken by their first call and stopped when idle;
+//! servers with `isolation = "session"` give each client session its own child. A new config
+//! is applied server by server ([`Registry::reload`]), touching only what changed.
+//!
+//! Events from downstreams (a list changed, a connection ended) are handled by one task that
+//! re-lists, rebuilds the catalog and publishes it on a watch channel, which the server sessions
+//! follow to tell their clients.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use rmcp::model::{ClientRequest, PingRequest};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 
 use crate::breaker::{Breaker, BreakerState};
 use crate::catalog::{Catalog, Listing};
-use crate::config::{Config, ServerName, ServerSpec};
-use crate::downstream::{Connection, Event, ListKind};
+use crate::config::{
+    Config, Isolation, MAX_RESTART_DELAY, ServerName, ServerSpec, StartMode, Transport,
+};
+use crate::downstream::{Connection, ConnectionId, Event, ListKind};
 
-/// How long a child gets to exit on its own before it is killed, at shutdown.
-const STOP_GRACE: Duration = Duration::from_secs(5);
-
-/// Where a downstream stands.
+/// Where a downstream, or one replica of it, stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Status {
     /// `enabled = false` in the config.
     Disabled,
     Starting,
     Ready,
-    /// It never came up, or its connection ended; with the reason.
-    Failed(String),
-    /// A remote server whose connection ended, being reached again: the attempt, and why the
-    /// last one failed.
+    /// Some of its replicas are ready, the others are not.
+    Degraded {
+        ready: usize,
+        of: usize,
+    },
+    /// Started lazily and not running now: its next call starts it.
+    Idle,
+    /// A child that ended or stopped answering, being started again: the attempt, and why.
+    Restarting {
+        attempt: u32,
+        error: String,
+    },
+    /// A remote server whose connection ended or stopped answering, being reached again.
     Reconnecting {
         attempt: u32,
         error: String,
     },
-    /// Stopped by conductor, at shutdown.
+    /// Ready, but its circuit breaker is open: calls fail at once for a while.
+    CircuitOpen {
+        retry_in: Duration,
+    },
+    /// Stopped by conductor: at shutdown, or removed from the config.
     Stopped,
+    /// It never came up, or kept crashing; with the last error.
+    Failed(String),
 }
 
 impl Status {
@@ -45,36 +67,173 @@ impl Status {
             Status::Disabled => "disabled",
             Status::Starting => "starting",
             Status::Ready => "ready",
-            Status::Failed(_) => "failed",
+            Status::Degraded { .. } => "degraded",
+            Status::Idle => "idle",
+            Status::Restarting { .. } => "restarting",
             Status::Reconnecting { .. } => "reconnecting",
+            Status::CircuitOpen { .. } => "circuit open",
             Status::Stopped => "stopped",
+            Status::Failed(_) => "failed",
+        }
+    }
+
+    /// What goes with the label: the attempt and last error, the replicas ready, the wait.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            Status::Degraded { ready, of } => Some(format!("{ready} of {of} replicas ready")),
+            Status::Restarting { attempt, error } | Status::Reconnecting { attempt, error } => {
+                Some(format!("attempt {attempt}: {error}"))
+            }
+            Status::CircuitOpen { retry_in } => Some(format!(
+                "calls fail at once for {}",
+                crate::config::format_duration(*retry_in)
+            )),
+            Status::Failed(error) => Some(error.clone()),
+            _ => None,
+        }
+    }
+
+    /// Whether calls can be served: now, or by starting it on demand.
+    pub fn serves(&self) -> bool {
+        matches!(
+            self,
+            Status::Ready | Status::Degraded { .. } | Status::Idle | Status::CircuitOpen { .. }
+        )
+    }
+}
+
+/// One downstream as the registry shows it.
+#[derive(Debug, Clone)]
+pub struct ServerState {
+    pub spec: Arc<ServerSpec>,
+    pub status: Status,
+    pub listing: Listing,
+    /// How long the connection and first listing took.
+    pub startup: Option<Duration>,
+    /// The process ids of its running children (stdio servers, shared ones only).
+    pub pids: Vec<u32>,
+}
+
+/// One configured server inside the registry.
+#[derive(Debug)]
+struct Slot {
+    spec: Arc<ServerSpec>,
+    listing: Listing,
+    startup: Option<Duration>,
+    replicas: Vec<Replica>,
+    /// Changes whenever the server is replaced or stopped, so that work begun for an older
+    /// incarnation (a restart, a health check) stands down.
+    generation: u64,
+}
+
+#[derive(Debug)]
+struct Replica {
+    status: Status,
+    connection: Option<Arc<Connection>>,
+    /// Restarts in a row without a stable run in between.
+    restarts: u32,
+}
+
+impl Replica {
+    fn new(status: Status) -> Self {
+        Replica {
+            status,
+            connection: None,
+            restarts: 0,
         }
     }
 }
 
-/// One downstream as the registry knows it.
-#[derive(Debug, Clone)]
-pub struct ServerState {
-    pub spec: ServerSpec,
-    pub status: Status,
-    pub connection: Option<Arc<Connection>>,
-    pub listing: Listing,
-    /// How long the connection and first listing took.
-    pub startup: Option<Duration>,
+impl Slot {
+    fn new(spec: Arc<ServerSpec>, generation: u64) -> Self {
+        let status = if spec.enabled {
+            Status::Starting
+        } else {
+            Status::Disabled
+        };
+        let replicas = (0..spec.supervision.replicas)
+            .map(|_| Replica::new(status.clone()))
+            .collect();
+        Slot {
+            spec,
+            listing: Listing::default(),
+            startup: None,
+            replicas,
+            generation,
+        }
+    }
+
+    /// The server's status, from its replicas' and its circuit's.
+    fn status(&self, circuit: Option<Duration>) -> Status {
+        if !self.spec.enabled {
+            return Status::Disabled;
+        }
+        let ready = self
+            .replicas
+            .iter()
+            .filter(|replica| replica.status == Status::Ready)
+            .count();
+        let of = self.replicas.len();
+        match (ready, circuit) {
+            (_, Some(retry_in)) if ready > 0 => Status::CircuitOpen { retry_in },
+            (ready, _) if ready == of => Status::Ready,
+            (ready, _) if ready > 0 => Status::Degraded { ready, of },
+            _ => self
+                .replicas
+                .iter()
+                .map(|replica| &replica.status)
+                .min_by_key(|status| match status {
+                    Status::Restarting { .. } | Status::Reconnecting { .. } => 0,
+                    Status::Starting => 1,
+                    Status::Idle => 2,
+                    Status::Failed(_) => 3,
+                    _ => 4,
+                })
+                .cloned()
+                .unwrap_or(Status::Stopped),
+        }
+    }
+
+    /// Whether its entries belong in the catalog: it serves now or on demand, or a fallback
+    /// serves them while it is down.
+    fn offered(&self) -> bool {
+        self.spec.enabled
+            && (self
+                .replicas
+                .iter()
+                .any(|replica| matches!(replica.status, Status::Ready | Status::Idle))
+                || (self.spec.fallback.is_some() && self.listing != Listing::default()))
+    }
+
+    /// Take every connection out, marking the replicas stopped.
+    fn stop(&mut self) -> Vec<Arc<Connection>> {
+        self.replicas
+            .iter_mut()
+            .filter_map(|replica| {
+                replica.status = Status::Stopped;
+                replica.connection.take()
+            })
+            .collect()
+    }
 }
 
 /// The live set of downstreams.
 #[derive(Debug)]
 pub struct Registry {
-    config: Config,
-    servers: DashMap<ServerName, ServerState>,
+    config: RwLock<Arc<Config>>,
+    servers: DashMap<ServerName, Slot>,
     catalog: watch::Sender<Arc<Catalog>>,
     /// Where connections report what happens to them.
     events: mpsc::UnboundedSender<Event>,
     /// Client requests being served, so shutdown can let them finish.
-    in_flight: std::sync::atomic::AtomicUsize,
+    in_flight: AtomicUsize,
     /// One circuit per server, shared by every session and workflow.
     breakers: DashMap<ServerName, Breaker>,
+    /// One lock per lazily started server, so concurrent first calls start it once.
+    waking: DashMap<ServerName, Arc<tokio::sync::Mutex<()>>>,
+    /// Client sessions with children of their own, to stop those that idle.
+    sessions: DashMap<u64, Weak<Session>>,
+    next_generation: AtomicU64,
 }
 
 /// Counts one request in flight until dropped.
@@ -83,15 +242,12 @@ pub struct InFlight<'a>(&'a Registry);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0
-            .in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
-/// Waits between attempts to reach a remote server again: doubling from the first, capped.
-const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(500);
-const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(30);
+/// How often idle lazy servers and session children are looked for.
+const IDLE_SWEEP: Duration = Duration::from_secs(1);
 
 impl Registry {
     /// Connect to every enabled server at once; return when each is ready or has failed, which
@@ -101,82 +257,34 @@ impl Registry {
         let registry = Arc::new(Registry {
             servers: DashMap::new(),
             catalog: watch::Sender::new(Arc::new(Catalog::default())),
-            config,
+            config: RwLock::new(Arc::new(config)),
             events: events_tx,
-            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
             breakers: DashMap::new(),
+            waking: DashMap::new(),
+            sessions: DashMap::new(),
+            next_generation: AtomicU64::new(1),
         });
-        for spec in &registry.config.servers {
-            registry.breakers.insert(
-                spec.name.clone(),
-                Breaker::new(spec.breaker_failures, spec.breaker_cool_down),
-            );
-            let status = if spec.enabled {
-                Status::Starting
-            } else {
-                Status::Disabled
-            };
-            registry.servers.insert(
-                spec.name.clone(),
-                ServerState {
-                    spec: spec.clone(),
-                    status,
-                    connection: None,
-                    listing: Listing::default(),
-                    startup: None,
-                },
-            );
+        let config = registry.config();
+        for spec in &config.servers {
+            registry.insert(Arc::new(spec.clone()));
         }
-        let openings = registry
-            .config
+        let starts = config
             .enabled_servers()
-            .map(|spec| registry.open(spec));
-        futures::future::join_all(openings).await;
+            .map(|spec| registry.start_server(&spec.name));
+        futures::future::join_all(starts).await;
         registry.publish();
         spawn_event_loop(Arc::downgrade(&registry), events_rx);
+        spawn_idle_sweep(Arc::downgrade(&registry));
         registry
     }
 
-    /// Reach a server and list what it offers.
-    async fn connect(&self, spec: &ServerSpec) -> Result<(Connection, Listing), String> {
-        let connection = Connection::open(spec, self.events.clone())
-            .await
-            .map_err(|error| error.to_string())?;
-        let listing = connection.list().await.map_err(|error| error.to_string())?;
-        Ok((connection, listing))
-    }
-
-    async fn open(&self, spec: &ServerSpec) {
-        let started = Instant::now();
-        let opened = self.connect(spec).await;
-        let Some(mut state) = self.servers.get_mut(&spec.name) else {
-            return;
-        };
-        state.startup = Some(started.elapsed());
-        match opened {
-            Ok((connection, listing)) => {
-                tracing::info!(
-                    server = %spec.name,
-                    transport = spec.transport.kind(),
-                    tools = listing.tools.len(),
-                    prompts = listing.prompts.len(),
-                    resources = listing.resources.len() + listing.templates.len(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "downstream ready"
-                );
-                state.status = Status::Ready;
-                state.connection = Some(Arc::new(connection));
-                state.listing = listing;
-            }
-            Err(error) => {
-                tracing::error!(server = %spec.name, error = %error, "downstream failed to start");
-                state.status = Status::Failed(error);
-            }
+    /// The config in force.
+    pub fn config(&self) -> Arc<Config> {
+        match self.config.read() {
+            Ok(config) => config.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.config
     }
 
     /// The current catalog.
@@ -189,29 +297,116 @@ impl Registry {
         self.catalog.subscribe()
     }
 
-    /// The live connection to a server, if it is ready.
-    pub fn connection(&self, server: &ServerName) -> Option<Arc<Connection>> {
-        self.servers.get(server)?.connection.clone()
+    /// A server's spec, if it is configured.
+    pub fn spec(&self, server: &ServerName) -> Option<Arc<ServerSpec>> {
+        self.servers.get(server).map(|slot| slot.spec.clone())
+    }
+
+    /// The least busy ready connection to a server, if it has one.
+    pub fn pick(&self, server: &ServerName) -> Option<Arc<Connection>> {
+        let slot = self.servers.get(server)?;
+        slot.replicas
+            .iter()
+            .filter(|replica| replica.status == Status::Ready)
+            .filter_map(|replica| replica.connection.as_ref())
+            .filter(|connection| connection.is_open())
+            .min_by_key(|connection| connection.in_flight())
+            .cloned()
+    }
+
+    /// A connection to a server for a call: a ready one, or one started now if the server is
+    /// lazy and idle. `Err` says why there is none.
+    pub async fn connection(
+        self: &Arc<Self>,
+        server: &ServerName,
+    ) -> Result<Arc<Connection>, String> {
+        if let Some(connection) = self.pick(server) {
+            return Ok(connection);
+        }
+        let idle = self.servers.get(server).is_some_and(|slot| {
+            slot.replicas
+                .iter()
+                .any(|replica| replica.status == Status::Idle)
+        });
+        if !idle {
+            return Err(self.unavailable_reason(server));
+        }
+        let lock = self.waking.entry(server.clone()).or_default().clone();
+        let _waking = lock.lock().await;
+        if let Some(connection) = self.pick(server) {
+            return Ok(connection);
+        }
+        let Some((generation, idle)) = self.servers.get(server).map(|slot| {
+            let idle: Vec<usize> = (0..slot.replicas.len())
+                .filter(|&index| slot.replicas[index].status == Status::Idle)
+                .collect();
+            (slot.generation, idle)
+        }) else {
+            return Err(self.unavailable_reason(server));
+        };
+        tracing::info!(server = %server, "starting on its first call");
+        futures::future::join_all(
+            idle.into_iter()
+                .map(|index| self.open_replica(server, index, generation, Opening::Wake)),
+        )
+        .await;
+        self.pick(server)
+            .ok_or_else(|| self.unavailable_reason(server))
+    }
+
+    /// A new client session, for servers that give each session its own child.
+    pub fn open_session(self: &Arc<Self>) -> Arc<Session> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let session = Arc::new(Session {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            registry: Arc::downgrade(self),
+            connections: DashMap::new(),
+            opening: tokio::sync::Mutex::new(()),
+        });
+        self.sessions.insert(session.id, Arc::downgrade(&session));
+        session
     }
 
     /// Every server's state, in config order.
     pub fn states(&self) -> Vec<ServerState> {
-        self.config
+        self.config()
             .servers
             .iter()
-            .filter_map(|spec| self.servers.get(&spec.name).map(|state| state.clone()))
+            .filter_map(|spec| {
+                let slot = self.servers.get(&spec.name)?;
+                Some(ServerState {
+                    spec: slot.spec.clone(),
+                    status: slot.status(self.circuit(&spec.name)),
+                    listing: slot.listing.clone(),
+                    startup: slot.startup,
+                    pids: slot
+                        .replicas
+                        .iter()
+                        .filter_map(|replica| replica.connection.as_ref()?.pid)
+                        .collect(),
+                })
+            })
             .collect()
     }
 
     /// Why a server has no connection, for error messages.
     pub fn unavailable_reason(&self, server: &ServerName) -> String {
-        match self.servers.get(server).map(|state| state.status.clone()) {
-            Some(Status::Failed(reason)) => format!("server `{server}` is down: {reason}"),
-            Some(Status::Reconnecting { attempt, error }) => {
+        let Some(status) = self
+            .servers
+            .get(server)
+            .map(|slot| slot.status(self.circuit(server)))
+        else {
+            return format!("server `{server}` is not configured");
+        };
+        match status {
+            Status::Failed(reason) => format!("server `{server}` is down: {reason}"),
+            Status::Restarting { attempt, error } => {
+                format!("server `{server}` is restarting (attempt {attempt}) after: {error}")
+            }
+            Status::Reconnecting { attempt, error } => {
                 format!("server `{server}` is reconnecting (attempt {attempt}): {error}")
             }
-            Some(status) => format!("server `{server}` is {}", status.label()),
-            None => format!("server `{server}` is not configured"),
+            status => format!("server `{server}` is {}", status.label()),
         }
     }
 
@@ -240,24 +435,33 @@ impl Registry {
         }
     }
 
+    /// How long `server`'s open circuit has left (zero while its trial call is out), if open.
+    fn circuit(&self, server: &ServerName) -> Option<Duration> {
+        let breaker = self.breakers.get(server)?;
+        match breaker.state() {
+            BreakerState::Closed { .. } => None,
+            BreakerState::Open { until } => {
+                Some(until.saturating_duration_since(tokio::time::Instant::now()))
+            }
+            BreakerState::HalfOpen => Some(Duration::ZERO),
+        }
+    }
+
     /// Whether `server`'s circuit is open (or waiting on its trial call).
     pub fn circuit_open(&self, server: &ServerName) -> bool {
-        self.breakers
-            .get(server)
-            .is_some_and(|breaker| !matches!(breaker.state(), BreakerState::Closed { .. }))
+        self.circuit(server).is_some()
     }
 
     /// Count a request in flight while the returned guard lives.
     pub fn track(&self) -> InFlight<'_> {
-        self.in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight(self)
     }
 
     /// Wait until no request is in flight, or `deadline` passes; say which.
     pub async fn drained(&self, deadline: Duration) -> bool {
         let until = Instant::now() + deadline;
-        while self.in_flight.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        while self.in_flight.load(Ordering::SeqCst) > 0 {
             if Instant::now() >= until {
                 return false;
             }
@@ -266,29 +470,388 @@ impl Registry {
         true
     }
 
-    /// Stop every downstream, each with a grace period to exit by itself.
+    /// Stop every downstream, each child with its grace periods to exit by itself.
     pub async fn shutdown(&self) {
-        let connections: Vec<Arc<Connection>> = self
-            .servers
-            .iter_mut()
-            .filter_map(|mut state| {
-                if matches!(state.status, Status::Ready | Status::Reconnecting { .. }) {
-                    state.status = Status::Stopped;
-                }
-                state.connection.take()
-            })
-            .collect();
-        futures::future::join_all(connections.iter().map(|c| c.close(STOP_GRACE))).await;
+        let mut stopping = Vec::new();
+        for mut slot in self.servers.iter_mut() {
+            slot.generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+            let grace = slot.spec.supervision.stop_grace;
+            stopping.extend(slot.stop().into_iter().map(|c| (c, grace)));
+        }
+        for session in self.sessions.iter() {
+            if let Some(session) = session.upgrade() {
+                stopping.extend(session.take_all());
+            }
+        }
+        futures::future::join_all(
+            stopping
+                .iter()
+                .map(|(connection, grace)| connection.close(*grace)),
+        )
+        .await;
     }
 
-    /// Rebuild the catalog from the ready servers and publish it.
+    /// Apply a new config: servers added are started, removed ones stopped, changed ones
+    /// restarted when their process or connection settings changed and updated in place
+    /// otherwise; the others are not touched. Clients see the new catalog.
+    pub async fn reload(self: &Arc<Self>, new: Config) {
+        let old = self.config();
+        if old.http_changed(&new) {
+            tracing::warn!("`[http]` changes take effect when conductor restarts");
+        }
+        let mut stopping = Vec::new();
+        let mut starting = Vec::new();
+        for spec in &old.servers {
+            if !new.servers.iter().any(|server| server.name == spec.name)
+                && let Some((_, mut slot)) = self.servers.remove(&spec.name)
+            {
+                tracing::info!(server = %spec.name, "removed from the config: stopping");
+                let grace = slot.spec.supervision.stop_grace;
+                stopping.extend(slot.stop().into_iter().map(|c| (c, grace)));
+                self.breakers.remove(&spec.name);
+            }
+        }
+        for spec in &new.servers {
+            let spec = Arc::new(spec.clone());
+            let replace = match self.servers.get_mut(&spec.name) {
+                None => {
+                    tracing::info!(server = %spec.name, "added to the config");
+                    true
+                }
+                Some(slot) if slot.spec.needs_restart(&spec) => {
+                    tracing::info!(server = %spec.name, "changed in the config: restarting");
+                    true
+                }
+                Some(mut slot) => {
+                    slot.spec = spec.clone();
+                    false
+                }
+            };
+            let breaker_changed = self.breakers.get(&spec.name).is_none_or(|breaker| {
+                !breaker.has_settings(spec.breaker_failures, spec.breaker_cool_down)
+            });
+            if breaker_changed {
+                self.breakers.insert(
+                    spec.name.clone(),
+                    Breaker::new(spec.breaker_failures, spec.breaker_cool_down),
+                );
+            }
+            if replace {
+                if let Some(mut slot) = self.servers.get_mut(&spec.name) {
+                    let grace = slot.spec.supervision.stop_grace;
+                    stopping.extend(slot.stop().into_iter().map(|c| (c, grace)));
+                }
+                self.insert(spec.clone());
+                if spec.enabled {
+                    starting.push(spec.name.clone());
+                }
+            }
+        }
+        match self.config.write() {
+            Ok(mut config) => *config = Arc::new(new),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(new),
+        }
+        self.publish();
+        let stops = futures::future::join_all(
+            stopping
+                .iter()
+                .map(|(connection, grace)| connection.close(*grace)),
+        );
+        let starts = futures::future::join_all(starting.iter().map(|name| self.start_server(name)));
+        futures::future::join(stops, starts).await;
+        self.publish();
+    }
+
+    /// Put a server's slot in place (replacing any older one), with its circuit.
+    fn insert(&self, spec: Arc<ServerSpec>) {
+        self.breakers
+            .entry(spec.name.clone())
+            .or_insert_with(|| Breaker::new(spec.breaker_failures, spec.breaker_cool_down));
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        self.servers
+            .insert(spec.name.clone(), Slot::new(spec, generation));
+    }
+
+    /// Start every replica of a server. A lazy server runs once to list what it offers, then
+    /// waits idle for its first call.
+    async fn start_server(self: &Arc<Self>, server: &ServerName) {
+        let Some((generation, replicas, lazy)) = self.servers.get(server).map(|slot| {
+            (
+                slot.generation,
+                slot.replicas.len(),
+                slot.spec.supervision.start == StartMode::Lazy,
+            )
+        }) else {
+            return;
+        };
+        if lazy {
+            self.open_replica(server, 0, generation, Opening::ListThenIdle)
+                .await;
+            return;
+        }
+        futures::future::join_all(
+            (0..replicas).map(|index| self.open_replica(server, index, generation, Opening::First)),
+        )
+        .await;
+    }
+
+    /// Reach a server and list what it offers.
+    async fn connect(&self, spec: &ServerSpec) -> Result<(Connection, Listing), String> {
+        let connection = Connection::open(spec, self.events.clone())
+            .await
+            .map_err(|error| error.to_string())?;
+        let listing = connection.list().await.map_err(|error| error.to_string())?;
+        Ok((connection, listing))
+    }
+
+    /// Open one replica and put it in place; say whether it came up.
+    async fn open_replica(
+        self: &Arc<Self>,
+        server: &ServerName,
+        index: usize,
+        generation: u64,
+        opening: Opening,
+    ) -> bool {
+        let Some(spec) = self.spec(server) else {
+            return false;
+        };
+        let started = Instant::now();
+        let outcome = self.connect(&spec).await;
+        let elapsed = started.elapsed();
+        let Some(mut slot) = self.servers.get_mut(server) else {
+            return false;
+        };
+        if slot.generation != generation {
+            return false; // replaced or stopped meanwhile; the connection drops and stops
+        }
+        if opening != Opening::Wake {
+            slot.startup = Some(elapsed);
+        }
+        let remote = !matches!(spec.transport, Transport::Stdio(_));
+        let Some(replica) = slot.replicas.get_mut(index) else {
+            return false;
+        };
+        match outcome {
+            Ok((connection, listing)) => {
+                tracing::info!(
+                    server = %server,
+                    replica = index,
+                    transport = spec.transport.kind(),
+                    pid = connection.pid,
+                    tools = listing.tools.len(),
+                    prompts = listing.prompts.len(),
+                    resources = listing.resources.len() + listing.templates.len(),
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "downstream ready"
+                );
+                let connection = Arc::new(connection);
+                if opening == Opening::ListThenIdle {
+                    for replica in &mut slot.replicas {
+                        replica.status = Status::Idle;
+                    }
+                    slot.listing = listing;
+                    let grace = spec.supervision.stop_grace;
+                    drop(slot);
+                    tokio::spawn(async move { connection.close(grace).await });
+                    return true;
+                }
+                replica.status = Status::Ready;
+                replica.connection = Some(connection.clone());
+                slot.listing = listing;
+                drop(slot);
+                self.watch_health(server, &connection);
+                if opening == Opening::Restart {
+                    self.publish();
+                }
+                true
+            }
+            // A remote server may come up later: keep trying, as after losing it.
+            Err(error) if opening == Opening::Restart || remote => {
+                if opening != Opening::Restart {
+                    tracing::warn!(server = %server, error = %error, "remote server unreachable; trying again with backoff");
+                }
+                drop(slot);
+                self.failed_again(server, index, generation, error);
+                false
+            }
+            Err(error) => {
+                tracing::error!(server = %server, error = %error, "downstream failed to start");
+                replica.status = Status::Failed(error);
+                false
+            }
+        }
+    }
+
+    /// A replica's connection ended or stopped answering: fail over to the others, and start
+    /// it again unless it has crashed too often in a row.
+    fn lost(self: &Arc<Self>, server: &ServerName, connection: ConnectionId, reason: String) {
+        let Some(mut slot) = self.servers.get_mut(server) else {
+            return;
+        };
+        let generation = slot.generation;
+        let spec = slot.spec.clone();
+        let Some(index) = slot.replicas.iter().position(|replica| {
+            replica.status == Status::Ready
+                && replica
+                    .connection
+                    .as_ref()
+                    .is_some_and(|c| c.id == connection)
+        }) else {
+            return; // an older connection, or one stopped on purpose
+        };
+        let replica = &mut slot.replicas[index];
+        let Some(old) = replica.connection.take() else {
+            return;
+        };
+        if old.opened.elapsed() >= spec.supervision.stable_after {
+            replica.restarts = 0;
+        }
+        drop(slot);
+        tracing::error!(server = %server, replica = index, reason = %reason, "downstream connection ended");
+        // Closing kills a child that hangs; one that exited is already gone.
+        let grace = spec.supervision.stop_grace;
+        tokio::spawn(async move { old.close(grace).await });
+        self.failed_again(server, index, generation, reason);
+        self.publish();
+    }
+
+    /// Count a replica's failure, and restart it after a wait, or give up on a child that
+    /// failed `max_restarts` times in a row.
+    fn failed_again(
+        self: &Arc<Self>,
+        server: &ServerName,
+        index: usize,
+        generation: u64,
+        error: String,
+    ) {
+        let Some(mut slot) = self.servers.get_mut(server) else {
+            return;
+        };
+        if slot.generation != generation {
+            return;
+        }
+        let spec = slot.spec.clone();
+        let Some(replica) = slot.replicas.get_mut(index) else {
+            return;
+        };
+        replica.restarts += 1;
+        let attempt = replica.restarts;
+        let remote = !matches!(spec.transport, Transport::Stdio(_));
+        if !remote && attempt > spec.supervision.max_restarts {
+            tracing::error!(server = %server, replica = index, restarts = attempt - 1, error = %error, "giving up: it keeps failing");
+            replica.status = Status::Failed(format!(
+                "gave up after {} restarts in a row; the last: {error}",
+                attempt - 1
+            ));
+            return;
+        }
+        replica.status = if remote {
+            Status::Reconnecting { attempt, error }
+        } else {
+            Status::Restarting { attempt, error }
+        };
+        drop(slot);
+        tokio::spawn(recover(
+            Arc::downgrade(self),
+            server.clone(),
+            index,
+            generation,
+        ));
+    }
+
+    /// Ping a connection every `ping_interval` while it is in use; one that does not answer
+    /// within `ping_timeout` is treated as lost.
+    fn watch_health(self: &Arc<Self>, server: &ServerName, connection: &Arc<Connection>) {
+        let Some(spec) = self.spec(server) else {
+            return;
+        };
+        let Some(interval) = spec.supervision.ping_interval else {
+            return;
+        };
+        let timeout = spec.supervision.ping_timeout;
+        let registry = Arc::downgrade(self);
+        let connection = Arc::downgrade(connection);
+        let server = server.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(connection) = connection.upgrade() else {
+                    return; // stopped or replaced
+                };
+                if !connection.is_open() {
+                    return; // its end is reported by its own event
+                }
+                let ping = ClientRequest::PingRequest(PingRequest::default());
+                let answered = tokio::time::timeout(timeout, connection.peer.send_request(ping))
+                    .await
+                    .is_ok_and(|answer| answer.is_ok());
+                if answered {
+                    continue;
+                }
+                let Some(registry) = registry.upgrade() else {
+                    return;
+                };
+                let reason = format!(
+                    "it did not answer a ping within {}",
+                    crate::config::format_duration(timeout)
+                );
+                tracing::warn!(server = %server, pid = connection.pid, "{reason}; marking it unhealthy");
+                registry.lost(&server, connection.id, reason);
+                return;
+            }
+        });
+    }
+
+    /// Stop lazily started servers and session children that have not been used for their
+    /// `idle_timeout`.
+    fn stop_idle(&self) {
+        let mut stopping = Vec::new();
+        for mut slot in self.servers.iter_mut() {
+            let supervision = slot.spec.supervision.clone();
+            if supervision.start != StartMode::Lazy {
+                continue;
+            }
+            for replica in &mut slot.replicas {
+                let idle = replica.status == Status::Ready
+                    && replica.connection.as_ref().is_some_and(|connection| {
+                        connection.in_flight() == 0
+                            && connection.idle_for() >= supervision.idle_timeout
+                    });
+                if idle && let Some(connection) = replica.connection.take() {
+                    replica.status = Status::Idle;
+                    tracing::info!(server = %connection.server, "idle: stopping until its next call");
+                    stopping.push((connection, supervision.stop_grace));
+                }
+            }
+        }
+        self.sessions.retain(|_, session| match session.upgrade() {
+            Some(session) => {
+                stopping.extend(session.take_idle(self));
+                true
+            }
+            None => false,
+        });
+        for (connection, grace) in stopping {
+            tokio::spawn(async move { connection.close(grace).await });
+        }
+    }
+
+    /// Rebuild the catalog from the servers that serve and publish it.
     fn publish(&self) {
-        let states = self.states();
-        let ready = states
+        let config = self.config();
+        let slots: Vec<(Arc<ServerSpec>, Listing)> = config
+            .servers
             .iter()
-            .filter(|state| state.status == Status::Ready)
-            .map(|state| (&state.spec, &state.listing));
-        let catalog = Catalog::build(&self.config.separator, ready);
+            .filter_map(|spec| {
+                let slot = self.servers.get(&spec.name)?;
+                slot.offered()
+                    .then(|| (slot.spec.clone(), slot.listing.clone()))
+            })
+            .collect();
+        let catalog = Catalog::build(
+            &config.separator,
+            slots.iter().map(|(spec, listing)| (&**spec, listing)),
+        );
         for warning in &catalog.warnings {
             tracing::warn!("{warning}");
         }
@@ -298,51 +861,32 @@ impl Registry {
     async fn handle(self: &Arc<Self>, event: Event) {
         match event {
             Event::ListChanged { server, kind } => self.relist(&server, kind).await,
-            Event::Closed { server, reason } => {
-                let Some(mut state) = self.servers.get_mut(&server) else {
-                    return;
-                };
-                if state.status != Status::Ready {
-                    return;
-                }
-                tracing::error!(server = %server, reason = %reason, "downstream connection ended");
-                let remote = !matches!(state.spec.transport, crate::config::Transport::Stdio(_));
-                state.connection = None;
-                state.status = if remote {
-                    Status::Reconnecting {
-                        attempt: 1,
-                        error: format!("connection ended: {reason}"),
-                    }
-                } else {
-                    Status::Failed(format!("connection ended: {reason}"))
-                };
-                drop(state);
-                self.publish();
-                if remote {
-                    tokio::spawn(reconnect(Arc::downgrade(self), server));
-                }
-            }
+            Event::Closed {
+                server,
+                connection,
+                reason,
+            } => self.lost(&server, connection, format!("connection ended: {reason}")),
         }
     }
 
     async fn relist(&self, server: &ServerName, kind: ListKind) {
-        let Some(connection) = self.connection(server) else {
+        let Some(connection) = self.pick(server) else {
             return;
         };
         let mut listing = match self.servers.get(server) {
-            Some(state) => state.listing.clone(),
+            Some(slot) => slot.listing.clone(),
             None => return,
         };
         if let Err(error) = connection.list_into(kind, &mut listing).await {
             // A connection that closed meanwhile is reported by its own `Closed` event.
-            if !connection.peer.is_transport_closed() {
+            if connection.is_open() {
                 tracing::warn!(server = %server, error = %error, "re-listing after a change failed");
             }
             return;
         }
         let changed = match self.servers.get_mut(server) {
-            Some(mut state) if state.listing != listing => {
-                state.listing = listing;
+            Some(mut slot) if slot.listing != listing => {
+                slot.listing = listing;
                 true
             }
             _ => false,
@@ -354,56 +898,170 @@ impl Registry {
     }
 }
 
-/// Reach a remote server again after its connection ended, waiting longer after each failure,
-/// until it answers or the registry stops. Its tools return (with a list-changed notification to
-/// clients) when it does.
-async fn reconnect(registry: std::sync::Weak<Registry>, server: ServerName) {
-    let mut delay = RECONNECT_FIRST_DELAY;
-    let mut attempt = 1;
-    loop {
-        // Full jitter, so many conductors do not knock on a recovering server all at once.
+/// Why a replica is being opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opening {
+    /// At startup or after a reload.
+    First,
+    /// A lazy server at startup: list what it offers, then stop until its first call.
+    ListThenIdle,
+    /// A lazy server's first call.
+    Wake,
+    /// After it ended.
+    Restart,
+}
+
+/// The wait before restart attempt `attempt` (from 1): `first`, doubling, at most
+/// [`MAX_RESTART_DELAY`].
+pub fn restart_delay(first: Duration, attempt: u32) -> Duration {
+    let doublings = attempt.saturating_sub(1).min(16);
+    first.saturating_mul(1 << doublings).min(MAX_RESTART_DELAY)
+}
+
+/// Start a replica again after it ended, waiting longer after each failure, until it comes up,
+/// is given up, or the server is replaced or stopped. Its tools return (with a list-changed
+/// notification to clients) when it does.
+fn recover(
+    registry: Weak<Registry>,
+    server: ServerName,
+    index: usize,
+    generation: u64,
+) -> futures::future::BoxFuture<'static, ()> {
+    // Boxed: a restart may fail and schedule the next one, a cycle an `async fn` cannot name.
+    Box::pin(async move {
+        let Some((attempt, first)) = registry.upgrade().and_then(|registry| {
+            let slot = registry.servers.get(&server)?;
+            let replica = slot.replicas.get(index)?;
+            Some((replica.restarts, slot.spec.supervision.restart_delay))
+        }) else {
+            return;
+        };
+        // Jitter, so many conductors do not knock on a recovering server all at once.
+        let delay = restart_delay(first, attempt);
         tokio::time::sleep(delay.mul_f64(0.5 + fastrand::f64() / 2.0)).await;
         let Some(registry) = registry.upgrade() else {
             return;
         };
-        let spec = match registry.servers.get(&server) {
-            Some(state) if matches!(state.status, Status::Reconnecting { .. }) => {
-                state.spec.clone()
-            }
-            _ => return,
-        };
-        let outcome = registry.connect(&spec).await;
-        let Some(mut state) = registry.servers.get_mut(&server) else {
-            return;
-        };
-        if !matches!(state.status, Status::Reconnecting { .. }) {
-            return; // stopped meanwhile
+        let current = registry.servers.get(&server).is_some_and(|slot| {
+            slot.generation == generation
+                && slot.replicas.get(index).is_some_and(|replica| {
+                    matches!(
+                        replica.status,
+                        Status::Restarting { .. } | Status::Reconnecting { .. }
+                    )
+                })
+        });
+        if current {
+            tracing::info!(server = %server, replica = index, attempt, "starting it again");
+            registry
+                .open_replica(&server, index, generation, Opening::Restart)
+                .await;
         }
-        match outcome {
-            Ok((connection, listing)) => {
-                tracing::info!(server = %server, attempt, tools = listing.tools.len(), "downstream reconnected");
-                state.status = Status::Ready;
-                state.connection = Some(Arc::new(connection));
-                state.listing = listing;
-                drop(state);
-                registry.publish();
-                return;
+    })
+}
+
+/// A client session's own children, for servers with `isolation = "session"`. Dropped with the
+/// session, which stops them.
+#[derive(Debug)]
+pub struct Session {
+    id: u64,
+    registry: Weak<Registry>,
+    connections: DashMap<ServerName, Arc<Connection>>,
+    /// One child started at a time, so concurrent first calls share it.
+    opening: tokio::sync::Mutex<()>,
+}
+
+impl Session {
+    /// This session's own connection to `spec`'s server, started on first use.
+    pub async fn connection(&self, spec: &ServerSpec) -> Result<Arc<Connection>, String> {
+        debug_assert_eq!(spec.supervision.isolation, Isolation::Session);
+        let current = |connections: &DashMap<ServerName, Arc<Connection>>| {
+            connections
+                .get(&spec.name)
+                .map(|connection| connection.clone())
+                .filter(|connection| connection.is_open())
+        };
+        if let Some(connection) = current(&self.connections) {
+            return Ok(connection);
+        }
+        let _opening = self.opening.lock().await;
+        if let Some(connection) = current(&self.connections) {
+            return Ok(connection);
+        }
+        let registry = self
+            .registry
+            .upgrade()
+            .ok_or_else(|| "conductor is stopping".to_owned())?;
+        let connection = Connection::open(spec, registry.events.clone())
+            .await
+            .map_err(|error| format!("server `{}`: {error}", spec.name))?;
+        tracing::info!(server = %spec.name, session = self.id, pid = connection.pid, "started a child for a session");
+        let connection = Arc::new(connection);
+        self.connections
+            .insert(spec.name.clone(), connection.clone());
+        Ok(connection)
+    }
+
+    fn take_idle(&self, registry: &Registry) -> Vec<(Arc<Connection>, Duration)> {
+        let mut idle = Vec::new();
+        self.connections.retain(|server, connection| {
+            let Some(spec) = registry.spec(server) else {
+                idle.push((connection.clone(), Duration::ZERO));
+                return false;
+            };
+            let keep = connection.in_flight() > 0
+                || connection.idle_for() < spec.supervision.idle_timeout;
+            if !keep {
+                tracing::info!(server = %server, session = self.id, "session child idle: stopping it");
+                idle.push((connection.clone(), spec.supervision.stop_grace));
             }
-            Err(error) => {
-                tracing::warn!(server = %server, attempt, error = %error, "downstream still unreachable");
-                attempt += 1;
-                state.status = Status::Reconnecting { attempt, error };
-                delay = (delay * 2).min(RECONNECT_MAX_DELAY);
+            keep
+        });
+        idle
+    }
+
+    fn take_all(&self) -> Vec<(Arc<Connection>, Duration)> {
+        let registry = self.registry.upgrade();
+        let all: Vec<_> = self
+            .connections
+            .iter()
+            .map(|entry| {
+                let grace = registry
+                    .as_ref()
+                    .and_then(|registry| registry.spec(entry.key()))
+                    .map_or(Duration::ZERO, |spec| spec.supervision.stop_grace);
+                (entry.value().clone(), grace)
+            })
+            .collect();
+        self.connections.clear();
+        all
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(registry) = self.registry.upgrade() {
+            registry.sessions.remove(&self.id);
+        }
+        let stopping = self.take_all();
+        if stopping.is_empty() {
+            return;
+        }
+        tracing::info!(
+            session = self.id,
+            children = stopping.len(),
+            "session ended: stopping its children"
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            for (connection, grace) in stopping {
+                runtime.spawn(async move { connection.close(grace).await });
             }
         }
     }
 }
 
 /// Handle downstream events one at a time, for as long as the registry lives.
-fn spawn_event_loop(
-    registry: std::sync::Weak<Registry>,
-    mut events: mpsc::UnboundedReceiver<Event>,
-) -> JoinHandle<()> {
+fn spawn_event_loop(registry: Weak<Registry>, mut events: mpsc::UnboundedReceiver<Event>) {
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {
             let Some(registry) = registry.upgrade() else {
@@ -411,5 +1069,32 @@ fn spawn_event_loop(
             };
             registry.handle(event).await;
         }
-    })
+    });
+}
+
+fn spawn_idle_sweep(registry: Weak<Registry>) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(IDLE_SWEEP).await;
+            let Some(registry) = registry.upgrade() else {
+                break;
+            };
+            registry.stop_idle();
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_waits_double_up_to_a_cap() {
+        let first = Duration::from_millis(500);
+        assert_eq!(restart_delay(first, 1), Duration::from_millis(500));
+        assert_eq!(restart_delay(first, 2), Duration::from_secs(1));
+        assert_eq!(restart_delay(first, 4), Duration::from_secs(4));
+        assert_eq!(restart_delay(first, 7), MAX_RESTART_DELAY);
+        assert_eq!(restart_delay(first, u32::MAX), MAX_RESTART_DELAY);
+    }
 }

@@ -19,8 +19,9 @@ use rmcp::service::{PeerRequestOptions, ServiceError};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::ResourceRoute;
-use crate::config::{ServerName, format_duration};
-use crate::registry::Registry;
+use crate::config::{Isolation, ServerName, ServerSpec, format_duration};
+use crate::downstream::Connection;
+use crate::registry::{Registry, Session};
 use crate::retry::FailureKind;
 
 /// Why a request did not get an answer from its downstream.
@@ -127,11 +128,26 @@ impl crate::orchestrate::Tools for Router {
 #[derive(Debug, Clone)]
 pub struct Router {
     registry: Arc<Registry>,
+    /// The client session calls come from, for servers that give each session its own child.
+    session: Option<Arc<Session>>,
 }
 
 impl Router {
+    /// A router for calls that belong to no client session (the CLI's).
     pub fn new(registry: Arc<Registry>) -> Self {
-        Router { registry }
+        Router {
+            registry,
+            session: None,
+        }
+    }
+
+    /// A router for one client session: servers with `isolation = "session"` answer it from
+    /// children of its own, stopped when the last clone of this router is dropped.
+    pub fn for_session(&self) -> Router {
+        Router {
+            registry: self.registry.clone(),
+            session: Some(self.registry.open_session()),
+        }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -154,6 +170,11 @@ impl Router {
             });
         };
         let what = format!("tools/call {}", entry.original);
+        let timeout = timeout.or_else(|| {
+            self.registry
+                .spec(&entry.server)
+                .map(|spec| spec.timeout_for(&entry.original))
+        });
         params.name = entry.original.clone().into();
         let request = ClientRequest::CallToolRequest(CallToolRequest::new(params));
         self.send(&entry.server, what, request, timeout, cancel)
@@ -255,6 +276,8 @@ impl Router {
     }
 
     /// Send one request to a server: the single place every downstream request goes through.
+    /// A server that is down or whose circuit is open hands the request to its `fallback`, if
+    /// it has one: the request never reached it, so nothing can happen twice.
     async fn send(
         &self,
         server: &ServerName,
@@ -264,6 +287,38 @@ impl Router {
         cancel: &CancellationToken,
     ) -> Result<ServerResult, CallError> {
         let _in_flight = self.registry.track();
+        let fallback = self
+            .registry
+            .spec(server)
+            .and_then(|spec| spec.fallback.clone())
+            .map(|fallback| (fallback, request.clone()));
+        let outcome = self
+            .send_to(server, what.clone(), request, timeout, cancel)
+            .await;
+        match (outcome, fallback) {
+            (Err(error), Some((fallback, request)))
+                if matches!(
+                    error.kind(),
+                    FailureKind::NotDelivered | FailureKind::CircuitOpen
+                ) =>
+            {
+                tracing::info!(server = %server, fallback = %fallback, reason = %error, "served by its fallback");
+                self.send_to(&fallback, what, request, timeout, cancel)
+                    .await
+            }
+            (outcome, _) => outcome,
+        }
+    }
+
+    /// Send to one server, through its circuit breaker.
+    async fn send_to(
+        &self,
+        server: &ServerName,
+        what: String,
+        request: ClientRequest,
+        timeout: Option<Duration>,
+        cancel: &CancellationToken,
+    ) -> Result<ServerResult, CallError> {
         if let Err(retry_in) = self.registry.admit(server) {
             return Err(CallError::CircuitOpen {
                 server: server.clone(),
@@ -278,6 +333,19 @@ impl Router {
         outcome
     }
 
+    /// The connection this router's calls to `spec`'s server go to: the session's own child,
+    /// or the least busy shared one (started now if the server is lazy and idle).
+    async fn connection(&self, spec: &ServerSpec) -> Result<Arc<Connection>, CallError> {
+        let own = match &self.session {
+            Some(session) if spec.supervision.isolation == Isolation::Session => {
+                Some(session.connection(spec).await)
+            }
+            _ => None,
+        };
+        own.unwrap_or(self.registry.connection(&spec.name).await)
+            .map_err(CallError::Unavailable)
+    }
+
     async fn send_admitted(
         &self,
         server: &ServerName,
@@ -286,24 +354,26 @@ impl Router {
         timeout: Option<Duration>,
         cancel: &CancellationToken,
     ) -> Result<ServerResult, CallError> {
-        let Some(connection) = self.registry.connection(server) else {
+        let Some(spec) = self.registry.spec(server) else {
             return Err(CallError::Unavailable(
                 self.registry.unavailable_reason(server),
             ));
         };
-        let timeout = timeout.unwrap_or_else(|| {
-            self.registry
-                .config()
-                .servers
-                .iter()
-                .find(|spec| &spec.name == server)
-                .map_or(crate::config::DEFAULT_CALL_TIMEOUT, |spec| {
-                    spec.call_timeout
-                })
-        });
+        let connection = tokio::select! {
+            connection = self.connection(&spec) => connection?,
+            () = cancel.cancelled() => return Err(CallError::Cancelled),
+        };
+        let _busy = connection.busy();
+        let mut options = PeerRequestOptions::with_timeout(timeout.unwrap_or(spec.call_timeout));
+        if spec.timeout_resets_on_progress {
+            options = options.reset_timeout_on_progress();
+            if let Some(max) = spec.max_call_time {
+                options = options.with_max_total_timeout(max);
+            }
+        }
         let handle = connection
             .peer
-            .send_request_with_option(request, PeerRequestOptions::with_timeout(timeout))
+            .send_request_with_option(request, options)
             .await
             .map_err(|error| classify(server, &what, error))?;
         let id = handle.id.clone();

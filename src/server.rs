@@ -36,7 +36,11 @@ pub struct ConductorServer {
 }
 
 impl ConductorServer {
-    pub fn new(router: Router, orchestrator: Arc<Orchestrator>) -> Self {
+    /// A new client session. Its calls, and its workflows' steps, go through a router of its
+    /// own, so servers with `isolation = "session"` give it children of its own.
+    pub fn new(router: &Router, orchestrator: &Orchestrator) -> Self {
+        let router = router.for_session();
+        let orchestrator = Arc::new(orchestrator.with_tools(Arc::new(router.clone())));
         ConductorServer {
             router,
             orchestrator,
@@ -100,7 +104,8 @@ impl ServerHandler for ConductorServer {
     ) -> Result<CallToolResponse, McpError> {
         // A whole workflow counts as in flight, between its steps too.
         let _in_flight = self.router.registry().track();
-        let saved = saved::find(self.router.registry().config(), &request.name);
+        let config = self.router.registry().config();
+        let saved = saved::find(&config, &request.name);
         if request.name == orchestrate::TOOL_NAME || saved.is_some() {
             let arguments = request.arguments.unwrap_or_default();
             let input = match saved.map(|spec| saved::workflow_for(spec, arguments.clone())) {

@@ -50,7 +50,7 @@ pub struct Config {
 }
 
 /// `[http]`: serving over HTTP.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpSettings {
     /// Bearer tokens a client may present; none means no authentication (loopback only).
     pub tokens: Vec<String>,
@@ -121,11 +121,105 @@ pub struct ServerSpec {
     pub breaker_failures: u32,
     /// How long an open circuit fails calls at once before it lets a trial through.
     pub breaker_cool_down: Duration,
+    /// The call timeout starts again whenever the server reports progress on the call.
+    pub timeout_resets_on_progress: bool,
+    /// With `timeout_resets_on_progress`, the most a call may take however much progress it
+    /// reports.
+    pub max_call_time: Option<Duration>,
+    /// A server whose tools answer in this one's place while it is down or its circuit is open.
+    pub fallback: Option<ServerName>,
+    pub supervision: Supervision,
     pub tools: ToolRules,
 }
 
+impl ServerSpec {
+    /// Whether going from `self` to `new` needs the server's processes or connections replaced;
+    /// other changes (names, timeouts, rules) apply to the running server.
+    pub fn needs_restart(&self, new: &ServerSpec) -> bool {
+        self.transport != new.transport
+            || self.enabled != new.enabled
+            || self.supervision.start != new.supervision.start
+            || self.supervision.isolation != new.supervision.isolation
+            || self.supervision.replicas != new.supervision.replicas
+    }
+
+    /// The timeout of one call to the tool `original`, unless a workflow step sets its own.
+    pub fn timeout_for(&self, original: &str) -> Duration {
+        self.tools
+            .timeouts
+            .get(original)
+            .copied()
+            .unwrap_or(self.call_timeout)
+    }
+}
+
+/// How a server's processes are started, kept alive and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Supervision {
+    pub start: StartMode,
+    pub isolation: Isolation,
+    /// How many children of a stdio server run side by side; each call goes to the least busy.
+    pub replicas: usize,
+    /// Restarts in a row (each one failing, or crashing before `stable_after`) before the
+    /// server is given up as failed. Remote servers are reconnected without limit.
+    pub max_restarts: u32,
+    /// The wait before the first restart or reconnection; it doubles each time, up to
+    /// [`MAX_RESTART_DELAY`].
+    pub restart_delay: Duration,
+    /// A child that ran this long before it ended starts its restart count afresh.
+    pub stable_after: Duration,
+    /// How often a ready server is pinged; `None` turns health checks off.
+    pub ping_interval: Option<Duration>,
+    /// A ping not answered within this marks the server unhealthy: it is restarted or reconnected.
+    pub ping_timeout: Duration,
+    /// A lazily started server, or a session's own child, is stopped after this long unused.
+    pub idle_timeout: Duration,
+    /// How long a stopping child gets after its stdin closes, and again after SIGTERM, before
+    /// it is killed.
+    pub stop_grace: Duration,
+}
+
+/// The longest wait between two restarts or reconnections of a server.
+pub const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
+
+impl Default for Supervision {
+    fn default() -> Self {
+        Supervision {
+            start: StartMode::Eager,
+            isolation: Isolation::Shared,
+            replicas: 1,
+            max_restarts: 10,
+            restart_delay: Duration::from_millis(500),
+            stable_after: Duration::from_secs(60),
+            ping_interval: Some(Duration::from_secs(30)),
+            ping_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(600),
+            stop_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// When a server is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    /// With conductor.
+    Eager,
+    /// On its first call (it runs once at startup to list what it offers), and stopped again
+    /// after `idle_timeout` unused.
+    Lazy,
+}
+
+/// Who shares a stdio server's children.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// Every client session uses the same children.
+    Shared,
+    /// Each client session gets its own child, stopped when the session ends or idles.
+    Session,
+}
+
 /// How conductor reaches a downstream.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transport {
     Stdio(StdioSpec),
     StreamableHttp(HttpSpec),
@@ -145,7 +239,7 @@ impl Transport {
 }
 
 /// A child process speaking MCP on its stdin and stdout.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StdioSpec {
     /// A program name looked up on `PATH`, or a path (a relative one is resolved against `cwd`).
     pub command: String,
@@ -156,10 +250,11 @@ pub struct StdioSpec {
     pub cwd: PathBuf,
 }
 
-/// A remote server speaking Streamable HTTP.
-#[derive(Debug, Clone)]
+/// A remote server speaking Streamable HTTP or HTTP+SSE.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpSpec {
-    pub url: String,
+    /// Where it is; with several, each is tried in turn when connecting (failover).
+    pub urls: Vec<String>,
     pub headers: Vec<(String, String)>,
 }
 
@@ -187,6 +282,8 @@ pub struct ToolRules {
     /// Original tool name to annotation hints that replace the server's own: a server's
     /// annotations are untrusted, and retries and workflow safety depend on them.
     pub annotations: HashMap<String, AnnotationOverride>,
+    /// Original tool name to its own call timeout, in place of the server's.
+    pub timeouts: HashMap<String, Duration>,
 }
 
 /// Hints set in the config for one tool; unset ones keep the server's.
@@ -246,6 +343,11 @@ impl Config {
         }
     }
 
+    /// Whether `new` serves HTTP differently (which takes a restart).
+    pub fn http_changed(&self, new: &Config) -> bool {
+        self.http != new.http
+    }
+
     /// The enabled servers, in file order.
     pub fn enabled_servers(&self) -> impl Iterator<Item = &ServerSpec> {
         self.servers.iter().filter(|server| server.enabled)
@@ -291,6 +393,7 @@ fn validate(
             .collect(),
         None => Vec::new(),
     };
+    check_fallbacks(&servers, document, problems);
     let workflows = match root.table("workflows", problems) {
         Some(table) => table
             .entries()
@@ -323,6 +426,34 @@ fn validate(
         workflows,
         http,
     })
+}
+
+/// Each `fallback` names another configured server.
+fn check_fallbacks(servers: &[ServerSpec], document: &DeTable<'_>, problems: &mut Problems) {
+    for server in servers {
+        let Some(fallback) = &server.fallback else {
+            continue;
+        };
+        if servers.iter().any(|other| &other.name == fallback) {
+            continue;
+        }
+        let span = document
+            .get("servers")
+            .and_then(|servers| servers.get_ref().as_table())
+            .and_then(|servers| servers.get(server.name.as_str()))
+            .and_then(|table| table.get_ref().as_table())
+            .and_then(|table| table.get("fallback"))
+            .map_or(0..0, |value| value.span());
+        let names = servers.iter().map(|other| other.name.as_str());
+        problems.add_with_hint(
+            span,
+            format!(
+                "server `{}`: `fallback` names `{fallback}`, which is not a configured server",
+                server.name
+            ),
+            did_you_mean(fallback.as_str(), names).map(|name| format!("did you mean `{name}`?")),
+        );
+    }
 }
 
 fn read_defaults(mut table: Table<'_, '_>, problems: &mut Problems) -> Defaults {
@@ -374,16 +505,21 @@ fn read_duration(
     problems: &mut Problems,
 ) -> Option<Duration> {
     let text = table.string(key, problems)?;
+    duration_of(text, &format!("{}.{key}", table.path()), problems)
+}
+
+/// The duration `text` (at `path`, for the message) gives, or a problem saying it gives none.
+fn duration_of(
+    text: toml::Spanned<String>,
+    path: &str,
+    problems: &mut Problems,
+) -> Option<Duration> {
     match parse_duration(text.get_ref()) {
         Some(duration) => Some(duration),
         None => {
             problems.add_with_hint(
                 text.span(),
-                format!(
-                    "`{}.{key}`: `{}` is not a duration",
-                    table.path(),
-                    text.get_ref()
-                ),
+                format!("`{path}`: `{}` is not a duration", text.get_ref()),
                 Some("write a number and a unit: `500ms`, `30s`, `2m` or `1h`"),
             );
             None

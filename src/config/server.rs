@@ -40,7 +40,7 @@ pub(super) fn read_server(
     };
 
     let command = table.string("command", problems);
-    let url = table.string("url", problems);
+    let url = read_urls(&mut table, name.get_ref(), problems);
     let transport_kind = table.string("transport", problems);
     let args = table.strings("args", problems);
     let env_vars = table.string_map("env", problems);
@@ -59,6 +59,15 @@ pub(super) fn read_server(
         });
     let breaker_cool_down = read_duration(&mut table, "breaker_cool_down", problems)
         .unwrap_or(crate::breaker::DEFAULT_COOL_DOWN);
+    let timeout_resets_on_progress = table
+        .bool("timeout_resets_on_progress", problems)
+        .unwrap_or(false);
+    let max_call_time = read_duration(&mut table, "max_call_time", problems);
+    let fallback = table.string("fallback", problems).map(|fallback| {
+        let span = fallback.span();
+        (fallback.into_inner(), span)
+    });
+    let supervision = read_supervision(&mut table, problems);
     let tools = table
         .table("tools", problems)
         .map(|tools| read_tool_rules(tools, problems))
@@ -145,7 +154,6 @@ pub(super) fn read_server(
             }))
         }
         (None, Some(url)) => {
-            let span = url.span();
             for key in ["args", "env", "cwd"] {
                 if let Some(value) = table.get(key) {
                     problems.add(
@@ -157,19 +165,24 @@ pub(super) fn read_server(
                     );
                 }
             }
-            let url = expanded(Some(url), "url", problems);
-            if let Some(url) = &url
-                && !(url.starts_with("http://") || url.starts_with("https://"))
-            {
-                problems.add_with_hint(
-                    span,
-                    format!(
-                        "server `{}`: `url` must start with `http://` or `https://`",
-                        name.get_ref()
-                    ),
-                    Some("a Streamable HTTP endpoint usually ends in `/mcp`"),
-                );
-            }
+            let urls: Vec<Option<String>> = url
+                .into_iter()
+                .map(|url| {
+                    let span = url.span();
+                    let url = expanded(Some(url), "url", problems)?;
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        problems.add_with_hint(
+                            span,
+                            format!(
+                                "server `{}`: `url` must start with `http://` or `https://`",
+                                name.get_ref()
+                            ),
+                            Some("a Streamable HTTP endpoint usually ends in `/mcp`"),
+                        );
+                    }
+                    Some(url)
+                })
+                .collect();
             let headers: Vec<Option<(String, String)>> = headers
                 .into_iter()
                 .map(|(key, value)| {
@@ -178,7 +191,7 @@ pub(super) fn read_server(
                 })
                 .collect();
             let spec = HttpSpec {
-                url: url?,
+                urls: urls.into_iter().collect::<Option<_>>()?,
                 headers: headers.into_iter().collect::<Option<_>>()?,
             };
             Some(if legacy_sse {
@@ -188,6 +201,7 @@ pub(super) fn read_server(
             })
         }
         (Some(command), Some(_)) => {
+            // Reported once, below, whichever of `url` and `urls` was given.
             problems.add_with_hint(
                 command.span(),
                 format!("server `{}` has both `command` and `url`", name.get_ref()),
@@ -205,17 +219,151 @@ pub(super) fn read_server(
         }
     };
     table.finish(problems);
+    let transport = transport?;
+    if !matches!(transport, Transport::Stdio(_)) {
+        let stdio_only = [
+            (supervision.replicas > 1, "replicas"),
+            (supervision.isolation == Isolation::Session, "isolation"),
+        ];
+        for (set, key) in stdio_only {
+            if set {
+                problems.add_with_hint(
+                    name.span(),
+                    format!(
+                        "server `{}`: `{key}` only applies to a server with `command`",
+                        name.get_ref()
+                    ),
+                    Some("for a remote server, list several endpoints in `urls` to fail over"),
+                );
+            }
+        }
+    }
+    if supervision.replicas > 1 && supervision.isolation == Isolation::Session {
+        problems.add_with_hint(
+            name.span(),
+            format!(
+                "server `{}` sets both `replicas` and `isolation = \"session\"`",
+                name.get_ref()
+            ),
+            Some("a session's own child is never shared, so replicas do not apply; keep one"),
+        );
+    }
+    let fallback = match fallback {
+        Some((fallback, span)) if fallback == *name.get_ref() => {
+            problems.add(
+                span,
+                format!("server `{fallback}` cannot be its own fallback"),
+            );
+            None
+        }
+        Some((fallback, _)) => Some(ServerName(fallback)),
+        None => None,
+    };
     Some(ServerSpec {
         name: server_name?,
-        transport: transport?,
+        transport,
         enabled,
         prefix,
         startup_timeout,
         call_timeout,
         breaker_failures,
         breaker_cool_down,
+        timeout_resets_on_progress,
+        max_call_time,
+        fallback,
+        supervision,
         tools,
     })
+}
+
+/// `url = "..."` or, to fail over between endpoints, `urls = ["...", "..."]`.
+fn read_urls(
+    table: &mut Table<'_, '_>,
+    server: &str,
+    problems: &mut Problems,
+) -> Option<Vec<Spanned<String>>> {
+    let url = table.string("url", problems);
+    let urls = table.strings("urls", problems);
+    match (url, urls) {
+        (Some(url), None) => Some(vec![url]),
+        (None, Some(urls)) if urls.is_empty() => {
+            if let Some(value) = table.get("urls") {
+                problems.add(value.span(), format!("server `{server}`: `urls` is empty"));
+            }
+            None
+        }
+        (None, Some(urls)) => Some(urls),
+        (Some(url), Some(_)) => {
+            problems.add_with_hint(
+                url.span(),
+                format!("server `{server}` has both `url` and `urls`"),
+                Some("keep `url` for one endpoint, or list every endpoint in `urls`"),
+            );
+            None
+        }
+        (None, None) => None,
+    }
+}
+
+/// The supervision keys of a server table, each defaulting to [`Supervision::default`].
+fn read_supervision(table: &mut Table<'_, '_>, problems: &mut Problems) -> Supervision {
+    let defaults = Supervision::default();
+    let start = match table.string("start", problems) {
+        None => defaults.start,
+        Some(start) => match start.get_ref().as_str() {
+            "eager" => StartMode::Eager,
+            "lazy" => StartMode::Lazy,
+            other => {
+                problems.add_with_hint(
+                    start.span(),
+                    format!("`{}.start`: unknown mode `{other}`", table.path()),
+                    Some("use `eager` (with conductor, the default) or `lazy` (on its first call)"),
+                );
+                defaults.start
+            }
+        },
+    };
+    let isolation = match table.string("isolation", problems) {
+        None => defaults.isolation,
+        Some(isolation) => match isolation.get_ref().as_str() {
+            "shared" => Isolation::Shared,
+            "session" => Isolation::Session,
+            other => {
+                problems.add_with_hint(
+                    isolation.span(),
+                    format!("`{}.isolation`: unknown mode `{other}`", table.path()),
+                    Some("use `shared` (the default) or `session` (a child per client session)"),
+                );
+                defaults.isolation
+            }
+        },
+    };
+    let replicas = table
+        .count("replicas", problems)
+        .map_or(defaults.replicas, |count| count.min(64) as usize);
+    let max_restarts = table
+        .count("max_restarts", problems)
+        .map_or(defaults.max_restarts, |count| {
+            count.min(u64::from(u32::MAX)) as u32
+        });
+    let ping_interval = match table.get("ping_interval") {
+        Some(value) if matches!(value.get_ref(), DeValue::String(text) if text == "off") => None,
+        Some(_) => read_duration(table, "ping_interval", problems).or(defaults.ping_interval),
+        None => defaults.ping_interval,
+    };
+    let mut read = |key, default| read_duration(table, key, problems).unwrap_or(default);
+    Supervision {
+        start,
+        isolation,
+        replicas,
+        max_restarts,
+        restart_delay: read("restart_delay", defaults.restart_delay),
+        stable_after: read("stable_after", defaults.stable_after),
+        ping_interval,
+        ping_timeout: read("ping_timeout", defaults.ping_timeout),
+        idle_timeout: read("idle_timeout", defaults.idle_timeout),
+        stop_grace: read("stop_grace", defaults.stop_grace),
+    }
 }
 
 fn check_server_name(
@@ -306,6 +454,17 @@ fn read_tool_rules(mut table: Table<'_, '_>, problems: &mut Problems) -> ToolRul
         .into_iter()
         .map(|(tool, text)| (tool.into_inner(), text.into_inner()))
         .collect();
+    let mut timeouts = HashMap::new();
+    if let Some(table) = table.table("timeouts", problems) {
+        for (tool, value) in table.entries() {
+            let path = format!("{}.{}", table.path(), tool.get_ref());
+            let duration = super::reader::as_string(value, &path, problems)
+                .and_then(|text| duration_of(text, &path, problems));
+            if let Some(duration) = duration {
+                timeouts.insert(tool.into_inner(), duration);
+            }
+        }
+    }
     let mut annotations = HashMap::new();
     if let Some(overrides) = table.table("annotations", problems) {
         for (tool, value) in overrides.entries() {
@@ -330,6 +489,7 @@ fn read_tool_rules(mut table: Table<'_, '_>, problems: &mut Problems) -> ToolRul
         rename,
         descriptions,
         annotations,
+        timeouts,
     }
 }
 

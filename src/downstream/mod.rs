@@ -9,7 +9,8 @@ mod sse;
 mod stdio;
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use rmcp::ServiceExt;
 use rmcp::model::{ErrorCode, ServerPeerInfo};
@@ -22,6 +23,7 @@ use tokio::task::JoinHandle;
 use crate::catalog::Listing;
 use crate::config::{HttpSpec, ServerName, ServerSpec, Transport};
 pub use client::DownstreamClient;
+pub use stdio::{LAUNCHER_ARG, run_launcher, use_launcher};
 
 /// Which of a server's lists changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,8 +43,17 @@ pub enum Event {
     /// The connection ended (the child exited, or the remote closed), with why.
     Closed {
         server: ServerName,
+        connection: ConnectionId,
         reason: String,
     },
+}
+
+/// Tells one connection from another, so news of an old one is not taken for its successor's.
+pub type ConnectionId = u64;
+
+fn next_connection_id() -> ConnectionId {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Why a downstream could not be started or reached.
@@ -66,14 +77,33 @@ pub enum ConnectError {
 
 /// One live downstream connection.
 pub struct Connection {
+    pub id: ConnectionId,
     pub server: ServerName,
     pub peer: Peer<RoleClient>,
     /// What the server said about itself when it connected.
     pub info: ServerPeerInfo,
     /// The child process, for stdio servers.
     pub pid: Option<u32>,
+    /// When it was established.
+    pub opened: Instant,
+    /// Requests sent on it and not yet answered, to pick the least busy replica.
+    in_flight: AtomicUsize,
+    /// Milliseconds after `opened` of the last request's end, to stop idle servers.
+    last_used_ms: AtomicU64,
     cancel: std::sync::Mutex<Option<RunningServiceCancellationToken>>,
     task: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Counts one request on a connection while it lives.
+#[derive(Debug)]
+pub struct Busy<'a>(&'a Connection);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let now = self.0.opened.elapsed().as_millis() as u64;
+        self.0.last_used_ms.fetch_max(now, Ordering::Relaxed);
+    }
 }
 
 impl Connection {
@@ -82,27 +112,75 @@ impl Connection {
         spec: &ServerSpec,
         events: mpsc::UnboundedSender<Event>,
     ) -> Result<Connection, ConnectError> {
-        let client = DownstreamClient::new(spec.name.clone(), events.clone());
         let opening = async {
             match &spec.transport {
                 Transport::Stdio(stdio) => {
+                    let client = DownstreamClient::new(spec.name.clone(), events.clone());
                     let child = stdio::spawn(&spec.name, stdio)?;
                     let pid = child.id();
                     serve(spec, client, child, pid, events).await
                 }
-                Transport::Sse(http) => {
-                    let transport = sse::connect(&http.url, header_map(http)?).await?;
-                    serve(spec, client, transport, None, events).await
-                }
-                Transport::StreamableHttp(http) => {
-                    let transport = StreamableHttpClientTransport::from_config(http_config(http)?);
-                    serve(spec, client, transport, None, events).await
+                Transport::Sse(http) | Transport::StreamableHttp(http) => {
+                    // Each endpoint in turn: the first that answers serves (failover).
+                    let mut failures = Vec::new();
+                    for url in &http.urls {
+                        match Self::open_remote(spec, url, http, events.clone()).await {
+                            Ok(connection) => return Ok(connection),
+                            Err(error) if http.urls.len() == 1 => return Err(error),
+                            Err(error) => {
+                                tracing::warn!(server = %spec.name, url, error = %error, "endpoint unreachable, trying the next");
+                                failures.push(format!("{url}: {error}"));
+                            }
+                        }
+                    }
+                    Err(ConnectError::Handshake(format!(
+                        "no endpoint answered ({})",
+                        failures.join("; ")
+                    )))
                 }
             }
         };
         tokio::time::timeout(spec.startup_timeout, opening)
             .await
             .map_err(|_| ConnectError::Timeout(spec.startup_timeout))?
+    }
+
+    async fn open_remote(
+        spec: &ServerSpec,
+        url: &str,
+        http: &HttpSpec,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Result<Connection, ConnectError> {
+        let client = DownstreamClient::new(spec.name.clone(), events.clone());
+        if matches!(spec.transport, Transport::Sse(_)) {
+            let transport = sse::connect(url, header_map(http)?).await?;
+            serve(spec, client, transport, None, events).await
+        } else {
+            let transport = StreamableHttpClientTransport::from_config(http_config(url, http)?);
+            serve(spec, client, transport, None, events).await
+        }
+    }
+
+    /// Count a request on this connection while the returned guard lives.
+    pub fn busy(&self) -> Busy<'_> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        Busy(self)
+    }
+
+    /// Requests sent and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// How long since its last request ended (or since it opened, if it never had one).
+    pub fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed));
+        self.opened.elapsed().saturating_sub(last)
+    }
+
+    /// Whether the connection is still open.
+    pub fn is_open(&self) -> bool {
+        !self.peer.is_transport_closed()
     }
 
     /// Everything the server offers, asking only for what its capabilities declare.
@@ -142,18 +220,28 @@ impl Connection {
         Ok(())
     }
 
-    /// Stop the connection: close the transport (a child gets its stdin closed, then SIGTERM,
-    /// then SIGKILL) and wait for that to finish, up to `grace`.
-    /// Calls still in flight fail with "connection closed".
+    /// Stop the connection: close the transport, and for a child, its stdin; a child still
+    /// running after `grace` gets SIGTERM (its whole process group), and after `grace` again
+    /// SIGKILL. Calls still in flight fail with "connection closed".
     pub async fn close(&self, grace: Duration) {
         self.cancel();
         let task = self.task.lock().ok().and_then(|mut task| task.take());
-        if let Some(mut task) = task
-            && tokio::time::timeout(grace, &mut task).await.is_err()
-        {
-            // Aborting drops the transport, whose child guard kills the process.
-            task.abort();
+        let Some(mut task) = task else {
+            return;
+        };
+        if tokio::time::timeout(grace, &mut task).await.is_ok() {
+            return;
         }
+        if let Some(pid) = self.pid {
+            stdio::terminate_group(&self.server, pid);
+            if tokio::time::timeout(grace, &mut task).await.is_ok() {
+                return;
+            }
+            tracing::warn!(server = %self.server, pid, "child ignored SIGTERM; killing it");
+        }
+        // Aborting drops the transport, whose child guard kills the process group.
+        task.abort();
+        let _ = task.await;
     }
 
     fn cancel(&self) {
@@ -166,6 +254,7 @@ impl Connection {
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
+            .field("id", &self.id)
             .field("server", &self.server)
             .field("pid", &self.pid)
             .finish_non_exhaustive()
@@ -200,6 +289,7 @@ where
         .ok_or_else(|| ConnectError::Handshake("the server sent no initialize result".into()))?;
     let cancel = service.cancellation_token();
     let server = spec.name.clone();
+    let id = next_connection_id();
     let task = tokio::spawn(async move {
         let reason = match service.waiting().await {
             Ok(rmcp::service::QuitReason::Cancelled) => "stopped".to_owned(),
@@ -207,13 +297,21 @@ where
             Ok(other) => format!("{other:?}"),
             Err(error) => format!("the connection task failed: {error}"),
         };
-        let _ = events.send(Event::Closed { server, reason });
+        let _ = events.send(Event::Closed {
+            server,
+            connection: id,
+            reason,
+        });
     });
     Ok(Connection {
+        id,
         server: spec.name.clone(),
         peer,
         info,
         pid,
+        opened: Instant::now(),
+        in_flight: AtomicUsize::new(0),
+        last_used_ms: AtomicU64::new(0),
         cancel: std::sync::Mutex::new(Some(cancel)),
         task: std::sync::Mutex::new(Some(task)),
     })
@@ -232,14 +330,17 @@ fn header_map(http: &HttpSpec) -> Result<http::HeaderMap, ConnectError> {
     Ok(headers)
 }
 
-fn http_config(http: &HttpSpec) -> Result<StreamableHttpClientTransportConfig, ConnectError> {
+fn http_config(
+    url: &str,
+    http: &HttpSpec,
+) -> Result<StreamableHttpClientTransportConfig, ConnectError> {
     let headers: HashMap<http::HeaderName, http::HeaderValue> = header_map(http)?
         .into_iter()
         .filter_map(|(name, value)| name.map(|name| (name, value)))
         .collect();
     // A server that restarted has forgotten our session: start a new one rather than fail.
     Ok(
-        StreamableHttpClientTransportConfig::with_uri(http.url.clone())
+        StreamableHttpClientTransportConfig::with_uri(url.to_owned())
             .custom_headers(headers)
             .reinit_on_expired_session(true),
     )

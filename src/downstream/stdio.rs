@@ -1,6 +1,10 @@
-//! Starting a stdio downstream: its own process group, its stderr in our log.
+//! Starting a stdio downstream: its own process group, its stderr in our log, and (through
+//! conductor's own executable) a parent-death signal, so it does not outlive conductor.
 
-use std::process::Stdio;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::OnceLock;
 
 use process_wrap::tokio::{CommandWrap, KillOnDrop, ProcessGroup};
 use rmcp::transport::TokioChildProcess;
@@ -26,7 +30,28 @@ pub(super) fn spawn(
             ),
         });
     }
-    let mut command = tokio::process::Command::new(&spec.command);
+    let program = find_program(spec).ok_or_else(|| ConnectError::Spawn {
+        command: spec.command.clone(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            if spec.command.contains('/') {
+                "no such file"
+            } else {
+                "not found on `PATH`"
+            },
+        ),
+    })?;
+    let mut command = match LAUNCHER.get() {
+        Some(launcher) => {
+            let mut command = tokio::process::Command::new(launcher);
+            command
+                .arg(LAUNCHER_ARG)
+                .arg(std::process::id().to_string())
+                .arg(&program);
+            command
+        }
+        None => tokio::process::Command::new(&program),
+    };
     command
         .args(&spec.args)
         .envs(spec.env.iter().map(|(key, value)| (key, value)))
@@ -60,4 +85,77 @@ async fn forward_stderr(server: ServerName, stderr: ChildStderr) {
             }
         }
     }
+}
+
+/// Send SIGTERM to a child's whole process group (it leads it).
+pub(super) fn terminate_group(server: &ServerName, pid: u32) {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    let Ok(pid) = i32::try_from(pid) else {
+        return;
+    };
+    if let Err(error) = killpg(Pid::from_raw(pid), Signal::SIGTERM) {
+        tracing::debug!(server = %server, pid, error = %error, "could not send SIGTERM");
+    }
+}
+
+/// The program a spec names, as a path: a path is taken as it is, a bare name is looked up on
+/// the `PATH` the child gets. `None` if there is no such file, so the error can say so rather
+/// than a launcher failing later.
+fn find_program(spec: &StdioSpec) -> Option<PathBuf> {
+    let command = Path::new(&spec.command);
+    if spec.command.contains('/') {
+        let path = spec.cwd.join(command);
+        return path.is_file().then_some(path);
+    }
+    let path = spec
+        .env
+        .iter()
+        .rev()
+        .find(|(key, _)| key == "PATH")
+        .map(|(_, value)| OsString::from(value))
+        .or_else(|| std::env::var_os("PATH"))?;
+    std::env::split_paths(&path)
+        .map(|folder| spec.cwd.join(folder).join(command))
+        .find(|candidate| candidate.is_file())
+}
+
+/// The hidden first argument that makes `conductor` a child launcher.
+pub const LAUNCHER_ARG: &str = "__launch-child";
+
+static LAUNCHER: OnceLock<PathBuf> = OnceLock::new();
+
+/// Start children through `executable` (conductor's own), which runs [`run_launcher`], so each
+/// child gets a parent-death signal. Without it, children are started directly and are stopped
+/// only by conductor's orderly shutdown and by their stdin closing.
+pub fn use_launcher(executable: PathBuf) {
+    let _ = LAUNCHER.set(executable);
+}
+
+/// `conductor __launch-child PARENT_PID PROGRAM ARGS...`: have the kernel kill this process
+/// when its parent dies (even by SIGKILL), then become PROGRAM. The signal survives `exec`.
+///
+/// Linux ties the signal to the thread that spawned the child: conductor spawns children from
+/// its runtime's threads, which live as long as conductor does.
+pub fn run_launcher(args: &[OsString]) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let [parent, program, rest @ ..] = args else {
+        eprintln!("usage: conductor {LAUNCHER_ARG} PARENT_PID PROGRAM [ARGS...]");
+        return ExitCode::from(2);
+    };
+    #[cfg(target_os = "linux")]
+    if let Err(error) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+        eprintln!("conductor: cannot set a parent-death signal: {error}");
+    }
+    // The parent may have died before the signal was set: then nobody would send it.
+    let expected = parent.to_str().and_then(|pid| pid.parse::<i32>().ok());
+    if expected != Some(nix::unistd::getppid().as_raw()) {
+        return ExitCode::FAILURE;
+    }
+    let error = std::process::Command::new(program).args(rest).exec();
+    eprintln!(
+        "conductor: cannot start `{}`: {error}",
+        program.to_string_lossy()
+    );
+    ExitCode::from(127)
 }

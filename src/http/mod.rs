@@ -109,7 +109,7 @@ pub fn app(
 
     let router = Router::new(registry.clone());
     let make_server: Arc<dyn Fn() -> ConductorServer + Send + Sync> =
-        Arc::new(move || ConductorServer::new(router.clone(), orchestrator.clone()));
+        Arc::new(move || ConductorServer::new(&router, &orchestrator));
     let factory = make_server.clone();
     let service: StreamableHttpService<ConductorServer, LocalSessionManager> =
         StreamableHttpService::new(move || Ok(factory()), sessions.clone(), config);
@@ -339,20 +339,23 @@ async fn readyz(State(shared): State<Shared>) -> Response {
             if shared.registry.circuit_open(&state.spec.name) {
                 entry["circuit"] = json!("open");
             }
-            match (show_errors, &state.status) {
-                (true, Status::Failed(reason)) => entry["error"] = json!(reason),
-                (true, Status::Reconnecting { attempt, error }) => {
-                    entry["attempt"] = json!(attempt);
-                    entry["error"] = json!(error);
-                }
-                _ => {}
+            if let Status::Restarting { attempt, .. } | Status::Reconnecting { attempt, .. } =
+                &state.status
+            {
+                entry["attempt"] = json!(attempt);
+            }
+            if show_errors && let Some(detail) = state.status.detail() {
+                entry["detail"] = json!(detail);
             }
             entry
         })
         .collect();
-    let ready = states
-        .iter()
-        .all(|state| matches!(state.status, Status::Ready | Status::Disabled));
+    let ready = states.iter().all(|state| {
+        matches!(
+            state.status,
+            Status::Ready | Status::Idle | Status::Disabled
+        )
+    });
     let status = if ready { "ready" } else { "degraded" };
     let code = if ready {
         StatusCode::OK

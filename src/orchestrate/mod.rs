@@ -148,6 +148,16 @@ impl Orchestrator {
         }
     }
 
+    /// The same orchestrator (expressions, kept runs) reaching tools through `tools`: a client
+    /// session's own router.
+    pub fn with_tools(&self, tools: Arc<dyn Tools>) -> Self {
+        Orchestrator {
+            tools,
+            expressions: self.expressions.clone(),
+            runs: self.runs.clone(),
+        }
+    }
+
     pub fn runs(&self) -> &Arc<Runs> {
         &self.runs
     }

@@ -133,7 +133,7 @@ async fn health_and_readiness_show_each_downstream() {
     );
     assert_eq!(body["servers"][1]["status"], "failed");
     assert!(
-        body["servers"][1]["error"]
+        body["servers"][1]["detail"]
             .as_str()
             .unwrap()
             .contains("/nonexistent/server")
