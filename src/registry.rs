@@ -478,10 +478,8 @@ impl Registry {
             let grace = slot.spec.supervision.stop_grace;
             stopping.extend(slot.stop().into_iter().map(|c| (c, grace)));
         }
-        for session in self.sessions.iter() {
-            if let Some(session) = session.upgrade() {
-                stopping.extend(session.take_all());
-            }
+        for session in self.live_sessions() {
+            stopping.extend(session.take_all());
         }
         futures::future::join_all(
             stopping
@@ -659,6 +657,11 @@ impl Registry {
                 replica.connection = Some(connection.clone());
                 slot.listing = listing;
                 drop(slot);
+                if !connection.is_open() {
+                    // It ended before it was in place, so its own news found nothing to act on.
+                    self.lost(server, connection.id, "it ended as it started".to_owned());
+                    return false;
+                }
                 self.watch_health(server, &connection);
                 if opening == Opening::Restart {
                     self.publish();
@@ -824,16 +827,23 @@ impl Registry {
                 }
             }
         }
-        self.sessions.retain(|_, session| match session.upgrade() {
-            Some(session) => {
-                stopping.extend(session.take_idle(self));
-                true
-            }
-            None => false,
-        });
+        for session in self.live_sessions() {
+            stopping.extend(session.take_idle(self));
+        }
         for (connection, grace) in stopping {
             tokio::spawn(async move { connection.close(grace).await });
         }
+    }
+
+    /// The sessions still open. Collected before use: a session dropped while the map is
+    /// locked would deadlock removing itself from it.
+    fn live_sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions
+            .retain(|_, session| session.strong_count() > 0);
+        self.sessions
+            .iter()
+            .filter_map(|session| session.upgrade())
+            .collect()
     }
 
     /// Rebuild the catalog from the servers that serve and publish it.
@@ -918,6 +928,13 @@ pub fn restart_delay(first: Duration, attempt: u32) -> Duration {
     first.saturating_mul(1 << doublings).min(MAX_RESTART_DELAY)
 }
 
+/// Sleep before restart attempt `attempt`: between half and all of [`restart_delay`], so that
+/// many conductors do not knock on a recovering server all at once.
+async fn wait_before_restart(first: Duration, attempt: u32) {
+    let delay = restart_delay(first, attempt);
+    tokio::time::sleep(delay.mul_f64(0.5 + fastrand::f64() / 2.0)).await;
+}
+
 /// Start a replica again after it ended, waiting longer after each failure, until it comes up,
 /// is given up, or the server is replaced or stopped. Its tools return (with a list-changed
 /// notification to clients) when it does.
@@ -936,9 +953,7 @@ fn recover(
         }) else {
             return;
         };
-        // Jitter, so many conductors do not knock on a recovering server all at once.
-        let delay = restart_delay(first, attempt);
-        tokio::time::sleep(delay.mul_f64(0.5 + fastrand::f64() / 2.0)).await;
+        wait_before_restart(first, attempt).await;
         let Some(registry) = registry.upgrade() else {
             return;
         };
@@ -1096,5 +1111,22 @@ mod tests {
         assert_eq!(restart_delay(first, 4), Duration::from_secs(4));
         assert_eq!(restart_delay(first, 7), MAX_RESTART_DELAY);
         assert_eq!(restart_delay(first, u32::MAX), MAX_RESTART_DELAY);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn restart_waits_are_jittered_within_their_delay() {
+        let first = Duration::from_millis(500);
+        for attempt in [1, 3, 10] {
+            let delay = restart_delay(first, attempt);
+            for _ in 0..20 {
+                let started = tokio::time::Instant::now();
+                wait_before_restart(first, attempt).await;
+                let waited = started.elapsed();
+                assert!(
+                    waited >= delay / 2 && waited <= delay,
+                    "attempt {attempt}: waited {waited:?} of {delay:?}"
+                );
+            }
+        }
     }
 }

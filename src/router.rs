@@ -379,7 +379,11 @@ impl Router {
         let id = handle.id.clone();
         let peer = handle.peer.clone();
         tokio::select! {
+            biased;
             response = handle.await_response() => response.map_err(|error| classify(server, &what, error)),
+            // A request queued as the connection ended may never be answered nor dropped:
+            // the end itself fails it.
+            () = connection.ended() => Err(CallError::Closed { server: server.clone(), what }),
             () = cancel.cancelled() => {
                 let cancelled = CancelledNotification::new(
                     CancelledNotificationParam::new(Some(id), Some("cancelled by the client".to_owned())),

@@ -40,7 +40,9 @@ pub(super) fn read_server(
     };
 
     let command = table.string("command", problems);
-    let url = read_urls(&mut table, name.get_ref(), problems);
+    // `None` when `url`/`urls` were given wrongly (and reported), so they are not also missing.
+    let urls_read = read_urls(&mut table, name.get_ref(), problems);
+    let url = urls_read.clone().flatten();
     let transport_kind = table.string("transport", problems);
     let args = table.strings("args", problems);
     let env_vars = table.string_map("env", problems);
@@ -209,6 +211,7 @@ pub(super) fn read_server(
             );
             None
         }
+        (None, None) if urls_read.is_none() => None,
         (None, None) => {
             problems.add_with_hint(
                 name.span(),
@@ -276,23 +279,24 @@ pub(super) fn read_server(
     })
 }
 
-/// `url = "..."` or, to fail over between endpoints, `urls = ["...", "..."]`.
+/// `url = "..."` or, to fail over between endpoints, `urls = ["...", "..."]`: `Some(None)`
+/// when neither is given, `None` when they are given wrongly (reported here).
 fn read_urls(
     table: &mut Table<'_, '_>,
     server: &str,
     problems: &mut Problems,
-) -> Option<Vec<Spanned<String>>> {
+) -> Option<Option<Vec<Spanned<String>>>> {
     let url = table.string("url", problems);
     let urls = table.strings("urls", problems);
     match (url, urls) {
-        (Some(url), None) => Some(vec![url]),
+        (Some(url), None) => Some(Some(vec![url])),
         (None, Some(urls)) if urls.is_empty() => {
             if let Some(value) = table.get("urls") {
                 problems.add(value.span(), format!("server `{server}`: `urls` is empty"));
             }
             None
         }
-        (None, Some(urls)) => Some(urls),
+        (None, Some(urls)) => Some(Some(urls)),
         (Some(url), Some(_)) => {
             problems.add_with_hint(
                 url.span(),
@@ -301,7 +305,7 @@ fn read_urls(
             );
             None
         }
-        (None, None) => None,
+        (None, None) => Some(None),
     }
 }
 

@@ -90,6 +90,8 @@ pub struct Connection {
     in_flight: AtomicUsize,
     /// Milliseconds after `opened` of the last request's end, to stop idle servers.
     last_used_ms: AtomicU64,
+    /// Fired when the connection has ended, however it ended.
+    ended: tokio_util::sync::CancellationToken,
     cancel: std::sync::Mutex<Option<RunningServiceCancellationToken>>,
     task: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
@@ -180,7 +182,12 @@ impl Connection {
 
     /// Whether the connection is still open.
     pub fn is_open(&self) -> bool {
-        !self.peer.is_transport_closed()
+        !self.ended.is_cancelled() && !self.peer.is_transport_closed()
+    }
+
+    /// Resolves when the connection has ended.
+    pub async fn ended(&self) {
+        self.ended.cancelled().await;
     }
 
     /// Everything the server offers, asking only for what its capabilities declare.
@@ -233,15 +240,18 @@ impl Connection {
             return;
         }
         if let Some(pid) = self.pid {
-            stdio::terminate_group(&self.server, pid);
+            use nix::sys::signal::Signal;
+            stdio::signal_group(&self.server, pid, Signal::SIGTERM);
             if tokio::time::timeout(grace, &mut task).await.is_ok() {
                 return;
             }
             tracing::warn!(server = %self.server, pid, "child ignored SIGTERM; killing it");
+            // rmcp's own shutdown is still waiting on the child, and reaps it once it dies.
+            stdio::signal_group(&self.server, pid, Signal::SIGKILL);
         }
-        // Aborting drops the transport, whose child guard kills the process group.
-        task.abort();
-        let _ = task.await;
+        if tokio::time::timeout(grace, &mut task).await.is_err() {
+            task.abort();
+        }
     }
 
     fn cancel(&self) {
@@ -290,6 +300,8 @@ where
     let cancel = service.cancellation_token();
     let server = spec.name.clone();
     let id = next_connection_id();
+    let ended = tokio_util::sync::CancellationToken::new();
+    let ending = ended.clone();
     let task = tokio::spawn(async move {
         let reason = match service.waiting().await {
             Ok(rmcp::service::QuitReason::Cancelled) => "stopped".to_owned(),
@@ -297,6 +309,7 @@ where
             Ok(other) => format!("{other:?}"),
             Err(error) => format!("the connection task failed: {error}"),
         };
+        ending.cancel();
         let _ = events.send(Event::Closed {
             server,
             connection: id,
@@ -312,6 +325,7 @@ where
         opened: Instant::now(),
         in_flight: AtomicUsize::new(0),
         last_used_ms: AtomicU64::new(0),
+        ended,
         cancel: std::sync::Mutex::new(Some(cancel)),
         task: std::sync::Mutex::new(Some(task)),
     })

@@ -87,15 +87,13 @@ async fn forward_stderr(server: ServerName, stderr: ChildStderr) {
     }
 }
 
-/// Send SIGTERM to a child's whole process group (it leads it).
-pub(super) fn terminate_group(server: &ServerName, pid: u32) {
-    use nix::sys::signal::{Signal, killpg};
-    use nix::unistd::Pid;
+/// Send `signal` to a child's whole process group (it leads it).
+pub(super) fn signal_group(server: &ServerName, pid: u32, signal: nix::sys::signal::Signal) {
     let Ok(pid) = i32::try_from(pid) else {
         return;
     };
-    if let Err(error) = killpg(Pid::from_raw(pid), Signal::SIGTERM) {
-        tracing::debug!(server = %server, pid, error = %error, "could not send SIGTERM");
+    if let Err(error) = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal) {
+        tracing::debug!(server = %server, pid, error = %error, "could not signal {signal}");
     }
 }
 

@@ -211,3 +211,96 @@ prefix = false
         }
     }
 }
+
+#[test]
+fn supervision_keys_become_typed_values() {
+    use mcp_conductor::config::{Isolation, StartMode};
+    let text = r#"
+[servers.pool]
+command = "server"
+replicas = 3
+max_restarts = 4
+restart_delay = "250ms"
+stable_after = "2m"
+ping_interval = "off"
+stop_grace = "1s"
+fallback = "remote"
+timeout_resets_on_progress = true
+max_call_time = "10m"
+tools.timeouts = { export = "5m" }
+
+[servers.private]
+command = "server"
+isolation = "session"
+start = "lazy"
+idle_timeout = "30s"
+
+[servers.remote]
+urls = ["https://a.example.com/mcp", "https://b.example.com/mcp"]
+ping_interval = "5s"
+ping_timeout = "1s"
+"#;
+    let config = Config::parse(text, Path::new("servers.toml"), env).unwrap();
+    let pool = &config.servers[0];
+    assert_eq!(pool.supervision.replicas, 3);
+    assert_eq!(pool.supervision.max_restarts, 4);
+    assert_eq!(pool.supervision.restart_delay, Duration::from_millis(250));
+    assert_eq!(pool.supervision.stable_after, Duration::from_secs(120));
+    assert_eq!(pool.supervision.ping_interval, None);
+    assert_eq!(pool.supervision.stop_grace, Duration::from_secs(1));
+    assert_eq!(pool.fallback.as_ref().unwrap().as_str(), "remote");
+    assert!(pool.timeout_resets_on_progress);
+    assert_eq!(pool.max_call_time, Some(Duration::from_secs(600)));
+    assert_eq!(pool.timeout_for("export"), Duration::from_secs(300));
+    assert_eq!(pool.timeout_for("other"), pool.call_timeout);
+
+    let private = &config.servers[1];
+    assert_eq!(private.supervision.isolation, Isolation::Session);
+    assert_eq!(private.supervision.start, StartMode::Lazy);
+    assert_eq!(private.supervision.idle_timeout, Duration::from_secs(30));
+    assert_eq!(private.supervision.replicas, 1);
+
+    let remote = &config.servers[2];
+    let Transport::StreamableHttp(http) = &remote.transport else {
+        panic!("remote is http")
+    };
+    assert_eq!(http.urls.len(), 2);
+    assert_eq!(
+        remote.supervision.ping_interval,
+        Some(Duration::from_secs(5))
+    );
+    assert_eq!(remote.supervision.ping_timeout, Duration::from_secs(1));
+}
+
+#[test]
+fn supervision_mistakes_are_reported_with_their_place() {
+    insta::assert_snapshot!(errors(
+        r#"
+[servers.remote]
+url = "https://a.example.com/mcp"
+urls = ["https://b.example.com/mcp"]
+replicas = 2
+
+[servers.web]
+urls = []
+
+[servers.local]
+command = "server"
+start = "later"
+isolation = "user"
+fallback = "remtoe"
+ping_interval = "sometimes"
+tools.timeouts = { export = "forever", import = 5 }
+
+[servers.both]
+command = "server"
+replicas = 2
+isolation = "session"
+fallback = "both"
+
+[servers.far]
+url = "https://far.example.com/mcp"
+replicas = 2
+"#
+    ));
+}

@@ -7,6 +7,9 @@
 //! - `cli`: the `tools`, `call` and `check` commands (snapshots);
 //! - `http`: `conductor serve --http`: Streamable HTTP clients, health, and refused misuse;
 //! - `orchestrate`: workflow validation (snapshots) and runs across fixture servers;
+//! - `supervise`: injected faults (crashes, crash loops, hangs, garbage, huge messages,
+//!   stubborn children, conductor killed), replicas, fallbacks, lazy start, per-session
+//!   children, hot reload, and a soak test;
 //! - `peers`: third-party parts: the Python SDK client, the npm reference servers, and the
 //!   bundled `servers.toml` (installed by `scripts/install-peers`).
 
@@ -23,4 +26,5 @@ mod http;
 mod orchestrate;
 mod peers;
 mod serve;
+mod supervise;
 mod support;

@@ -12,7 +12,7 @@ use rmcp::service::{PeerRequestOptions, ServiceError};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use super::support::{HttpFixture, TestConfig, call, serve, text_of, tool_names};
+use super::support::{HttpFixture, TestConfig, call, serve, text_of};
 
 fn to_json<T: serde::Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap()
@@ -264,33 +264,6 @@ async fn list_changes_downstream_reach_the_client() {
     assert_eq!(to_json(&read.contents)[0]["text"], "added resource doc");
 }
 
-#[tokio::test]
-async fn a_downstream_that_exits_mid_call_fails_that_call_and_nothing_else() {
-    let config = TestConfig::fixtures(&[("crashy", "crashy"), ("echo", "echo")]);
-    let session = serve(&config).await;
-    let recorder = session.service().recorder.clone();
-
-    let result = call(&session, "crashy__crash", json!({})).await;
-    assert_eq!(result.is_error, Some(true));
-    assert_eq!(
-        text_of(&result),
-        "server `crashy`: the connection closed before `tools/call crash` was answered"
-    );
-    // Its tools leave the catalog, and the client is told.
-    recorder
-        .wait_for("notifications/tools/list_changed", 1)
-        .await;
-    let names: Vec<String> = tool_names(&session).await;
-    assert!(
-        !names.iter().any(|name| name.starts_with("crashy__")),
-        "{names:?}"
-    );
-    assert_eq!(
-        text_of(&call(&session, "echo__echo", json!({"text": "ok"})).await),
-        "ok"
-    );
-}
-
 /// A config with the `slow` fixture as server `slow`, recording its events to the config's
 /// events file, with `extra` lines added to its table.
 fn slow_fixture(extra: &str) -> TestConfig {
@@ -336,6 +309,44 @@ async fn a_call_timeout_answers_the_client_and_cancels_downstream() {
         text_of(&result),
         "slept 10 ms",
         "the server still serves after a timeout"
+    );
+}
+
+#[tokio::test]
+async fn timeouts_per_tool_and_reset_by_progress() {
+    let config = slow_fixture(
+        "call_timeout = \"400ms\"\ntimeout_resets_on_progress = true\nmax_call_time = \"2s\"\nbreaker_failures = 100\n\
+         [servers.slow.tools]\ntimeouts = { slow_read = \"150ms\" }\n",
+    );
+    let session = serve(&config).await;
+    let answer = |name: &'static str, arguments: serde_json::Value| {
+        let session = &session;
+        async move { text_of(&call(session, name, arguments).await) }
+    };
+    // Progress every 100 ms keeps a one-second call alive past its 400 ms timeout...
+    assert_eq!(
+        answer("slow__sleep", json!({"ms": 1000, "progress_every": 100})).await,
+        "slept 1000 ms"
+    );
+    // ...silence does not...
+    assert_eq!(
+        answer("slow__sleep", json!({"ms": 1000})).await,
+        "server `slow`: `tools/call sleep` timed out after 400ms"
+    );
+    // ...and progress cannot stretch a call past `max_call_time`.
+    assert_eq!(
+        answer("slow__sleep", json!({"ms": 10000, "progress_every": 100})).await,
+        "server `slow`: `tools/call sleep` timed out after 2s"
+    );
+    wait_for_event(&config, "cancelled sleep 10000").await;
+    // A tool's own timeout replaces the server's.
+    assert_eq!(
+        answer("slow__slow_read", json!({"ms": 250})).await,
+        "server `slow`: `tools/call slow_read` timed out after 150ms"
+    );
+    assert_eq!(
+        answer("slow__sleep", json!({"ms": 250})).await,
+        "slept 250 ms"
     );
 }
 
