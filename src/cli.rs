@@ -22,7 +22,7 @@ use crate::orchestrate::execute::{ProgressSink, ProgressUpdate};
 use crate::orchestrate::report::RunStatus;
 use crate::orchestrate::{Orchestrator, Runs, saved};
 use crate::registry::{Registry, Status};
-use crate::router::Router;
+use crate::router::{Caller, Router};
 use crate::server::ConductorServer;
 
 /// One MCP server in front of every MCP server you use.
@@ -434,7 +434,7 @@ async fn call(
     let router = Router::new(registry);
     let params = CallToolRequestParams::new(name).with_arguments(arguments);
     let result = match router
-        .call_tool(params, None, &CancellationToken::new())
+        .call_tool(params, None, &Caller::detached(CancellationToken::new()))
         .await?
     {
         ServerResult::CallToolResult(result) => result,

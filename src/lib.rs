@@ -19,6 +19,7 @@ pub mod downstream;
 pub mod http;
 pub mod orchestrate;
 pub mod registry;
+pub mod relay;
 pub mod retry;
 pub mod router;
 pub mod server;

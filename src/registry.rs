@@ -26,6 +26,7 @@ use crate::config::{
     Config, Isolation, MAX_RESTART_DELAY, ServerName, ServerSpec, StartMode, Transport,
 };
 use crate::downstream::{Connection, ConnectionId, Event, ListKind};
+use crate::relay::Relay;
 
 /// Where a downstream, or one replica of it, stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,6 +235,8 @@ pub struct Registry {
     /// Client sessions with children of their own, to stop those that idle.
     sessions: DashMap<u64, Weak<Session>>,
     next_generation: AtomicU64,
+    /// Where what downstreams send back during requests goes.
+    relay: Arc<Relay>,
 }
 
 /// Counts one request in flight until dropped.
@@ -264,6 +267,7 @@ impl Registry {
             waking: DashMap::new(),
             sessions: DashMap::new(),
             next_generation: AtomicU64::new(1),
+            relay: Arc::new(Relay::default()),
         });
         let config = registry.config();
         for spec in &config.servers {
@@ -295,6 +299,11 @@ impl Registry {
     /// Follow catalog changes.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Catalog>> {
         self.catalog.subscribe()
+    }
+
+    /// Where what downstreams send back during requests goes.
+    pub fn relay(&self) -> &Relay {
+        &self.relay
     }
 
     /// A server's spec, if it is configured.
@@ -360,6 +369,7 @@ impl Registry {
         let session = Arc::new(Session {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
             registry: Arc::downgrade(self),
+            client: std::sync::OnceLock::new(),
             connections: DashMap::new(),
             opening: tokio::sync::Mutex::new(()),
         });
@@ -595,7 +605,7 @@ impl Registry {
 
     /// Reach a server and list what it offers.
     async fn connect(&self, spec: &ServerSpec) -> Result<(Connection, Listing), String> {
-        let connection = Connection::open(spec, self.events.clone())
+        let connection = Connection::open(spec, self.events.clone(), self.relay.clone())
             .await
             .map_err(|error| error.to_string())?;
         let listing = connection.list().await.map_err(|error| error.to_string())?;
@@ -981,12 +991,30 @@ fn recover(
 pub struct Session {
     id: u64,
     registry: Weak<Registry>,
+    /// The session's client, once it has made a request.
+    client: std::sync::OnceLock<rmcp::service::Peer<rmcp::service::RoleServer>>,
     connections: DashMap<ServerName, Arc<Connection>>,
     /// One child started at a time, so concurrent first calls share it.
     opening: tokio::sync::Mutex<()>,
 }
 
 impl Session {
+    /// Tells sessions apart, for subscriptions.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn remember_client(&self, client: &rmcp::service::Peer<rmcp::service::RoleServer>) {
+        if self.client.get().is_none() {
+            let _ = self.client.set(client.clone());
+        }
+    }
+
+    /// The session's client, if it has made a request.
+    pub fn client(&self) -> Option<rmcp::service::Peer<rmcp::service::RoleServer>> {
+        self.client.get().cloned()
+    }
+
     /// This session's own connection to `spec`'s server, started on first use.
     pub async fn connection(&self, spec: &ServerSpec) -> Result<Arc<Connection>, String> {
         debug_assert_eq!(spec.supervision.isolation, Isolation::Session);
@@ -1007,7 +1035,7 @@ impl Session {
             .registry
             .upgrade()
             .ok_or_else(|| "conductor is stopping".to_owned())?;
-        let connection = Connection::open(spec, registry.events.clone())
+        let connection = Connection::open(spec, registry.events.clone(), registry.relay.clone())
             .await
             .map_err(|error| format!("server `{}`: {error}", spec.name))?;
         tracing::info!(server = %spec.name, session = self.id, pid = connection.pid, "started a child for a session");
@@ -1057,6 +1085,7 @@ impl Drop for Session {
     fn drop(&mut self) {
         if let Some(registry) = self.registry.upgrade() {
             registry.sessions.remove(&self.id);
+            registry.relay.end_session(self.id);
         }
         let stopping = self.take_all();
         if stopping.is_empty() {

@@ -4,24 +4,32 @@
 //!
 //! Timeouts live here; retries, the circuit breaker, metrics and audit belong here too, so that
 //! a proxied call and a workflow step can never differ in how they reach a server.
+#![allow(
+    deprecated,
+    reason = "logging and resources/subscribe are deprecated in 2026-07-28; older peers still use them"
+)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rmcp::ErrorData as McpError;
+use rmcp::model::ProgressToken;
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResult, CancelledNotification,
     CancelledNotificationParam, ClientRequest, CompleteRequest, CompleteRequestParams, ErrorCode,
     GetPromptRequest, GetPromptRequestParams, JsonObject, ReadResourceRequest,
-    ReadResourceRequestParams, Reference, ResourceContents, ServerResult,
+    ReadResourceRequestParams, Reference, ResourceContents, ServerResult, SetLevelRequest,
+    SetLevelRequestParams, SubscribeRequest, SubscribeRequestParams, UnsubscribeRequest,
+    UnsubscribeRequestParams,
 };
-use rmcp::service::{PeerRequestOptions, ServiceError};
+use rmcp::service::{Peer, PeerRequestOptions, RoleServer, ServiceError};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::ResourceRoute;
 use crate::config::{Isolation, ServerName, ServerSpec, format_duration};
 use crate::downstream::Connection;
 use crate::registry::{Registry, Session};
+use crate::relay::Origin;
 use crate::retry::FailureKind;
 
 /// Why a request did not get an answer from its downstream.
@@ -108,7 +116,12 @@ impl crate::orchestrate::Tools for Router {
         cancel: &CancellationToken,
     ) -> Result<CallToolResult, CallError> {
         let params = CallToolRequestParams::new(name.to_owned()).with_arguments(args);
-        match self.call_tool(params, timeout, cancel).await? {
+        let caller = Caller {
+            cancel: cancel.clone(),
+            client: self.session.as_ref().and_then(|session| session.client()),
+            progress_token: None,
+        };
+        match self.call_tool(params, timeout, &caller).await? {
             ServerResult::CallToolResult(result) => Ok(result),
             _ => Err(CallError::Failed {
                 server: self
@@ -120,6 +133,25 @@ impl crate::orchestrate::Tools for Router {
                 what: format!("tools/call {name}"),
                 error: "the answer was not a tool result (workflows cannot answer input requests or tasks yet)".to_owned(),
             }),
+        }
+    }
+}
+
+/// Who a request is made for: how it is cancelled, and the client (with its progress token)
+/// that what the downstream sends back during it goes to.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    pub cancel: CancellationToken,
+    pub client: Option<Peer<RoleServer>>,
+    pub progress_token: Option<ProgressToken>,
+}
+
+impl Caller {
+    /// A caller with no client behind it (the CLI).
+    pub fn detached(cancel: CancellationToken) -> Self {
+        Caller {
+            cancel,
+            ..Caller::default()
         }
     }
 }
@@ -150,6 +182,14 @@ impl Router {
         }
     }
 
+    /// Remember the client of this router's session, for what downstreams send back during
+    /// workflow steps.
+    pub fn remember_client(&self, client: &Peer<RoleServer>) {
+        if let Some(session) = &self.session {
+            session.remember_client(client);
+        }
+    }
+
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
     }
@@ -160,7 +200,7 @@ impl Router {
         &self,
         mut params: CallToolRequestParams,
         timeout: Option<Duration>,
-        cancel: &CancellationToken,
+        caller: &Caller,
     ) -> Result<ServerResult, CallError> {
         let catalog = self.registry.catalog();
         let Some(entry) = catalog.tool(&params.name) else {
@@ -177,14 +217,14 @@ impl Router {
         });
         params.name = entry.original.clone().into();
         let request = ClientRequest::CallToolRequest(CallToolRequest::new(params));
-        self.send(&entry.server, what, request, timeout, cancel)
+        self.send(&entry.server, what, request, timeout, caller)
             .await
     }
 
     pub async fn get_prompt(
         &self,
         mut params: GetPromptRequestParams,
-        cancel: &CancellationToken,
+        caller: &Caller,
     ) -> Result<ServerResult, CallError> {
         let catalog = self.registry.catalog();
         let Some(entry) = catalog.prompt(&params.name) else {
@@ -196,14 +236,14 @@ impl Router {
         let what = format!("prompts/get {}", entry.original);
         params.name = entry.original.clone();
         let request = ClientRequest::GetPromptRequest(GetPromptRequest::new(params));
-        self.send(&entry.server, what, request, None, cancel).await
+        self.send(&entry.server, what, request, None, caller).await
     }
 
     /// Read a resource; the owner sees the URI it listed, the client gets back the one it asked.
     pub async fn read_resource(
         &self,
         mut params: ReadResourceRequestParams,
-        cancel: &CancellationToken,
+        caller: &Caller,
     ) -> Result<ServerResult, CallError> {
         let public_uri = params.uri.clone();
         let Some(ResourceRoute { server, uri }) =
@@ -214,7 +254,7 @@ impl Router {
         let what = format!("resources/read {uri}");
         params.uri = uri.clone();
         let request = ClientRequest::ReadResourceRequest(ReadResourceRequest::new(params));
-        let mut result = self.send(&server, what, request, None, cancel).await?;
+        let mut result = self.send(&server, what, request, None, caller).await?;
         if uri != public_uri
             && let ServerResult::ReadResourceResult(read) = &mut result
         {
@@ -234,7 +274,7 @@ impl Router {
     pub async fn complete(
         &self,
         mut params: CompleteRequestParams,
-        cancel: &CancellationToken,
+        caller: &Caller,
     ) -> Result<ServerResult, CallError> {
         let catalog = self.registry.catalog();
         let server = match &mut params.r#ref {
@@ -270,9 +310,91 @@ impl Router {
             "completion/complete".to_owned(),
             request,
             None,
-            cancel,
+            caller,
         )
         .await
+    }
+
+    /// Subscribe the caller's session to a resource's updates; its owner is asked on the first
+    /// subscription to it, so each server sees one subscription whatever the clients.
+    pub async fn subscribe(
+        &self,
+        mut params: SubscribeRequestParams,
+        caller: &Caller,
+    ) -> Result<(), CallError> {
+        let (server, uri, session, client) = self.subscription_route(&params.uri, caller)?;
+        let relay = self.registry.relay();
+        if relay.subscribe(&server, &uri, &params.uri, session, client) {
+            params.uri.clone_from(&uri);
+            let request = ClientRequest::SubscribeRequest(SubscribeRequest::new(params));
+            let what = format!("resources/subscribe {uri}");
+            if let Err(error) = self.send(&server, what, request, None, caller).await {
+                relay.unsubscribe(&server, &uri, session);
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
+    /// End the caller's session's subscription; its owner is told when no session is left.
+    pub async fn unsubscribe(
+        &self,
+        mut params: UnsubscribeRequestParams,
+        caller: &Caller,
+    ) -> Result<(), CallError> {
+        let (server, uri, session, _) = self.subscription_route(&params.uri, caller)?;
+        if self.registry.relay().unsubscribe(&server, &uri, session) {
+            params.uri.clone_from(&uri);
+            let request = ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(params));
+            let what = format!("resources/unsubscribe {uri}");
+            self.send(&server, what, request, None, caller).await?;
+        }
+        Ok(())
+    }
+
+    /// The owner of a subscribed URI, the URI it knows, and the caller's session and client.
+    fn subscription_route(
+        &self,
+        public_uri: &str,
+        caller: &Caller,
+    ) -> Result<(ServerName, String, u64, Peer<RoleServer>), CallError> {
+        let Some(ResourceRoute { server, uri }) =
+            self.registry.catalog().route_resource(public_uri)
+        else {
+            return Err(CallError::UnknownResource {
+                uri: public_uri.to_owned(),
+            });
+        };
+        match (&self.session, &caller.client) {
+            (Some(session), Some(client)) => Ok((server, uri, session.id(), client.clone())),
+            _ => Err(CallError::Unroutable(
+                "subscription outside a client session".to_owned(),
+            )),
+        }
+    }
+
+    /// Set the log level of every ready server that logs; one that fails is logged and skipped.
+    pub async fn set_level(&self, params: SetLevelRequestParams, caller: &Caller) {
+        let servers: Vec<ServerName> = self
+            .registry
+            .states()
+            .into_iter()
+            .map(|state| state.spec.name.clone())
+            .filter(|server| {
+                self.registry
+                    .pick(server)
+                    .is_some_and(|connection| connection.info.capabilities.logging.is_some())
+            })
+            .collect();
+        let sends = servers.iter().map(|server| {
+            let request = ClientRequest::SetLevelRequest(SetLevelRequest::new(params.clone()));
+            self.send(server, "logging/setLevel".to_owned(), request, None, caller)
+        });
+        for (server, outcome) in servers.iter().zip(futures::future::join_all(sends).await) {
+            if let Err(error) = outcome {
+                tracing::warn!(server = %server, error = %error, "could not set its log level");
+            }
+        }
     }
 
     /// Send one request to a server: the single place every downstream request goes through.
@@ -284,7 +406,7 @@ impl Router {
         what: String,
         request: ClientRequest,
         timeout: Option<Duration>,
-        cancel: &CancellationToken,
+        caller: &Caller,
     ) -> Result<ServerResult, CallError> {
         let _in_flight = self.registry.track();
         let fallback = self
@@ -293,7 +415,7 @@ impl Router {
             .and_then(|spec| spec.fallback.clone())
             .map(|fallback| (fallback, request.clone()));
         let outcome = self
-            .send_to(server, what.clone(), request, timeout, cancel)
+            .send_to(server, what.clone(), request, timeout, caller)
             .await;
         match (outcome, fallback) {
             (Err(error), Some((fallback, request)))
@@ -303,7 +425,7 @@ impl Router {
                 ) =>
             {
                 tracing::info!(server = %server, fallback = %fallback, reason = %error, "served by its fallback");
-                self.send_to(&fallback, what, request, timeout, cancel)
+                self.send_to(&fallback, what, request, timeout, caller)
                     .await
             }
             (outcome, _) => outcome,
@@ -317,7 +439,7 @@ impl Router {
         what: String,
         request: ClientRequest,
         timeout: Option<Duration>,
-        cancel: &CancellationToken,
+        caller: &Caller,
     ) -> Result<ServerResult, CallError> {
         if let Err(retry_in) = self.registry.admit(server) {
             return Err(CallError::CircuitOpen {
@@ -326,7 +448,7 @@ impl Router {
             });
         }
         let outcome = self
-            .send_admitted(server, what, request, timeout, cancel)
+            .send_admitted(server, what, request, timeout, caller)
             .await;
         let transient = matches!(&outcome, Err(error) if error.kind().is_transient());
         self.registry.record(server, transient);
@@ -352,7 +474,7 @@ impl Router {
         what: String,
         request: ClientRequest,
         timeout: Option<Duration>,
-        cancel: &CancellationToken,
+        caller: &Caller,
     ) -> Result<ServerResult, CallError> {
         let Some(spec) = self.registry.spec(server) else {
             return Err(CallError::Unavailable(
@@ -361,7 +483,7 @@ impl Router {
         };
         let connection = tokio::select! {
             connection = self.connection(&spec) => connection?,
-            () = cancel.cancelled() => return Err(CallError::Cancelled),
+            () = caller.cancel.cancelled() => return Err(CallError::Cancelled),
         };
         let _busy = connection.busy();
         let mut options = PeerRequestOptions::with_timeout(timeout.unwrap_or(spec.call_timeout));
@@ -378,13 +500,23 @@ impl Router {
             .map_err(|error| classify(server, &what, error))?;
         let id = handle.id.clone();
         let peer = handle.peer.clone();
-        tokio::select! {
+        // What the downstream sends back during the request goes to this caller's client.
+        let _in_call = caller.client.clone().map(|client| {
+            let origin = Origin {
+                peer: client,
+                progress_token: caller.progress_token.clone(),
+            };
+            self.registry
+                .relay()
+                .register(connection.id, handle.progress_token.clone(), origin)
+        });
+        let outcome = tokio::select! {
             biased;
             response = handle.await_response() => response.map_err(|error| classify(server, &what, error)),
             // A request queued as the connection ended may never be answered nor dropped:
             // the end itself fails it.
             () = connection.ended() => Err(CallError::Closed { server: server.clone(), what }),
-            () = cancel.cancelled() => {
+            () = caller.cancel.cancelled() => {
                 let cancelled = CancelledNotification::new(
                     CancelledNotificationParam::new(Some(id), Some("cancelled by the client".to_owned())),
                 );
@@ -393,7 +525,15 @@ impl Router {
                 }
                 Err(CallError::Cancelled)
             }
+        };
+        if caller.progress_token.is_some() {
+            // rmcp hands each notification to a task of its own: let those that arrived
+            // before the answer pass their progress on before the answer goes out.
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
         }
+        outcome
     }
 }
 

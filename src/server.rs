@@ -3,6 +3,10 @@
 //!
 //! This is the only `ServerHandler`. One value serves one client session; it holds no state of
 //! its own beyond the router, so sessions are cheap and isolated.
+#![allow(
+    deprecated,
+    reason = "logging and resources/subscribe are deprecated in 2026-07-28; older peers still use them"
+)]
 
 use std::sync::Arc;
 
@@ -13,7 +17,8 @@ use rmcp::model::{
     ContentBlock, GetPromptRequestParams, GetPromptResponse, Implementation, ListPromptsResult,
     ListResourceTemplatesResult, ListResourcesResult, ListToolsResult, PaginatedRequestParams,
     ReadResourceRequestParams, ReadResourceResponse, ResultType, ServerCapabilities, ServerConfig,
-    ServerResult, SubscriptionFilter,
+    ServerResult, SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
+    UnsubscribeRequestParams,
 };
 use rmcp::model::{ProgressNotificationParam, ProgressToken, ResourceTemplate, Tool};
 use rmcp::service::{NotificationContext, Peer, RequestContext, RoleServer, SubscriptionContext};
@@ -26,7 +31,7 @@ use crate::catalog::Catalog;
 use crate::orchestrate::execute::{ProgressSink, ProgressUpdate};
 use crate::orchestrate::{self, Orchestrator, saved};
 use crate::retry::Retry;
-use crate::router::{CallError, Router};
+use crate::router::{CallError, Caller, Router};
 
 /// One client session's view of conductor.
 #[derive(Debug, Clone)]
@@ -50,6 +55,16 @@ impl ConductorServer {
     fn catalog(&self) -> Arc<Catalog> {
         self.router.registry().catalog()
     }
+
+    /// The caller a client request makes: its cancellation, its client and progress token.
+    fn caller(&self, context: &RequestContext<RoleServer>) -> Caller {
+        self.router.remember_client(&context.peer);
+        Caller {
+            cancel: context.ct.clone(),
+            client: Some(context.peer.clone()),
+            progress_token: context.meta.get_progress_token(),
+        }
+    }
 }
 
 impl ServerHandler for ConductorServer {
@@ -62,6 +77,8 @@ impl ServerHandler for ConductorServer {
             .enable_resources()
             .enable_resources_list_changed()
             .enable_completions()
+            .enable_logging()
+            .enable_resources_subscribe()
             .build();
         ServerConfig::new(capabilities)
             .with_server_info(Implementation::new(
@@ -72,6 +89,37 @@ impl ServerHandler for ConductorServer {
                 "Tools, prompts and resources of several MCP servers. Tool and prompt names are \
                  `<server>__<name>`; each call goes to the server that owns it.",
             )
+    }
+
+    async fn set_level(
+        &self,
+        request: SetLevelRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        self.router.set_level(request, &self.caller(&context)).await;
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        request: SubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        self.router
+            .subscribe(request, &self.caller(&context))
+            .await
+            .map_err(subscription_error)
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: UnsubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        self.router
+            .unsubscribe(request, &self.caller(&context))
+            .await
+            .map_err(subscription_error)
     }
 
     async fn list_tools(
@@ -104,6 +152,7 @@ impl ServerHandler for ConductorServer {
     ) -> Result<CallToolResponse, McpError> {
         // A whole workflow counts as in flight, between its steps too.
         let _in_flight = self.router.registry().track();
+        self.router.remember_client(&context.peer);
         let config = self.router.registry().config();
         let saved = saved::find(&config, &request.name);
         if request.name == orchestrate::TOOL_NAME || saved.is_some() {
@@ -145,9 +194,10 @@ impl ServerHandler for ConductorServer {
             .tool(&request.name)
             .and_then(|entry| entry.tool.annotations.clone());
         let retry = Retry::for_tool(annotations.as_ref(), None);
+        let caller = self.caller(&context);
         let (outcome, _) = retry
             .run(&context.ct, CallError::kind, || {
-                self.router.call_tool(request.clone(), None, &context.ct)
+                self.router.call_tool(request.clone(), None, &caller)
             })
             .await;
         match outcome {
@@ -190,7 +240,11 @@ impl ServerHandler for ConductorServer {
         request: GetPromptRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<GetPromptResponse, McpError> {
-        match self.router.get_prompt(request, &context.ct).await {
+        match self
+            .router
+            .get_prompt(request, &self.caller(&context))
+            .await
+        {
             Ok(ServerResult::GetPromptResult(mut result)) => {
                 mark_complete(&mut result.result_type);
                 Ok(GetPromptResponse::Complete(result))
@@ -246,7 +300,11 @@ impl ServerHandler for ConductorServer {
                 )),
             };
         }
-        match self.router.read_resource(request, &context.ct).await {
+        match self
+            .router
+            .read_resource(request, &self.caller(&context))
+            .await
+        {
             Ok(ServerResult::ReadResourceResult(mut result)) => {
                 mark_complete(&mut result.result_type);
                 Ok(ReadResourceResponse::Complete(result))
@@ -267,7 +325,7 @@ impl ServerHandler for ConductorServer {
         request: CompleteRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CompleteResult, McpError> {
-        match self.router.complete(request, &context.ct).await {
+        match self.router.complete(request, &self.caller(&context)).await {
             Ok(ServerResult::CompleteResult(mut result)) => {
                 mark_complete(&mut result.result_type);
                 Ok(result)
@@ -336,6 +394,15 @@ impl ServerHandler for ConductorServer {
             () = subscription.cancelled() => {}
         }
         Ok(())
+    }
+}
+
+/// A subscription that could not be made: a downstream's own error passes through as it is.
+fn subscription_error(error: CallError) -> McpError {
+    match error {
+        CallError::Downstream { error, .. } => error,
+        CallError::UnknownResource { .. } => McpError::invalid_params(error.to_string(), None),
+        other => McpError::internal_error(other.to_string(), None),
     }
 }
 

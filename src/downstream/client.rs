@@ -5,26 +5,91 @@
     reason = "logging is deprecated in 2026-07-28, but older downstreams still send it"
 )]
 
-use rmcp::ClientHandler;
+use std::sync::Arc;
+
 use rmcp::model::{
-    ClientCapabilities, ClientConfig, Implementation, LoggingLevel, LoggingMessageNotificationParam,
+    ClientCapabilities, ClientConfig, ClientResult, CreateMessageRequest,
+    CreateMessageRequestParams, CreateMessageResult, ElicitRequest, ElicitRequestParams,
+    ElicitResult, Implementation, ListRootsRequest, ListRootsResult, LoggingLevel,
+    LoggingMessageNotificationParam, ProgressNotificationParam, ResourceUpdatedNotificationParam,
+    ServerRequest,
 };
-use rmcp::service::{NotificationContext, RoleClient};
+use rmcp::service::{NotificationContext, Peer, RequestContext, RoleClient, RoleServer};
+use rmcp::{ClientHandler, ErrorData as McpError};
 use tokio::sync::mpsc;
 
-use super::{Event, ListKind};
+use super::{ConnectionId, Event, ListKind};
 use crate::config::ServerName;
+use crate::relay::Relay;
 
-/// Handles one downstream's notifications by turning them into [`Event`]s.
+/// Handles one downstream connection's notifications and requests: list changes and its end
+/// become [`Event`]s; progress, log messages and its requests to a client go, through the
+/// [`Relay`], to the client whose request caused them.
 #[derive(Debug, Clone)]
 pub struct DownstreamClient {
     server: ServerName,
+    connection: ConnectionId,
     events: mpsc::UnboundedSender<Event>,
+    relay: Arc<Relay>,
+}
+
+/// Which client capability a downstream's request needs.
+#[derive(Debug, Clone, Copy)]
+enum Needs {
+    Sampling,
+    Elicitation,
+    Roots,
 }
 
 impl DownstreamClient {
-    pub fn new(server: ServerName, events: mpsc::UnboundedSender<Event>) -> Self {
-        DownstreamClient { server, events }
+    pub fn new(
+        server: ServerName,
+        connection: ConnectionId,
+        events: mpsc::UnboundedSender<Event>,
+        relay: Arc<Relay>,
+    ) -> Self {
+        DownstreamClient {
+            server,
+            connection,
+            events,
+            relay,
+        }
+    }
+
+    /// Pass a downstream's request to the client of its latest request, if that client can
+    /// answer it; the answer comes back unchanged.
+    async fn ask_client(
+        &self,
+        method: &str,
+        request: ServerRequest,
+        needs: Needs,
+    ) -> Result<ClientResult, McpError> {
+        let Some(client) = self.relay.client_of(self.connection) else {
+            return Err(McpError::internal_error(
+                format!(
+                    "conductor has no client to pass `{method}` from `{}` to",
+                    self.server
+                ),
+                None,
+            ));
+        };
+        if !client_can(&client, needs) {
+            return Err(McpError::new(
+                rmcp::model::ErrorCode::METHOD_NOT_FOUND,
+                format!("the client connected to conductor does not support `{method}`"),
+                None,
+            ));
+        }
+        client
+            .send_request(request)
+            .await
+            .map_err(|error| match error {
+                rmcp::ServiceError::McpError(error) => error,
+                other => McpError::internal_error(
+                    format!("passing `{method}` to the client failed: {other}"),
+                    None,
+                ),
+            })
     }
 
     fn list_changed(&self, kind: ListKind) {
@@ -37,10 +102,92 @@ impl DownstreamClient {
 
 impl ClientHandler for DownstreamClient {
     fn get_info(&self) -> ClientConfig {
+        // Downstreams are shared and start before any client connects, so every capability a
+        // client may have is offered; a request the current client cannot answer gets an error.
+        let mut capabilities = ClientCapabilities::builder()
+            .enable_roots()
+            .enable_roots_list_changed()
+            .enable_sampling()
+            .build();
+        capabilities.elicitation = Some(Default::default());
         ClientConfig::new(
-            ClientCapabilities::default(),
+            capabilities,
             Implementation::new("mcp-conductor", env!("CARGO_PKG_VERSION")),
         )
+    }
+
+    async fn create_message(
+        &self,
+        params: CreateMessageRequestParams,
+        _context: RequestContext<RoleClient>,
+    ) -> Result<CreateMessageResult, McpError> {
+        let request = ServerRequest::CreateMessageRequest(CreateMessageRequest::new(params));
+        match self
+            .ask_client("sampling/createMessage", request, Needs::Sampling)
+            .await?
+        {
+            ClientResult::CreateMessageResult(result) => Ok(*result),
+            _ => Err(unexpected("sampling/createMessage")),
+        }
+    }
+
+    async fn create_elicitation(
+        &self,
+        params: ElicitRequestParams,
+        _context: RequestContext<RoleClient>,
+    ) -> Result<ElicitResult, McpError> {
+        let request = ServerRequest::ElicitRequest(ElicitRequest::new(params));
+        match self
+            .ask_client("elicitation/create", request, Needs::Elicitation)
+            .await?
+        {
+            ClientResult::ElicitResult(result) => Ok(result),
+            _ => Err(unexpected("elicitation/create")),
+        }
+    }
+
+    async fn list_roots(
+        &self,
+        _context: RequestContext<RoleClient>,
+    ) -> Result<ListRootsResult, McpError> {
+        let request = ServerRequest::ListRootsRequest(ListRootsRequest::default());
+        match self.ask_client("roots/list", request, Needs::Roots).await? {
+            ClientResult::ListRootsResult(result) => Ok(result),
+            _ => Err(unexpected("roots/list")),
+        }
+    }
+
+    async fn on_progress(
+        &self,
+        mut params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        // Under the client's own token; progress on a request the client did not ask
+        // progress for stays here.
+        let Some(origin) = self.relay.origin(self.connection, &params.progress_token) else {
+            return;
+        };
+        let Some(token) = origin.progress_token else {
+            return;
+        };
+        params.progress_token = token;
+        if let Err(error) = origin.peer.notify_progress(params).await {
+            tracing::debug!(server = %self.server, error = %error, "could not pass progress on");
+        }
+    }
+
+    async fn on_resource_updated(
+        &self,
+        params: ResourceUpdatedNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        for (peer, public_uri) in self.relay.subscribers(&self.server, &params.uri) {
+            let mut params = params.clone();
+            params.uri = public_uri;
+            if let Err(error) = peer.notify_resource_updated(params).await {
+                tracing::debug!(server = %self.server, error = %error, "could not pass a resource update on");
+            }
+        }
     }
 
     async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
@@ -61,6 +208,17 @@ impl ClientHandler for DownstreamClient {
         _context: NotificationContext<RoleClient>,
     ) {
         let server = &self.server;
+        if let Some(client) = self.relay.client_of(self.connection) {
+            // The server's name says where it came from; its own logger name follows.
+            let mut forwarded = params.clone();
+            forwarded.logger = Some(match &params.logger {
+                Some(logger) => format!("{server}/{logger}"),
+                None => server.to_string(),
+            });
+            if let Err(error) = client.notify_logging_message(forwarded).await {
+                tracing::debug!(server = %server, error = %error, "could not pass a log message on");
+            }
+        }
         let logger = params.logger.as_deref().unwrap_or("");
         let data = params.data;
         match params.level {
@@ -75,5 +233,26 @@ impl ClientHandler for DownstreamClient {
             }
             _ => tracing::error!(server = %server, logger, %data, "downstream log"),
         }
+    }
+}
+
+fn unexpected(method: &str) -> McpError {
+    McpError::internal_error(
+        format!("the client answered `{method}` with another kind of result"),
+        None,
+    )
+}
+
+/// Whether the client declared the capability a request needs. A client that connected
+/// without `initialize` (2026-07-28) declares per request; it is given the benefit of the doubt.
+fn client_can(client: &Peer<RoleServer>, needs: Needs) -> bool {
+    let Some(info) = client.peer_info() else {
+        return true;
+    };
+    let capabilities = &info.capabilities;
+    match needs {
+        Needs::Sampling => capabilities.sampling.is_some(),
+        Needs::Elicitation => capabilities.elicitation.is_some(),
+        Needs::Roots => capabilities.roots.is_some(),
     }
 }

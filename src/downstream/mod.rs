@@ -9,6 +9,7 @@ mod sse;
 mod stdio;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::catalog::Listing;
 use crate::config::{HttpSpec, ServerName, ServerSpec, Transport};
+use crate::relay::Relay;
 pub use client::DownstreamClient;
 pub use stdio::{LAUNCHER_ARG, run_launcher, use_launcher};
 
@@ -92,6 +94,8 @@ pub struct Connection {
     last_used_ms: AtomicU64,
     /// Fired when the connection has ended, however it ended.
     ended: tokio_util::sync::CancellationToken,
+    /// Forgets this connection's clients when it goes.
+    relay: Arc<Relay>,
     cancel: std::sync::Mutex<Option<RunningServiceCancellationToken>>,
     task: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
@@ -113,20 +117,25 @@ impl Connection {
     pub async fn open(
         spec: &ServerSpec,
         events: mpsc::UnboundedSender<Event>,
+        relay: Arc<Relay>,
     ) -> Result<Connection, ConnectError> {
         let opening = async {
             match &spec.transport {
                 Transport::Stdio(stdio) => {
-                    let client = DownstreamClient::new(spec.name.clone(), events.clone());
+                    let id = next_connection_id();
+                    let client =
+                        DownstreamClient::new(spec.name.clone(), id, events.clone(), relay.clone());
                     let child = stdio::spawn(&spec.name, stdio)?;
                     let pid = child.id();
-                    serve(spec, client, child, pid, events).await
+                    serve(spec, id, client, child, pid, events, relay).await
                 }
                 Transport::Sse(http) | Transport::StreamableHttp(http) => {
                     // Each endpoint in turn: the first that answers serves (failover).
                     let mut failures = Vec::new();
                     for url in &http.urls {
-                        match Self::open_remote(spec, url, http, events.clone()).await {
+                        match Self::open_remote(spec, url, http, events.clone(), relay.clone())
+                            .await
+                        {
                             Ok(connection) => return Ok(connection),
                             Err(error) if http.urls.len() == 1 => return Err(error),
                             Err(error) => {
@@ -152,14 +161,16 @@ impl Connection {
         url: &str,
         http: &HttpSpec,
         events: mpsc::UnboundedSender<Event>,
+        relay: Arc<Relay>,
     ) -> Result<Connection, ConnectError> {
-        let client = DownstreamClient::new(spec.name.clone(), events.clone());
+        let id = next_connection_id();
+        let client = DownstreamClient::new(spec.name.clone(), id, events.clone(), relay.clone());
         if matches!(spec.transport, Transport::Sse(_)) {
             let transport = sse::connect(url, header_map(http)?).await?;
-            serve(spec, client, transport, None, events).await
+            serve(spec, id, client, transport, None, events, relay).await
         } else {
             let transport = StreamableHttpClientTransport::from_config(http_config(url, http)?);
-            serve(spec, client, transport, None, events).await
+            serve(spec, id, client, transport, None, events, relay).await
         }
     }
 
@@ -273,16 +284,19 @@ impl std::fmt::Debug for Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        self.relay.forget(self.id);
         self.cancel();
     }
 }
 
 async fn serve<T, E, A>(
     spec: &ServerSpec,
+    id: ConnectionId,
     client: DownstreamClient,
     transport: T,
     pid: Option<u32>,
     events: mpsc::UnboundedSender<Event>,
+    relay: Arc<Relay>,
 ) -> Result<Connection, ConnectError>
 where
     T: rmcp::transport::IntoTransport<RoleClient, E, A>,
@@ -299,7 +313,6 @@ where
         .ok_or_else(|| ConnectError::Handshake("the server sent no initialize result".into()))?;
     let cancel = service.cancellation_token();
     let server = spec.name.clone();
-    let id = next_connection_id();
     let ended = tokio_util::sync::CancellationToken::new();
     let ending = ended.clone();
     let task = tokio::spawn(async move {
@@ -326,6 +339,7 @@ where
         in_flight: AtomicUsize::new(0),
         last_used_ms: AtomicU64::new(0),
         ended,
+        relay,
         cancel: std::sync::Mutex::new(Some(cancel)),
         task: std::sync::Mutex::new(Some(task)),
     })

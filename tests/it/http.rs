@@ -400,9 +400,9 @@ async fn the_inspector_cli_uses_both_http_transports() {
 }
 
 /// The official conformance suite against `/mcp`, with conductor in front of a Python SDK
-/// fixture that has every name the suite calls (unprefixed). What conductor does not pass yet
-/// is listed in `tests/peers/conformance-baseline.yml`; the run fails if anything else fails or
-/// a listed scenario starts passing. Results: `docs/conformance.md`.
+/// fixture that has every name the suite calls (unprefixed). What conductor does not pass is
+/// listed in `tests/peers/conformance-baseline.yml` (nothing today); the run fails if anything
+/// else fails or a listed scenario starts passing. Results: `docs/conformance.md`.
 #[tokio::test]
 async fn the_conformance_suite_passes_all_but_its_baseline() {
     let peers = super::support::peers();
@@ -430,7 +430,7 @@ async fn the_conformance_suite_passes_all_but_its_baseline() {
         "conformance:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("Total: 23 passed, 9 failed"), "{stdout}");
+    assert!(stdout.contains("Total: 40 passed, 0 failed"), "{stdout}");
 }
 
 #[tokio::test]

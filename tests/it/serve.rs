@@ -590,3 +590,47 @@ async fn proxied_calls_are_retried_by_the_tools_annotations() {
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn a_downstreams_progress_reaches_the_client_before_the_result() {
+    let config = slow_fixture("");
+    let session = serve(&config).await;
+    let recorder = session.service().recorder.clone();
+    // rmcp's client asks for progress on every request, with a token of its own.
+    let result = call(
+        &session,
+        "slow__sleep",
+        json!({"ms": 600, "progress_every": 100}),
+    )
+    .await;
+    assert_eq!(text_of(&result), "slept 600 ms");
+    let seen = recorder.count("notifications/progress");
+    assert!(seen >= 5, "{seen} progress notifications before the result");
+}
+
+#[tokio::test]
+async fn a_downstream_asks_the_client_through_conductor() {
+    let config = slow_fixture("");
+    let client = super::support::TestClient {
+        answers: true,
+        ..Default::default()
+    };
+    let session = super::support::serve_as(&config, &[], client).await;
+    let recorder = session.service().recorder.clone();
+    let result = call(&session, "slow__ask", json!({"prompt": "the weather"})).await;
+    assert_eq!(text_of(&result), "sampled: the weather; roots: 1");
+    assert_eq!(recorder.count("sampling/createMessage"), 1);
+    // Its log message came too, under the server's name.
+    recorder.wait_for("log slow", 1).await;
+
+    // A client that cannot sample gets a clear refusal, which the server reports.
+    let plain = serve(&config).await;
+    let result = call(&plain, "slow__ask", json!({"prompt": "the weather"})).await;
+    let text = text_of(&result);
+    assert!(
+        text.contains(
+            "sampling failed: Mcp error: -32601: the client connected to conductor does not support `sampling/createMessage`"
+        ),
+        "{text}"
+    );
+}

@@ -89,7 +89,7 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    fn record(&self, method: &str) {
+    pub fn record(&self, method: &str) {
         self.seen
             .lock()
             .expect("recorder lock")
@@ -124,18 +124,63 @@ impl Recorder {
     }
 }
 
-/// An rmcp client that records the notifications it receives.
+/// An rmcp client that records the notifications it receives. With `answers`, it declares
+/// sampling and roots and answers them: a sample is `sampled: <the prompt>`, and it has one
+/// root.
 #[derive(Debug, Clone, Default)]
 pub struct TestClient {
     pub recorder: Recorder,
+    pub answers: bool,
 }
 
+#[allow(deprecated, reason = "sampling, roots and logging are what is tested")]
 impl ClientHandler for TestClient {
     fn get_info(&self) -> ClientConfig {
-        ClientConfig::new(
-            ClientCapabilities::default(),
-            Implementation::new("conductor-tests", "0"),
-        )
+        let capabilities = if self.answers {
+            ClientCapabilities::builder()
+                .enable_roots()
+                .enable_sampling()
+                .build()
+        } else {
+            ClientCapabilities::default()
+        };
+        ClientConfig::new(capabilities, Implementation::new("conductor-tests", "0"))
+    }
+
+    async fn create_message(
+        &self,
+        params: rmcp::model::CreateMessageRequestParams,
+        _context: rmcp::service::RequestContext<RoleClient>,
+    ) -> Result<rmcp::model::CreateMessageResult, rmcp::ErrorData> {
+        self.recorder.record("sampling/createMessage");
+        let prompt = params
+            .messages
+            .first()
+            .and_then(|message| message.content.first())
+            .and_then(|content| content.as_text().map(|text| text.text.clone()))
+            .unwrap_or_default();
+        Ok(rmcp::model::CreateMessageResult::new(
+            rmcp::model::SamplingMessage::assistant_text(format!("sampled: {prompt}")),
+            "test-model".to_owned(),
+        ))
+    }
+
+    async fn list_roots(
+        &self,
+        _context: rmcp::service::RequestContext<RoleClient>,
+    ) -> Result<rmcp::model::ListRootsResult, rmcp::ErrorData> {
+        Ok(rmcp::model::ListRootsResult::new(vec![
+            rmcp::model::Root::new("file:///work"),
+        ]))
+    }
+
+    async fn on_logging_message(
+        &self,
+        params: rmcp::model::LoggingMessageNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        self.recorder
+            .record(&format!("log {}", params.logger.unwrap_or_default()));
     }
 
     async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
@@ -167,6 +212,11 @@ pub async fn serve(config: &TestConfig) -> Session {
 }
 
 pub async fn serve_with_env(config: &TestConfig, env: &[(&str, String)]) -> Session {
+    serve_as(config, env, TestClient::default()).await
+}
+
+/// Start `conductor serve` and connect to it as `client`.
+pub async fn serve_as(config: &TestConfig, env: &[(&str, String)], client: TestClient) -> Session {
     let mut command = tokio::process::Command::new(CONDUCTOR);
     command.arg("serve").arg("--config").arg(&config.path);
     for (key, value) in env {
@@ -182,7 +232,7 @@ pub async fn serve_with_env(config: &TestConfig, env: &[(&str, String)]) -> Sess
         .stderr(stderr)
         .spawn()
         .expect("conductor starts");
-    TestClient::default()
+    client
         .serve(transport)
         .await
         .expect("conductor completes the handshake")

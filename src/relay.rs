@@ -1,0 +1,171 @@
+//! The way back: what a downstream sends while it serves a request (progress, log messages,
+//! and its own requests for sampling, elicitation and roots) goes to the client whose request
+//! caused it; resource updates go to the clients that subscribed to that resource.
+//!
+//! The router registers each request it sends on a client's behalf; the downstream's client
+//! handler (`downstream::client`) looks up where to send what arrives.
+
+use std::sync::Mutex;
+
+use dashmap::DashMap;
+use rmcp::model::ProgressToken;
+use rmcp::service::{Peer, RoleServer};
+
+use crate::config::ServerName;
+use crate::downstream::ConnectionId;
+
+/// The client a request was made for, and its progress token if it asked for progress.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub peer: Peer<RoleServer>,
+    pub progress_token: Option<ProgressToken>,
+}
+
+/// A client subscribed to one resource.
+#[derive(Debug, Clone)]
+struct Subscriber {
+    session: u64,
+    peer: Peer<RoleServer>,
+    /// The URI as the client knows it (namespaced when several servers offer the same one).
+    public_uri: String,
+}
+
+/// Where what downstreams send back goes.
+#[derive(Debug, Default)]
+pub struct Relay {
+    /// Requests in flight, by the connection and the progress token conductor gave them.
+    calls: DashMap<(ConnectionId, ProgressToken), Origin>,
+    /// Per connection, the clients of its requests in flight, oldest first: a downstream's
+    /// own requests and log messages name no request, so they go to the latest.
+    active: DashMap<ConnectionId, Vec<(ProgressToken, Peer<RoleServer>)>>,
+    /// Per connection, the client of its last request, for what arrives between requests.
+    last: DashMap<ConnectionId, Peer<RoleServer>>,
+    /// Subscriptions, by server and the URI the server knows.
+    subscriptions: DashMap<(ServerName, String), Vec<Subscriber>>,
+    /// Guards subscribe/unsubscribe so a resource's first and last subscribers are counted right.
+    subscribing: Mutex<()>,
+}
+
+/// Keeps a request registered until dropped.
+#[derive(Debug)]
+pub struct InCall<'a> {
+    relay: &'a Relay,
+    key: (ConnectionId, ProgressToken),
+}
+
+impl Drop for InCall<'_> {
+    fn drop(&mut self) {
+        self.relay.calls.remove(&self.key);
+        let (connection, token) = &self.key;
+        if let Some(mut active) = self.relay.active.get_mut(connection) {
+            active.retain(|(other, _)| other != token);
+        }
+    }
+}
+
+impl Relay {
+    /// Register a request sent on `connection` with `token`, made for `origin`.
+    pub fn register(
+        &self,
+        connection: ConnectionId,
+        token: ProgressToken,
+        origin: Origin,
+    ) -> InCall<'_> {
+        self.active
+            .entry(connection)
+            .or_default()
+            .push((token.clone(), origin.peer.clone()));
+        self.last.insert(connection, origin.peer.clone());
+        let key = (connection, token);
+        self.calls.insert(key.clone(), origin);
+        InCall { relay: self, key }
+    }
+
+    /// Who the request with this progress token was made for.
+    pub fn origin(&self, connection: ConnectionId, token: &ProgressToken) -> Option<Origin> {
+        self.calls
+            .get(&(connection, token.clone()))
+            .map(|origin| origin.clone())
+    }
+
+    /// The client a connection's own requests and log messages go to: that of its latest
+    /// request in flight, or else of its last request.
+    pub fn client_of(&self, connection: ConnectionId) -> Option<Peer<RoleServer>> {
+        self.active
+            .get(&connection)
+            .and_then(|active| active.last().map(|(_, peer)| peer.clone()))
+            .or_else(|| self.last.get(&connection).map(|peer| peer.clone()))
+    }
+
+    /// Forget a connection that ended.
+    pub fn forget(&self, connection: ConnectionId) {
+        self.active.remove(&connection);
+        self.last.remove(&connection);
+    }
+
+    /// Record a session's subscription; say whether it is the resource's first, which the
+    /// server must be told of.
+    pub fn subscribe(
+        &self,
+        server: &ServerName,
+        uri: &str,
+        public_uri: &str,
+        session: u64,
+        peer: Peer<RoleServer>,
+    ) -> bool {
+        let _guard = self.subscribing.lock();
+        let mut subscribers = self
+            .subscriptions
+            .entry((server.clone(), uri.to_owned()))
+            .or_default();
+        let first = subscribers.is_empty();
+        if !subscribers.iter().any(|s| s.session == session) {
+            subscribers.push(Subscriber {
+                session,
+                peer,
+                public_uri: public_uri.to_owned(),
+            });
+        }
+        first
+    }
+
+    /// Drop a session's subscription; say whether it was the resource's last, so the server
+    /// can be told to stop.
+    pub fn unsubscribe(&self, server: &ServerName, uri: &str, session: u64) -> bool {
+        let _guard = self.subscribing.lock();
+        let key = (server.clone(), uri.to_owned());
+        let Some(mut subscribers) = self.subscriptions.get_mut(&key) else {
+            return false;
+        };
+        let before = subscribers.len();
+        subscribers.retain(|s| s.session != session);
+        let last = before > 0 && subscribers.is_empty();
+        drop(subscribers);
+        if last {
+            self.subscriptions.remove(&key);
+        }
+        last
+    }
+
+    /// Drop every subscription of a session that ended.
+    pub fn end_session(&self, session: u64) {
+        let _guard = self.subscribing.lock();
+        self.subscriptions.retain(|_, subscribers| {
+            subscribers.retain(|s| s.session != session);
+            !subscribers.is_empty()
+        });
+    }
+
+    /// The clients subscribed to a server's resource, with the URI each knows it by.
+    pub fn subscribers(&self, server: &ServerName, uri: &str) -> Vec<(Peer<RoleServer>, String)> {
+        self.subscriptions
+            .get(&(server.clone(), uri.to_owned()))
+            .map(|subscribers| {
+                subscribers
+                    .iter()
+                    .map(|s| (s.peer.clone(), s.public_uri.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
