@@ -1045,6 +1045,15 @@ impl Session {
         Ok(connection)
     }
 
+    /// The session's own connections that are open.
+    pub fn connections(&self) -> Vec<Arc<Connection>> {
+        self.connections
+            .iter()
+            .map(|entry| entry.value().clone())
+            .filter(|connection| connection.is_open())
+            .collect()
+    }
+
     fn take_idle(&self, registry: &Registry) -> Vec<(Arc<Connection>, Duration)> {
         let mut idle = Vec::new();
         self.connections.retain(|server, connection| {

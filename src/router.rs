@@ -397,6 +397,24 @@ impl Router {
         }
     }
 
+    /// Tell every running server that the client's roots changed, so they ask again.
+    pub async fn roots_changed(&self) {
+        let config = self.registry.config();
+        let mut connections: Vec<Arc<Connection>> = config
+            .servers
+            .iter()
+            .filter_map(|spec| self.registry.pick(&spec.name))
+            .collect();
+        if let Some(session) = &self.session {
+            connections.extend(session.connections());
+        }
+        for connection in connections {
+            if let Err(error) = connection.peer.notify_roots_list_changed().await {
+                tracing::debug!(server = %connection.server, error = %error, "could not pass roots/list_changed on");
+            }
+        }
+    }
+
     /// Send one request to a server: the single place every downstream request goes through.
     /// A server that is down or whose circuit is open hands the request to its `fallback`, if
     /// it has one: the request never reached it, so nothing can happen twice.

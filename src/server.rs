@@ -20,7 +20,7 @@ use rmcp::model::{
     ServerResult, SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
     UnsubscribeRequestParams,
 };
-use rmcp::model::{ProgressNotificationParam, ProgressToken, ResourceTemplate, Tool};
+use rmcp::model::{ProgressNotificationParam, ProgressToken};
 use rmcp::service::{NotificationContext, Peer, RequestContext, RoleServer, SubscriptionContext};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -122,27 +122,32 @@ impl ServerHandler for ConductorServer {
             .map_err(subscription_error)
     }
 
+    async fn on_roots_list_changed(&self, _context: NotificationContext<RoleServer>) {
+        self.router.roots_changed().await;
+    }
+
     async fn list_tools(
         &self,
-        _request: Option<PaginatedRequestParams>,
+        request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
-        let mut tools: Vec<Tool> = self
-            .catalog()
+        let catalog = self.catalog();
+        let config = self.router.registry().config();
+        let tools = catalog
             .tools()
             .iter()
             .map(|entry| entry.tool.clone())
-            .collect();
-        tools.push(Orchestrator::tool());
-        let catalog = self.catalog();
-        let config = self.router.registry().config();
-        tools.extend(
-            config
-                .workflows
-                .iter()
-                .map(|spec| saved::tool(spec, &catalog)),
-        );
-        Ok(ListToolsResult::with_all_items(tools))
+            .chain(std::iter::once_with(Orchestrator::tool))
+            .chain(
+                config
+                    .workflows
+                    .iter()
+                    .map(|spec| saved::tool(spec, &catalog)),
+            );
+        let (tools, next_cursor) = page(tools, request)?;
+        let mut result = ListToolsResult::with_all_items(tools);
+        result.next_cursor = next_cursor;
+        Ok(result)
     }
 
     async fn call_tool(
@@ -223,16 +228,15 @@ impl ServerHandler for ConductorServer {
 
     async fn list_prompts(
         &self,
-        _request: Option<PaginatedRequestParams>,
+        request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, McpError> {
-        let prompts = self
-            .catalog()
-            .prompts()
-            .iter()
-            .map(|entry| entry.prompt.clone())
-            .collect();
-        Ok(ListPromptsResult::with_all_items(prompts))
+        let catalog = self.catalog();
+        let prompts = catalog.prompts().iter().map(|entry| entry.prompt.clone());
+        let (prompts, next_cursor) = page(prompts, request)?;
+        let mut result = ListPromptsResult::with_all_items(prompts);
+        result.next_cursor = next_cursor;
+        Ok(result)
     }
 
     async fn get_prompt(
@@ -259,31 +263,35 @@ impl ServerHandler for ConductorServer {
 
     async fn list_resources(
         &self,
-        _request: Option<PaginatedRequestParams>,
+        request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, McpError> {
-        let resources = self
-            .catalog()
+        let catalog = self.catalog();
+        let resources = catalog
             .resources()
             .iter()
-            .map(|entry| entry.resource.clone())
-            .collect();
-        Ok(ListResourcesResult::with_all_items(resources))
+            .map(|entry| entry.resource.clone());
+        let (resources, next_cursor) = page(resources, request)?;
+        let mut result = ListResourcesResult::with_all_items(resources);
+        result.next_cursor = next_cursor;
+        Ok(result)
     }
 
     async fn list_resource_templates(
         &self,
-        _request: Option<PaginatedRequestParams>,
+        request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, McpError> {
-        let mut templates: Vec<ResourceTemplate> = self
-            .catalog()
+        let catalog = self.catalog();
+        let templates = catalog
             .templates()
             .iter()
             .map(|entry| entry.template.clone())
-            .collect();
-        templates.push(orchestrate::run_template());
-        Ok(ListResourceTemplatesResult::with_all_items(templates))
+            .chain(std::iter::once_with(orchestrate::run_template));
+        let (templates, next_cursor) = page(templates, request)?;
+        let mut result = ListResourceTemplatesResult::with_all_items(templates);
+        result.next_cursor = next_cursor;
+        Ok(result)
     }
 
     async fn read_resource(
@@ -395,6 +403,33 @@ impl ServerHandler for ConductorServer {
         }
         Ok(())
     }
+}
+
+/// How many entries one page of a list holds. Large enough that most catalogs fit in one, so
+/// clients that ignore cursors still see everything of an ordinary setup.
+pub const PAGE_SIZE: usize = 500;
+
+/// One page of a list: the entries from the cursor on (an offset, opaque to clients), and the
+/// cursor of the next page if there is one. Only the page's entries are built.
+fn page<T>(
+    entries: impl Iterator<Item = T>,
+    request: Option<PaginatedRequestParams>,
+) -> Result<(Vec<T>, Option<String>), McpError> {
+    let offset = match request.and_then(|request| request.cursor) {
+        None => 0,
+        Some(cursor) => cursor
+            .strip_prefix("offset:")
+            .and_then(|offset| offset.parse::<usize>().ok())
+            .ok_or_else(|| {
+                McpError::invalid_params(format!("`{cursor}` is not a cursor conductor gave"), None)
+            })?,
+    };
+    let mut entries: Vec<T> = entries.skip(offset).take(PAGE_SIZE + 1).collect();
+    let next = (entries.len() > PAGE_SIZE).then(|| {
+        entries.truncate(PAGE_SIZE);
+        format!("offset:{}", offset + PAGE_SIZE)
+    });
+    Ok((entries, next))
 }
 
 /// A subscription that could not be made: a downstream's own error passes through as it is.

@@ -390,3 +390,47 @@ async fn remote_servers_that_restart_are_reconnected() {
         assert_eq!(answer, "Echo: after", "{server} is served again");
     }
 }
+
+/// A downstream that pages its 1,200 tools 100 at a time is followed to the end; conductor's
+/// own list is paged in turn (500 a page), and a bad cursor is refused.
+#[tokio::test]
+async fn large_catalogs_are_paged_both_ways() {
+    let root = super::support::project_root();
+    let config = TestConfig::new(&format!(
+        "[servers.big]\ncommand = \"{}\"\nargs = [\"{}\", \"--extra-tools\", \"1200\", \"--page-size\", \"100\"]\n",
+        super::support::python(),
+        root.join("tests/peers/py_fixture_server.py").display()
+    ));
+    let session = super::support::serve(&config).await;
+    let first = session
+        .list_tools(Some(rmcp::model::PaginatedRequestParams::default()))
+        .await
+        .unwrap();
+    assert_eq!(first.tools.len(), 500);
+    let cursor = first.next_cursor.clone().expect("a second page");
+    let all = session.list_all_tools().await.unwrap();
+    let names: std::collections::HashSet<String> =
+        all.iter().map(|tool| tool.name.to_string()).collect();
+    assert_eq!(names.len(), all.len(), "no tool twice");
+    assert!(all.len() > 1200, "{}", all.len());
+    assert!(names.contains("orchestrate"));
+    let second = session
+        .list_tools(Some(
+            rmcp::model::PaginatedRequestParams::default().with_cursor(Some(cursor)),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(second.tools[0].name, all[500].name);
+    let refused = session
+        .list_tools(Some(
+            rmcp::model::PaginatedRequestParams::default().with_cursor(Some("x".to_owned())),
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("is not a cursor conductor gave"),
+        "{refused}"
+    );
+}
