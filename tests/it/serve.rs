@@ -634,3 +634,54 @@ async fn a_downstream_asks_the_client_through_conductor() {
         "{text}"
     );
 }
+
+/// Every pairing of a client and a downstream on the protocol versions that have `initialize`:
+/// each side gets its own version, and progress, logging and sampling cross between them.
+/// (2026-07-28 clients, which use `server/discover`, are driven by the Python SDK client in
+/// `peers`.)
+#[tokio::test]
+async fn every_pairing_of_protocol_versions_works() {
+    use rmcp::model::ProtocolVersion;
+    let versions = [
+        ProtocolVersion::V_2024_11_05,
+        ProtocolVersion::V_2025_03_26,
+        ProtocolVersion::V_2025_06_18,
+        ProtocolVersion::V_2025_11_25,
+    ];
+    for downstream in &versions {
+        let config = TestConfig::new(&format!(
+            "[servers.slow]\ncommand = \"{{fixture}}\"\nargs = [\"slow\"]\nenv = {{ FIXTURE_PROTOCOL = \"{downstream}\" }}\n"
+        ));
+        for client_version in &versions {
+            let client = super::support::TestClient {
+                answers: true,
+                protocol: Some(client_version.clone()),
+                ..Default::default()
+            };
+            let session = super::support::serve_as(&config, &[], client).await;
+            let pairing = format!("client {client_version}, downstream {downstream}");
+            let agreed = session.peer().peer_info().unwrap().protocol_version.clone();
+            assert_eq!(&agreed, client_version, "{pairing}");
+            assert_eq!(
+                text_of(&call(&session, "slow__protocol", json!({})).await),
+                downstream.to_string(),
+                "{pairing}"
+            );
+            let recorder = session.service().recorder.clone();
+            let result = call(
+                &session,
+                "slow__sleep",
+                json!({"ms": 300, "progress_every": 100}),
+            )
+            .await;
+            assert_eq!(text_of(&result), "slept 300 ms", "{pairing}");
+            assert!(recorder.count("notifications/progress") >= 2, "{pairing}");
+            assert_eq!(
+                text_of(&call(&session, "slow__ask", json!({"prompt": "hi"})).await),
+                "sampled: hi; roots: 1",
+                "{pairing}"
+            );
+            session.cancel().await.unwrap();
+        }
+    }
+}

@@ -131,6 +131,8 @@ impl Recorder {
 pub struct TestClient {
     pub recorder: Recorder,
     pub answers: bool,
+    /// The protocol version to ask for, instead of rmcp's newest with `initialize`.
+    pub protocol: Option<rmcp::model::ProtocolVersion>,
 }
 
 #[allow(deprecated, reason = "sampling, roots and logging are what is tested")]
@@ -144,7 +146,11 @@ impl ClientHandler for TestClient {
         } else {
             ClientCapabilities::default()
         };
-        ClientConfig::new(capabilities, Implementation::new("conductor-tests", "0"))
+        let config = ClientConfig::new(capabilities, Implementation::new("conductor-tests", "0"));
+        match &self.protocol {
+            Some(version) => config.with_protocol_version(version.clone()),
+            None => config,
+        }
     }
 
     async fn create_message(
