@@ -434,3 +434,71 @@ async fn large_catalogs_are_paged_both_ways() {
         "{refused}"
     );
 }
+
+/// server-everything asks its client for a sample, an elicitation and the roots: through
+/// conductor, the Python SDK client answers each. On 2025-11-25 and before only: a 2026-07-28
+/// client takes no server-to-client requests, and bridging them into `input_required` results
+/// is not built (docs/protocol.md), so such a client gets a clear error instead.
+#[tokio::test]
+async fn server_everything_asks_the_python_client_through_conductor() {
+    let config = TestConfig::new(&format!(
+        "[servers.everything]\ncommand = \"node\"\nargs = [\"{}\"]\n",
+        node_server("server-everything"),
+    ));
+    let answering = [
+        "--sampling-reply",
+        "a sample from python",
+        "--elicit-accept",
+        r#"{"name": "Ada", "check": true, "email": "ada@example.com", "integer": 3, "number": 1.5}"#,
+        "--roots",
+        "file:///work/notes",
+    ];
+    for mode in ["legacy"] {
+        let run = |call: &'static str, args: &'static str| {
+            let mut options = vec!["--mode", mode, "--call", call, "--args", args];
+            options.extend(answering);
+            let config = &config;
+            async move { python_client(config, &options).await }
+        };
+        let sampled = run(
+            "everything__trigger-sampling-request",
+            r#"{"prompt": "hi"}"#,
+        )
+        .await;
+        assert_eq!(sampled["sampling"], 1, "{mode}: {sampled:#}");
+        assert!(
+            sampled["call"].to_string().contains("a sample from python"),
+            "{mode}: {sampled:#}"
+        );
+        let elicited = run("everything__trigger-elicitation-request", "{}").await;
+        assert_eq!(elicited["elicitation"], 1, "{mode}: {elicited:#}");
+        assert!(
+            elicited["call"].to_string().contains("Ada"),
+            "{mode}: {elicited:#}"
+        );
+        let roots = run("everything__get-roots-list", "{}").await;
+        assert!(roots["roots"].as_u64().unwrap() >= 1, "{mode}: {roots:#}");
+        assert!(
+            roots["call"].to_string().contains("file:///work/notes"),
+            "{mode}: {roots:#}"
+        );
+    }
+    let mut options = vec![
+        "--mode",
+        "auto",
+        "--call",
+        "everything__trigger-sampling-request",
+        "--args",
+        r#"{"prompt": "hi"}"#,
+    ];
+    options.extend(answering);
+    let refused = python_client(&config, &options).await;
+    assert_eq!(refused["protocol_version"], "2026-07-28");
+    assert_eq!(refused["sampling"], 0);
+    assert!(
+        refused["call"]
+            .to_string()
+            .contains("not allowed on protocol 2026-07-28"),
+        "{refused:#}"
+    );
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Drive an MCP server with the official Python SDK client and print what it saw as JSON.
 
-  python py_client.py [--mode auto|legacy] [--call NAME --args JSON] [--read URI] [--progress] [--token T] -- COMMAND ARGS...
+  python py_client.py [--mode auto|legacy] [--call NAME --args JSON] [--read URI] [--progress] [--token T]
+                      [--sampling-reply TEXT] [--elicit-accept JSON] [--roots URI,...] -- COMMAND ARGS...
   python py_client.py [options] -- http://127.0.0.1:PORT/mcp    (or .../sse for legacy HTTP+SSE)
 
 Connects over stdio, or Streamable HTTP for a URL (auto mode probes `server/discover` first, as the SDK does by default),
@@ -17,7 +18,7 @@ from typing import Any
 
 import anyio
 import httpx2
-from mcp import Client, StdioServerParameters
+from mcp import Client, StdioServerParameters, types
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
@@ -35,6 +36,9 @@ def parse() -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--env", action="append", default=[])
     parser.add_argument("--token")
+    parser.add_argument("--sampling-reply", help="declare sampling; answer every request with this text")
+    parser.add_argument("--elicit-accept", help="declare elicitation; accept every request with this JSON content")
+    parser.add_argument("--roots", help="declare roots; answer roots/list with these comma-separated URIs")
     return parser.parse_args(argv[:split]), argv[split + 1 :]
 
 
@@ -57,8 +61,41 @@ async def run(ns: argparse.Namespace, command: list[str]) -> dict[str, Any]:
         target = streamable_http_client(command[0], http_client=httpx2.AsyncClient(headers=headers))
     else:
         target = StdioServerParameters(command=command[0], args=command[1:], env=env)
-    out: dict[str, Any] = {"progress": 0}
-    async with Client(target, mode=ns.mode, read_timeout_seconds=60) as client:
+    out: dict[str, Any] = {"progress": 0, "sampling": 0, "elicitation": 0, "roots": 0, "logging": 0}
+    kwargs: dict[str, Any] = {"mode": ns.mode, "read_timeout_seconds": 60}
+    if ns.sampling_reply is not None:
+        async def sampling(ctx: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+            out["sampling"] += 1
+            return types.CreateMessageResult(
+                role="assistant",
+                content=types.TextContent(type="text", text=ns.sampling_reply),
+                model="py-client-test-model",
+                stop_reason="endTurn",
+            )
+
+        kwargs["sampling_callback"] = sampling
+    if ns.elicit_accept is not None:
+        accept = json.loads(ns.elicit_accept)
+
+        async def elicitation(ctx: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+            out["elicitation"] += 1
+            return types.ElicitResult(action="accept", content=accept)
+
+        kwargs["elicitation_callback"] = elicitation
+    if ns.roots:
+        roots = [types.Root(uri=uri, name=uri.rsplit("/", 1)[-1] or uri) for uri in ns.roots.split(",")]
+
+        async def list_roots(ctx: Any) -> types.ListRootsResult:
+            out["roots"] += 1
+            return types.ListRootsResult(roots=roots)
+
+        kwargs["list_roots_callback"] = list_roots
+
+    async def on_log(params: types.LoggingMessageNotificationParams) -> None:
+        out["logging"] += 1
+
+    kwargs["logging_callback"] = on_log
+    async with Client(target, **kwargs) as client:
         out["protocol_version"] = client.session.protocol_version
         info = client.server_info
         out["server_name"] = info.name if info else None
