@@ -504,13 +504,7 @@ impl Router {
             () = caller.cancel.cancelled() => return Err(CallError::Cancelled),
         };
         let _busy = connection.busy();
-        let mut options = PeerRequestOptions::with_timeout(timeout.unwrap_or(spec.call_timeout));
-        if spec.timeout_resets_on_progress {
-            options = options.reset_timeout_on_progress();
-            if let Some(max) = spec.max_call_time {
-                options = options.with_max_total_timeout(max);
-            }
-        }
+        let options = request_options(&spec, timeout);
         let handle = connection
             .peer
             .send_request_with_option(request, options)
@@ -555,6 +549,19 @@ impl Router {
     }
 }
 
+/// How long a request to `spec`'s server may take: `timeout` (a step's or tool's) or the
+/// server's, started again by progress when the server says so, within `max_call_time`.
+fn request_options(spec: &ServerSpec, timeout: Option<Duration>) -> PeerRequestOptions {
+    let mut options = PeerRequestOptions::with_timeout(timeout.unwrap_or(spec.call_timeout));
+    if spec.timeout_resets_on_progress {
+        options = options.reset_timeout_on_progress();
+        if let Some(max) = spec.max_call_time {
+            options = options.with_max_total_timeout(max);
+        }
+    }
+    options
+}
+
 fn classify(server: &ServerName, what: &str, error: ServiceError) -> CallError {
     let server = server.clone();
     let what = what.to_owned();
@@ -572,5 +579,108 @@ fn classify(server: &ServerName, what: &str, error: ServiceError) -> CallError {
             what,
             error: other.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use rmcp::ServiceExt;
+    use rmcp::model::{CallToolResponse, ProgressNotificationParam};
+    use rmcp::service::RequestContext;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::config::Config;
+
+    /// A server whose one tool takes `seconds`, reporting progress every second if asked.
+    struct Sleeper;
+
+    impl rmcp::ServerHandler for Sleeper {
+        fn get_info(&self) -> rmcp::model::ServerConfig {
+            rmcp::model::ServerConfig::new(
+                rmcp::model::ServerCapabilities::builder()
+                    .enable_tools()
+                    .build(),
+            )
+        }
+
+        async fn call_tool(
+            &self,
+            request: CallToolRequestParams,
+            context: RequestContext<RoleServer>,
+        ) -> Result<CallToolResponse, McpError> {
+            let arguments = request.arguments.unwrap_or_default();
+            let seconds = arguments
+                .get("seconds")
+                .and_then(|s| s.as_u64())
+                .unwrap_or(0);
+            let progress = arguments.get("progress").is_some();
+            let token = context.meta.get_progress_token();
+            for done in 1..=seconds {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let (true, Some(token)) = (progress, &token) {
+                    let params = ProgressNotificationParam::new(token.clone(), done as f64);
+                    let _ = context.peer.notify_progress(params).await;
+                }
+            }
+            Ok(CallToolResponse::Complete(CallToolResult::success(vec![])))
+        }
+    }
+
+    fn spec(extra: &str) -> ServerSpec {
+        let text = format!("[servers.s]\ncommand = \"x\"\ncall_timeout = \"3s\"\n{extra}");
+        let config = Config::parse(&text, Path::new("servers.toml"), |_| None).unwrap();
+        config.servers[0].clone()
+    }
+
+    /// Call the sleeper over an in-process transport with `spec`'s options; say how long the
+    /// call took (in paused time) and whether it timed out.
+    async fn timed_call(spec: &ServerSpec, arguments: serde_json::Value) -> (Duration, bool) {
+        let (server_end, client_end) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            if let Ok(service) = Sleeper.serve(server_end).await {
+                let _ = service.waiting().await;
+            }
+        });
+        let client = ().serve(client_end).await.unwrap();
+        let arguments = arguments.as_object().cloned().unwrap_or_default();
+        let request = ClientRequest::CallToolRequest(CallToolRequest::new(
+            CallToolRequestParams::new("sleep").with_arguments(arguments),
+        ));
+        let started = Instant::now();
+        let handle = client
+            .peer()
+            .send_request_with_option(request, request_options(spec, None))
+            .await
+            .unwrap();
+        let outcome = handle.await_response().await;
+        let timed_out = matches!(outcome, Err(ServiceError::Timeout { .. }));
+        (started.elapsed(), timed_out)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_time_out_and_progress_can_extend_them_within_a_maximum() {
+        let plain = spec("");
+        let (took, timed_out) = timed_call(&plain, serde_json::json!({"seconds": 10})).await;
+        assert!(timed_out);
+        assert_eq!(took.as_secs(), 3);
+
+        let resets = spec("timeout_resets_on_progress = true\nmax_call_time = \"7s\"");
+        let (took, timed_out) =
+            timed_call(&resets, serde_json::json!({"seconds": 5, "progress": true})).await;
+        assert!(!timed_out, "progress every second kept a 5 s call alive");
+        assert_eq!(took.as_secs(), 5);
+        let (took, timed_out) = timed_call(
+            &resets,
+            serde_json::json!({"seconds": 60, "progress": true}),
+        )
+        .await;
+        assert!(timed_out);
+        assert_eq!(took.as_secs(), 7, "but not past max_call_time");
+        let (took, timed_out) = timed_call(&resets, serde_json::json!({"seconds": 60})).await;
+        assert!(timed_out);
+        assert_eq!(took.as_secs(), 3, "silence still times out");
     }
 }
