@@ -150,6 +150,11 @@ impl ClientHandler for DownstreamClient {
         &self,
         _context: RequestContext<RoleClient>,
     ) -> Result<ListRootsResult, McpError> {
+        // Servers ask for roots as soon as they start, before any client is here: no client,
+        // no roots (server-filesystem, for one, then keeps its configured folders).
+        if self.relay.client_of(self.connection).is_none() {
+            return Ok(ListRootsResult::default());
+        }
         let request = ServerRequest::ListRootsRequest(ListRootsRequest::default());
         match self.ask_client("roots/list", request, Needs::Roots).await? {
             ClientResult::ListRootsResult(result) => Ok(result),
