@@ -207,13 +207,15 @@ impl Slot {
     }
 
     /// Take every connection out, marking the replicas stopped.
-    fn stop(&mut self) -> Vec<Arc<Connection>> {
+    fn stop(&mut self) -> Stopping {
+        let grace = self.spec.supervision.stop_grace;
         self.replicas
             .iter_mut()
             .filter_map(|replica| {
                 replica.status = Status::Stopped;
                 replica.connection.take()
             })
+            .map(|connection| (connection, grace))
             .collect()
     }
 }
@@ -247,6 +249,19 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Connections being stopped, each with the grace its server gives it.
+type Stopping = Vec<(Arc<Connection>, Duration)>;
+
+/// Stop connections, all at once, each within its grace periods.
+async fn close_all(stopping: Stopping) {
+    futures::future::join_all(
+        stopping
+            .iter()
+            .map(|(connection, grace)| connection.close(*grace)),
+    )
+    .await;
 }
 
 /// How often idle lazy servers and session children are looked for.
@@ -485,18 +500,12 @@ impl Registry {
         let mut stopping = Vec::new();
         for mut slot in self.servers.iter_mut() {
             slot.generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-            let grace = slot.spec.supervision.stop_grace;
-            stopping.extend(slot.stop().into_iter().map(|c| (c, grace)));
+            stopping.extend(slot.stop());
         }
         for session in self.live_sessions() {
             stopping.extend(session.take_all());
         }
-        futures::future::join_all(
-            stopping
-                .iter()
-                .map(|(connection, grace)| connection.close(*grace)),
-        )
-        .await;
+        close_all(stopping).await;
     }
 
     /// Apply a new config: servers added are started, removed ones stopped, changed ones
@@ -514,8 +523,7 @@ impl Registry {
                 && let Some((_, mut slot)) = self.servers.remove(&spec.name)
             {
                 tracing::info!(server = %spec.name, "removed from the config: stopping");
-                let grace = slot.spec.supervision.stop_grace;
-                stopping.extend(slot.stop().into_iter().map(|c| (c, grace)));
+                stopping.extend(slot.stop());
                 self.breakers.remove(&spec.name);
             }
         }
@@ -546,8 +554,7 @@ impl Registry {
             }
             if replace {
                 if let Some(mut slot) = self.servers.get_mut(&spec.name) {
-                    let grace = slot.spec.supervision.stop_grace;
-                    stopping.extend(slot.stop().into_iter().map(|c| (c, grace)));
+                    stopping.extend(slot.stop());
                 }
                 self.insert(spec.clone());
                 if spec.enabled {
@@ -560,11 +567,7 @@ impl Registry {
             Err(poisoned) => *poisoned.into_inner() = Arc::new(new),
         }
         self.publish();
-        let stops = futures::future::join_all(
-            stopping
-                .iter()
-                .map(|(connection, grace)| connection.close(*grace)),
-        );
+        let stops = close_all(stopping);
         let starts = futures::future::join_all(starting.iter().map(|name| self.start_server(name)));
         futures::future::join(stops, starts).await;
         self.publish();
@@ -840,8 +843,8 @@ impl Registry {
         for session in self.live_sessions() {
             stopping.extend(session.take_idle(self));
         }
-        for (connection, grace) in stopping {
-            tokio::spawn(async move { connection.close(grace).await });
+        if !stopping.is_empty() {
+            tokio::spawn(close_all(stopping));
         }
     }
 
@@ -1054,7 +1057,7 @@ impl Session {
             .collect()
     }
 
-    fn take_idle(&self, registry: &Registry) -> Vec<(Arc<Connection>, Duration)> {
+    fn take_idle(&self, registry: &Registry) -> Stopping {
         let mut idle = Vec::new();
         self.connections.retain(|server, connection| {
             let Some(spec) = registry.spec(server) else {
@@ -1072,7 +1075,7 @@ impl Session {
         idle
     }
 
-    fn take_all(&self) -> Vec<(Arc<Connection>, Duration)> {
+    fn take_all(&self) -> Stopping {
         let registry = self.registry.upgrade();
         let all: Vec<_> = self
             .connections
@@ -1106,9 +1109,7 @@ impl Drop for Session {
             "session ended: stopping its children"
         );
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            for (connection, grace) in stopping {
-                runtime.spawn(async move { connection.close(grace).await });
-            }
+            runtime.spawn(close_all(stopping));
         }
     }
 }
