@@ -377,9 +377,10 @@ impl Router {
     pub async fn set_level(&self, params: SetLevelRequestParams, caller: &Caller) {
         let servers: Vec<ServerName> = self
             .registry
-            .states()
-            .into_iter()
-            .map(|state| state.spec.name.clone())
+            .config()
+            .servers
+            .iter()
+            .map(|spec| spec.name.clone())
             .filter(|server| {
                 self.registry
                     .pick(server)
@@ -427,13 +428,13 @@ impl Router {
         caller: &Caller,
     ) -> Result<ServerResult, CallError> {
         let _in_flight = self.registry.track();
-        let fallback = self
-            .registry
-            .spec(server)
-            .and_then(|spec| spec.fallback.clone())
+        let spec = self.spec_of(server)?;
+        let fallback = spec
+            .fallback
+            .clone()
             .map(|fallback| (fallback, request.clone()));
         let outcome = self
-            .send_to(server, what.clone(), request, timeout, caller)
+            .send_to(&spec, what.clone(), request, timeout, caller)
             .await;
         match (outcome, fallback) {
             (Err(error), Some((fallback, request)))
@@ -443,6 +444,7 @@ impl Router {
                 ) =>
             {
                 tracing::info!(server = %server, fallback = %fallback, reason = %error, "served by its fallback");
+                let fallback = self.spec_of(&fallback)?;
                 self.send_to(&fallback, what, request, timeout, caller)
                     .await
             }
@@ -450,15 +452,23 @@ impl Router {
         }
     }
 
+    /// A server's spec, or why there is none to send to.
+    fn spec_of(&self, server: &ServerName) -> Result<Arc<ServerSpec>, CallError> {
+        self.registry
+            .spec(server)
+            .ok_or_else(|| CallError::Unavailable(self.registry.unavailable_reason(server)))
+    }
+
     /// Send to one server, through its circuit breaker.
     async fn send_to(
         &self,
-        server: &ServerName,
+        spec: &ServerSpec,
         what: String,
         request: ClientRequest,
         timeout: Option<Duration>,
         caller: &Caller,
     ) -> Result<ServerResult, CallError> {
+        let server = &spec.name;
         if let Err(retry_in) = self.registry.admit(server) {
             return Err(CallError::CircuitOpen {
                 server: server.clone(),
@@ -466,7 +476,7 @@ impl Router {
             });
         }
         let outcome = self
-            .send_admitted(server, what, request, timeout, caller)
+            .send_admitted(spec, what, request, timeout, caller)
             .await;
         let transient = matches!(&outcome, Err(error) if error.kind().is_transient());
         self.registry.record(server, transient);
@@ -476,35 +486,30 @@ impl Router {
     /// The connection this router's calls to `spec`'s server go to: the session's own child,
     /// or the least busy shared one (started now if the server is lazy and idle).
     async fn connection(&self, spec: &ServerSpec) -> Result<Arc<Connection>, CallError> {
-        let own = match &self.session {
+        let connection = match &self.session {
             Some(session) if spec.supervision.isolation == Isolation::Session => {
-                Some(session.connection(spec).await)
+                session.connection(spec).await
             }
-            _ => None,
+            _ => self.registry.connection(&spec.name).await,
         };
-        own.unwrap_or(self.registry.connection(&spec.name).await)
-            .map_err(CallError::Unavailable)
+        connection.map_err(CallError::Unavailable)
     }
 
     async fn send_admitted(
         &self,
-        server: &ServerName,
+        spec: &ServerSpec,
         what: String,
         request: ClientRequest,
         timeout: Option<Duration>,
         caller: &Caller,
     ) -> Result<ServerResult, CallError> {
-        let Some(spec) = self.registry.spec(server) else {
-            return Err(CallError::Unavailable(
-                self.registry.unavailable_reason(server),
-            ));
-        };
+        let server = &spec.name;
         let connection = tokio::select! {
-            connection = self.connection(&spec) => connection?,
+            connection = self.connection(spec) => connection?,
             () = caller.cancel.cancelled() => return Err(CallError::Cancelled),
         };
         let _busy = connection.busy();
-        let options = request_options(&spec, timeout);
+        let options = request_options(spec, timeout);
         let handle = connection
             .peer
             .send_request_with_option(request, options)
