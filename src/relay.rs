@@ -33,11 +33,10 @@ struct Subscriber {
 /// Where what downstreams send back goes.
 #[derive(Debug, Default)]
 pub struct Relay {
-    /// Requests in flight, by the connection and the progress token conductor gave them.
-    calls: DashMap<(ConnectionId, ProgressToken), Origin>,
-    /// Per connection, the clients of its requests in flight, oldest first: a downstream's
-    /// own requests and log messages name no request, so they go to the latest.
-    active: DashMap<ConnectionId, Vec<(ProgressToken, Peer<RoleServer>)>>,
+    /// Per connection, its requests in flight by the progress token conductor gave them,
+    /// oldest first: a downstream's own requests and log messages name no request, so they go
+    /// to the latest one's client.
+    active: DashMap<ConnectionId, Vec<(ProgressToken, Origin)>>,
     /// Per connection, the client of its last request, for what arrives between requests.
     last: DashMap<ConnectionId, Peer<RoleServer>>,
     /// Subscriptions, by server and the URI the server knows.
@@ -50,15 +49,14 @@ pub struct Relay {
 #[derive(Debug)]
 pub struct InCall<'a> {
     relay: &'a Relay,
-    key: (ConnectionId, ProgressToken),
+    connection: ConnectionId,
+    token: ProgressToken,
 }
 
 impl Drop for InCall<'_> {
     fn drop(&mut self) {
-        self.relay.calls.remove(&self.key);
-        let (connection, token) = &self.key;
-        if let Some(mut active) = self.relay.active.get_mut(connection) {
-            active.retain(|(other, _)| other != token);
+        if let Some(mut active) = self.relay.active.get_mut(&self.connection) {
+            active.retain(|(token, _)| *token != self.token);
         }
     }
 }
@@ -71,21 +69,25 @@ impl Relay {
         token: ProgressToken,
         origin: Origin,
     ) -> InCall<'_> {
+        self.last.insert(connection, origin.peer.clone());
         self.active
             .entry(connection)
             .or_default()
-            .push((token.clone(), origin.peer.clone()));
-        self.last.insert(connection, origin.peer.clone());
-        let key = (connection, token);
-        self.calls.insert(key.clone(), origin);
-        InCall { relay: self, key }
+            .push((token.clone(), origin));
+        InCall {
+            relay: self,
+            connection,
+            token,
+        }
     }
 
     /// Who the request with this progress token was made for.
     pub fn origin(&self, connection: ConnectionId, token: &ProgressToken) -> Option<Origin> {
-        self.calls
-            .get(&(connection, token.clone()))
-            .map(|origin| origin.clone())
+        let active = self.active.get(&connection)?;
+        active
+            .iter()
+            .find(|(other, _)| other == token)
+            .map(|(_, origin)| origin.clone())
     }
 
     /// The client a connection's own requests and log messages go to: that of its latest
@@ -93,7 +95,7 @@ impl Relay {
     pub fn client_of(&self, connection: ConnectionId) -> Option<Peer<RoleServer>> {
         self.active
             .get(&connection)
-            .and_then(|active| active.last().map(|(_, peer)| peer.clone()))
+            .and_then(|active| active.last().map(|(_, origin)| origin.peer.clone()))
             .or_else(|| self.last.get(&connection).map(|peer| peer.clone()))
     }
 

@@ -122,12 +122,9 @@ impl Connection {
         let opening = async {
             match &spec.transport {
                 Transport::Stdio(stdio) => {
-                    let id = next_connection_id();
-                    let client =
-                        DownstreamClient::new(spec.name.clone(), id, events.clone(), relay.clone());
                     let child = stdio::spawn(&spec.name, stdio)?;
                     let pid = child.id();
-                    serve(spec, id, client, child, pid, events, relay).await
+                    serve(spec, child, pid, events, relay).await
                 }
                 Transport::Sse(http) | Transport::StreamableHttp(http) => {
                     // Each endpoint in turn: the first that answers serves (failover).
@@ -163,14 +160,12 @@ impl Connection {
         events: mpsc::UnboundedSender<Event>,
         relay: Arc<Relay>,
     ) -> Result<Connection, ConnectError> {
-        let id = next_connection_id();
-        let client = DownstreamClient::new(spec.name.clone(), id, events.clone(), relay.clone());
         if matches!(spec.transport, Transport::Sse(_)) {
             let transport = sse::connect(url, header_map(http)?).await?;
-            serve(spec, id, client, transport, None, events, relay).await
+            serve(spec, transport, None, events, relay).await
         } else {
             let transport = StreamableHttpClientTransport::from_config(http_config(url, http)?);
-            serve(spec, id, client, transport, None, events, relay).await
+            serve(spec, transport, None, events, relay).await
         }
     }
 
@@ -289,10 +284,9 @@ impl Drop for Connection {
     }
 }
 
+/// Complete the handshake over `transport` and run the connection in the background.
 async fn serve<T, E, A>(
     spec: &ServerSpec,
-    id: ConnectionId,
-    client: DownstreamClient,
     transport: T,
     pid: Option<u32>,
     events: mpsc::UnboundedSender<Event>,
@@ -302,6 +296,8 @@ where
     T: rmcp::transport::IntoTransport<RoleClient, E, A>,
     E: std::error::Error + Send + Sync + 'static,
 {
+    let id = next_connection_id();
+    let client = DownstreamClient::new(spec.name.clone(), id, events.clone(), relay.clone());
     let service = client
         .serve(transport)
         .await
