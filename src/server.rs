@@ -157,7 +157,8 @@ impl ServerHandler for ConductorServer {
     ) -> Result<CallToolResponse, McpError> {
         // A whole workflow counts as in flight, between its steps too.
         let _in_flight = self.router.registry().track();
-        self.router.remember_client(&context.peer);
+        // Also remembers the session's client, which a workflow's steps relay to.
+        let caller = self.caller(&context);
         let config = self.router.registry().config();
         let saved = saved::find(&config, &request.name);
         if request.name == orchestrate::TOOL_NAME || saved.is_some() {
@@ -199,7 +200,6 @@ impl ServerHandler for ConductorServer {
             .tool(&request.name)
             .and_then(|entry| entry.tool.annotations.clone());
         let retry = Retry::for_tool(annotations.as_ref(), None);
-        let caller = self.caller(&context);
         let (outcome, _) = retry
             .run(&context.ct, CallError::kind, || {
                 self.router.call_tool(request.clone(), None, &caller)
