@@ -7,11 +7,14 @@
 //! - [`registry`]: the set of downstreams, their state, and the current catalog;
 //! - [`router`]: the one path every downstream request takes (with [`retry`], its policy, and
 //!   [`breaker`], one circuit per server);
+//! - [`relay`] and [`bridge`]: the way back, from downstreams to the client a request came from,
+//!   across protocol versions;
 //! - [`orchestrate`]: workflows of tool calls, run through the router;
 //! - [`server`]: the MCP handler clients talk to, over stdio or [`http`];
 //! - [`cli`]: the `conductor` commands.
 
 pub mod breaker;
+pub mod bridge;
 pub mod catalog;
 pub mod cli;
 pub mod config;

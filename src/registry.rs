@@ -21,6 +21,7 @@ use rmcp::model::{ClientRequest, PingRequest};
 use tokio::sync::{mpsc, watch};
 
 use crate::breaker::{Breaker, BreakerState};
+use crate::bridge::Bridge;
 use crate::catalog::{Catalog, Listing};
 use crate::config::{
     Config, Isolation, MAX_RESTART_DELAY, ServerName, ServerSpec, StartMode, Transport,
@@ -239,6 +240,7 @@ pub struct Registry {
     next_generation: AtomicU64,
     /// Where what downstreams send back during requests goes.
     relay: Arc<Relay>,
+    bridge: Bridge,
 }
 
 /// Counts one request in flight until dropped.
@@ -283,6 +285,7 @@ impl Registry {
             sessions: DashMap::new(),
             next_generation: AtomicU64::new(1),
             relay: Arc::new(Relay::default()),
+            bridge: Bridge::default(),
         });
         let config = registry.config();
         for spec in &config.servers {
@@ -319,6 +322,11 @@ impl Registry {
     /// Where what downstreams send back during requests goes.
     pub fn relay(&self) -> &Relay {
         &self.relay
+    }
+
+    /// Calls of 2026-07-28 clients parked between input rounds.
+    pub fn bridge(&self) -> &Bridge {
+        &self.bridge
     }
 
     /// A server's spec, if it is configured.

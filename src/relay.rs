@@ -8,9 +8,10 @@
 use std::sync::Mutex;
 
 use dashmap::DashMap;
-use rmcp::model::ProgressToken;
+use rmcp::model::{ClientCapabilities, ProgressToken};
 use rmcp::service::{Peer, RoleServer};
 
+use crate::bridge::Asks;
 use crate::config::ServerName;
 use crate::downstream::ConnectionId;
 
@@ -19,6 +20,10 @@ use crate::downstream::ConnectionId;
 pub struct Origin {
     pub peer: Peer<RoleServer>,
     pub progress_token: Option<ProgressToken>,
+    /// What the client can answer; `None` when it did not say.
+    pub capabilities: Option<ClientCapabilities>,
+    /// For a 2026-07-28 client's call: where the downstream's requests go instead.
+    pub asks: Option<Asks>,
 }
 
 /// A client subscribed to one resource.
@@ -93,10 +98,25 @@ impl Relay {
     /// The client a connection's own requests and log messages go to: that of its latest
     /// request in flight, or else of its last request.
     pub fn client_of(&self, connection: ConnectionId) -> Option<Peer<RoleServer>> {
-        self.active
+        self.asker_of(connection).map(|origin| origin.peer)
+    }
+
+    /// Like [`Relay::client_of`], with what is known of the request it was made for.
+    pub fn asker_of(&self, connection: ConnectionId) -> Option<Origin> {
+        if let Some(origin) = self
+            .active
             .get(&connection)
-            .and_then(|active| active.last().map(|(_, origin)| origin.peer.clone()))
-            .or_else(|| self.last.get(&connection).map(|peer| peer.clone()))
+            .and_then(|active| active.last().map(|(_, origin)| origin.clone()))
+        {
+            return Some(origin);
+        }
+        let peer = self.last.get(&connection)?.clone();
+        Some(Origin {
+            capabilities: peer.peer_info().map(|info| info.capabilities.clone()),
+            peer,
+            progress_token: None,
+            asks: None,
+        })
     }
 
     /// Forget a connection that ended.

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rmcp::ErrorData as McpError;
-use rmcp::model::ProgressToken;
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResult, CancelledNotification,
     CancelledNotificationParam, ClientRequest, CompleteRequest, CompleteRequestParams, ErrorCode,
@@ -22,9 +21,15 @@ use rmcp::model::{
     SetLevelRequestParams, SubscribeRequest, SubscribeRequestParams, UnsubscribeRequest,
     UnsubscribeRequestParams,
 };
+use rmcp::model::{
+    CancelTaskParams, CancelTaskRequest, ClientCapabilities, GetTaskParams, GetTaskRequest,
+    InputResponses, ProgressToken, ProtocolVersion, Task, TaskPayload, UpdateTaskParams,
+    UpdateTaskRequest,
+};
 use rmcp::service::{Peer, PeerRequestOptions, RoleServer, ServiceError};
 use tokio_util::sync::CancellationToken;
 
+use crate::bridge::{self, Asks};
 use crate::catalog::ResourceRoute;
 use crate::config::{Isolation, ServerName, ServerSpec, format_duration};
 use crate::downstream::Connection;
@@ -116,10 +121,14 @@ impl crate::orchestrate::Tools for Router {
         cancel: &CancellationToken,
     ) -> Result<CallToolResult, CallError> {
         let params = CallToolRequestParams::new(name.to_owned()).with_arguments(args);
+        let client = self.session.as_ref().and_then(|session| session.client());
         let caller = Caller {
             cancel: cancel.clone(),
-            client: self.session.as_ref().and_then(|session| session.client()),
-            progress_token: None,
+            capabilities: client
+                .as_ref()
+                .and_then(|client| client.peer_info().map(|info| info.capabilities.clone())),
+            client,
+            ..Caller::default()
         };
         match self.call_tool(params, timeout, &caller).await? {
             ServerResult::CallToolResult(result) => Ok(result),
@@ -144,6 +153,13 @@ pub struct Caller {
     pub cancel: CancellationToken,
     pub client: Option<Peer<RoleServer>>,
     pub progress_token: Option<ProgressToken>,
+    /// The protocol version of the client's request.
+    pub protocol: Option<ProtocolVersion>,
+    /// What the client can answer, as it declared for this request or its session.
+    pub capabilities: Option<ClientCapabilities>,
+    /// Set while a 2026-07-28 client's call runs under the [`Bridge`](crate::bridge::Bridge):
+    /// where the downstream's own requests go, to come back as `input_required`.
+    pub asks: Option<Asks>,
 }
 
 impl Caller {
@@ -153,6 +169,14 @@ impl Caller {
             cancel,
             ..Caller::default()
         }
+    }
+
+    /// Whether the client takes `input_required` answers itself (protocol 2026-07-28 on);
+    /// older clients are asked by conductor and never see one.
+    pub fn takes_input_required(&self) -> bool {
+        self.protocol
+            .as_ref()
+            .is_some_and(|version| *version >= ProtocolVersion::V_2026_07_28)
     }
 }
 
@@ -503,18 +527,166 @@ impl Router {
         timeout: Option<Duration>,
         caller: &Caller,
     ) -> Result<ServerResult, CallError> {
-        let server = &spec.name;
         let connection = tokio::select! {
             connection = self.connection(spec) => connection?,
             () = caller.cancel.cancelled() => return Err(CallError::Cancelled),
         };
         let _busy = connection.busy();
+        // A 2026-07-28 downstream may answer `input_required`; a client that cannot take it
+        // is asked by conductor, and the request goes again with the answers.
+        let bridging = !caller.takes_input_required()
+            && connection.info.protocol_version >= ProtocolVersion::V_2026_07_28;
+        let mut request = request;
+        for _ in 0..bridge::MAX_ROUNDS {
+            let again = bridging.then(|| request.clone());
+            let outcome = match self
+                .exchange(&connection, spec, &what, request, timeout, caller)
+                .await
+            {
+                Ok(ServerResult::CreateTaskResult(created)) => {
+                    self.follow_task(&connection, spec, &what, created.task, timeout, caller)
+                        .await
+                }
+                outcome => outcome,
+            };
+            let (Ok(ServerResult::InputRequiredResult(input)), Some(again)) = (&outcome, again)
+            else {
+                return outcome;
+            };
+            let Some(client) = &caller.client else {
+                return Err(CallError::Failed {
+                    server: spec.name.clone(),
+                    what,
+                    error: "the server asks for input, and no client is there to give it"
+                        .to_owned(),
+                });
+            };
+            let requests = input.input_requests.clone().unwrap_or_default();
+            let responses = bridge::fulfil(client, caller.capabilities.as_ref(), requests)
+                .await
+                .map_err(|error| CallError::Downstream {
+                    server: spec.name.clone(),
+                    error,
+                })?;
+            request = with_input(again, responses, input.request_state.clone()).ok_or_else(|| {
+                CallError::Failed {
+                    server: spec.name.clone(),
+                    what: what.clone(),
+                    error: "`input_required` is only allowed for tools/call, prompts/get and resources/read".to_owned(),
+                }
+            })?;
+        }
+        Err(CallError::Failed {
+            server: spec.name.clone(),
+            what,
+            error: format!("still asking for input after {} rounds", bridge::MAX_ROUNDS),
+        })
+    }
+
+    /// Follow a task the downstream made of a call (tasks extension) until it ends, and
+    /// answer with its result: the client sees the call's result as if no task were made.
+    /// Input the task asks for goes to the client; a caller that goes cancels the task.
+    async fn follow_task(
+        &self,
+        connection: &Connection,
+        spec: &ServerSpec,
+        what: &str,
+        task: Task,
+        timeout: Option<Duration>,
+        caller: &Caller,
+    ) -> Result<ServerResult, CallError> {
+        let failed = |error: String| CallError::Failed {
+            server: spec.name.clone(),
+            what: what.to_owned(),
+            error,
+        };
+        let task_id = task.task_id;
+        let mut poll_interval = task.poll_interval_ms;
+        loop {
+            let wait = Duration::from_millis(poll_interval.unwrap_or(200).clamp(10, 5_000));
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = caller.cancel.cancelled() => {
+                    let cancel = ClientRequest::CancelTaskRequest(CancelTaskRequest::new(
+                        CancelTaskParams::new(task_id.clone()),
+                    ));
+                    let detached = Caller::detached(CancellationToken::new());
+                    if let Err(error) = self.exchange(connection, spec, what, cancel, timeout, &detached).await {
+                        tracing::debug!(server = %spec.name, error = %error, "could not cancel a task");
+                    }
+                    return Err(CallError::Cancelled);
+                }
+            }
+            let get = ClientRequest::GetTaskRequest(GetTaskRequest::new(GetTaskParams::new(
+                task_id.clone(),
+            )));
+            let ServerResult::GetTaskResult(got) = self
+                .exchange(connection, spec, what, get, timeout, caller)
+                .await?
+            else {
+                return Err(failed(
+                    "`tasks/get` answered with another kind of result".to_owned(),
+                ));
+            };
+            poll_interval = got.task.task.poll_interval_ms.or(poll_interval);
+            match got.task.payload {
+                TaskPayload::Completed { result } => {
+                    return serde_json::from_value(serde_json::Value::Object(result))
+                        .map(ServerResult::CallToolResult)
+                        .map_err(|error| failed(format!("the task's result: {error}")));
+                }
+                TaskPayload::Failed { error } => {
+                    let error = serde_json::from_value(serde_json::Value::Object(error))
+                        .unwrap_or_else(|_| McpError::internal_error("the task failed", None));
+                    return Err(CallError::Downstream {
+                        server: spec.name.clone(),
+                        error,
+                    });
+                }
+                TaskPayload::Cancelled => {
+                    return Err(failed("the server cancelled the task".to_owned()));
+                }
+                TaskPayload::InputRequired { input_requests } => {
+                    let Some(client) = &caller.client else {
+                        return Err(failed(
+                            "the task asks for input, and no client is there to give it".to_owned(),
+                        ));
+                    };
+                    let responses =
+                        bridge::fulfil(client, caller.capabilities.as_ref(), input_requests)
+                            .await
+                            .map_err(|error| CallError::Downstream {
+                                server: spec.name.clone(),
+                                error,
+                            })?;
+                    let update = ClientRequest::UpdateTaskRequest(UpdateTaskRequest::new(
+                        UpdateTaskParams::new(task_id.clone(), responses),
+                    ));
+                    self.exchange(connection, spec, what, update, timeout, caller)
+                        .await?;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// One request and its answer on `connection`, cancelled downstream if the caller goes.
+    async fn exchange(
+        &self,
+        connection: &Connection,
+        spec: &ServerSpec,
+        what: &str,
+        request: ClientRequest,
+        timeout: Option<Duration>,
+        caller: &Caller,
+    ) -> Result<ServerResult, CallError> {
+        let server = &spec.name;
         let options = request_options(spec, timeout);
         let handle = connection
             .peer
             .send_request_with_option(request, options)
             .await
-            .map_err(|error| classify(server, &what, error))?;
+            .map_err(|error| classify(server, what, error))?;
         let id = handle.id.clone();
         let peer = handle.peer.clone();
         // What the downstream sends back during the request goes to this caller's client.
@@ -522,6 +694,8 @@ impl Router {
             let origin = Origin {
                 peer: client,
                 progress_token: caller.progress_token.clone(),
+                capabilities: caller.capabilities.clone(),
+                asks: caller.asks.clone(),
             };
             self.registry
                 .relay()
@@ -529,10 +703,10 @@ impl Router {
         });
         let outcome = tokio::select! {
             biased;
-            response = handle.await_response() => response.map_err(|error| classify(server, &what, error)),
+            response = handle.await_response() => response.map_err(|error| classify(server, what, error)),
             // A request queued as the connection ended may never be answered nor dropped:
             // the end itself fails it.
-            () = connection.ended() => Err(CallError::Closed { server: server.clone(), what }),
+            () = connection.ended() => Err(CallError::Closed { server: server.clone(), what: what.to_owned() }),
             () = caller.cancel.cancelled() => {
                 let cancelled = CancelledNotification::new(
                     CancelledNotificationParam::new(Some(id), Some("cancelled by the client".to_owned())),
@@ -552,6 +726,31 @@ impl Router {
         }
         outcome
     }
+}
+
+/// `request` again, carrying a client's answers to the input it was asked for.
+fn with_input(
+    request: ClientRequest,
+    responses: InputResponses,
+    state: Option<String>,
+) -> Option<ClientRequest> {
+    let mut request = request;
+    match &mut request {
+        ClientRequest::CallToolRequest(request) => {
+            request.params.input_responses = Some(responses);
+            request.params.request_state = state;
+        }
+        ClientRequest::GetPromptRequest(request) => {
+            request.params.input_responses = Some(responses);
+            request.params.request_state = state;
+        }
+        ClientRequest::ReadResourceRequest(request) => {
+            request.params.input_responses = Some(responses);
+            request.params.request_state = state;
+        }
+        _ => return None,
+    }
+    Some(request)
 }
 
 /// How long a request to `spec`'s server may take: `timeout` (a step's or tool's) or the

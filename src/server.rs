@@ -8,6 +8,7 @@
     reason = "logging and resources/subscribe are deprecated in 2026-07-28; older peers still use them"
 )]
 
+use std::future::Future;
 use std::sync::Arc;
 
 use rmcp::ErrorData as McpError;
@@ -20,13 +21,14 @@ use rmcp::model::{
     ServerResult, SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
     UnsubscribeRequestParams,
 };
-use rmcp::model::{ProgressNotificationParam, ProgressToken};
+use rmcp::model::{InputResponses, ProgressNotificationParam, ProgressToken};
 use rmcp::service::{NotificationContext, Peer, RequestContext, RoleServer, SubscriptionContext};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::bridge::Bridge;
 use crate::catalog::Catalog;
 use crate::orchestrate::execute::{ProgressSink, ProgressUpdate};
 use crate::orchestrate::{self, Orchestrator, saved};
@@ -63,7 +65,47 @@ impl ConductorServer {
             cancel: context.ct.clone(),
             client: Some(context.peer.clone()),
             progress_token: context.meta.get_progress_token(),
+            protocol: context.protocol_version(),
+            capabilities: context.client_capabilities(),
+            asks: None,
         }
+    }
+}
+
+/// The `requestState` and answers of a client's retry, taken out of its request when the
+/// state is one conductor's bridge handed out; a downstream's own state stays for it.
+fn bridged_retry(
+    state: &mut Option<String>,
+    responses: &mut Option<InputResponses>,
+) -> Option<(String, Option<InputResponses>)> {
+    if !Bridge::owns(state.as_deref()) {
+        return None;
+    }
+    Some((state.take()?, responses.take()))
+}
+
+impl ConductorServer {
+    /// Run a request that may ask the client for input. A 2026-07-28 client gets what the
+    /// downstream asks as `input_required`, and its retry continues the parked call; older
+    /// clients are asked directly, as the downstream asks (see [`crate::bridge`]).
+    async fn bridged<F, Fut>(
+        &self,
+        resume: Option<(String, Option<InputResponses>)>,
+        caller: &Caller,
+        call: F,
+    ) -> Result<ServerResult, CallError>
+    where
+        F: FnOnce(Caller) -> Fut,
+        Fut: Future<Output = Result<ServerResult, CallError>> + Send + 'static,
+    {
+        let bridge = self.router.registry().bridge();
+        if let Some((state, responses)) = resume {
+            return bridge.resume(&state, responses, &caller.cancel).await;
+        }
+        if caller.takes_input_required() {
+            return bridge.start(caller, call).await;
+        }
+        call(caller.clone()).await
     }
 }
 
@@ -200,9 +242,17 @@ impl ServerHandler for ConductorServer {
             .tool(&request.name)
             .and_then(|entry| entry.tool.annotations.clone());
         let retry = Retry::for_tool(annotations.as_ref(), None);
-        let (outcome, _) = retry
-            .run(&context.ct, CallError::kind, || {
-                self.router.call_tool(request.clone(), None, &caller)
+        let mut request = request;
+        let resume = bridged_retry(&mut request.request_state, &mut request.input_responses);
+        let router = self.router.clone();
+        let outcome = self
+            .bridged(resume, &caller, |caller| async move {
+                let (outcome, _) = retry
+                    .run(&caller.cancel, CallError::kind, || {
+                        router.call_tool(request.clone(), None, &caller)
+                    })
+                    .await;
+                outcome
             })
             .await;
         match outcome {
@@ -244,11 +294,16 @@ impl ServerHandler for ConductorServer {
         request: GetPromptRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<GetPromptResponse, McpError> {
-        match self
-            .router
-            .get_prompt(request, &self.caller(&context))
-            .await
-        {
+        let mut request = request;
+        let resume = bridged_retry(&mut request.request_state, &mut request.input_responses);
+        let router = self.router.clone();
+        let caller = self.caller(&context);
+        let outcome = self
+            .bridged(resume, &caller, |caller| async move {
+                router.get_prompt(request, &caller).await
+            })
+            .await;
+        match outcome {
             Ok(ServerResult::GetPromptResult(mut result)) => {
                 mark_complete(&mut result.result_type);
                 Ok(GetPromptResponse::Complete(result))
@@ -308,11 +363,16 @@ impl ServerHandler for ConductorServer {
                 )),
             };
         }
-        match self
-            .router
-            .read_resource(request, &self.caller(&context))
-            .await
-        {
+        let mut request = request;
+        let resume = bridged_retry(&mut request.request_state, &mut request.input_responses);
+        let router = self.router.clone();
+        let caller = self.caller(&context);
+        let outcome = self
+            .bridged(resume, &caller, |caller| async move {
+                router.read_resource(request, &caller).await
+            })
+            .await;
+        match outcome {
             Ok(ServerResult::ReadResourceResult(mut result)) => {
                 mark_complete(&mut result.result_type);
                 Ok(ReadResourceResponse::Complete(result))

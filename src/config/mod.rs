@@ -128,6 +128,8 @@ pub struct ServerSpec {
     pub max_call_time: Option<Duration>,
     /// A server whose tools answer in this one's place while it is down or its circuit is open.
     pub fallback: Option<ServerName>,
+    /// How conductor opens its session with the server.
+    pub handshake: Handshake,
     pub supervision: Supervision,
     pub tools: ToolRules,
 }
@@ -138,6 +140,7 @@ impl ServerSpec {
     pub fn needs_restart(&self, new: &ServerSpec) -> bool {
         self.transport != new.transport
             || self.enabled != new.enabled
+            || self.handshake != new.handshake
             || self.supervision.start != new.supervision.start
             || self.supervision.isolation != new.supervision.isolation
             || self.supervision.replicas != new.supervision.replicas
@@ -151,6 +154,19 @@ impl ServerSpec {
             .copied()
             .unwrap_or(self.call_timeout)
     }
+}
+
+/// How conductor opens its session with a server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Handshake {
+    /// `initialize`, as every protocol version up to 2025-11-25 does.
+    #[default]
+    Initialize,
+    /// `server/discover`, then self-contained requests: protocol 2026-07-28 only.
+    Discover,
+    /// `server/discover`, falling back to `initialize` when the server does not know it. A
+    /// server that crashes on an unknown first request fails here, hence not the default.
+    Auto,
 }
 
 /// How a server's processes are started, kept alive and checked.

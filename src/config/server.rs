@@ -70,6 +70,7 @@ pub(super) fn read_server(
         (fallback.into_inner(), span)
     });
     let supervision = read_supervision(&mut table, problems);
+    let handshake = read_handshake(&mut table, problems);
     let tools = table
         .table("tools", problems)
         .map(|tools| read_tool_rules(tools, problems))
@@ -274,9 +275,31 @@ pub(super) fn read_server(
         timeout_resets_on_progress,
         max_call_time,
         fallback,
+        handshake,
         supervision,
         tools,
     })
+}
+
+/// `protocol = "initialize" | "discover" | "auto"`: how conductor opens its session with the
+/// server.
+fn read_handshake(table: &mut Table<'_, '_>, problems: &mut Problems) -> Handshake {
+    let Some(protocol) = table.string("protocol", problems) else {
+        return Handshake::default();
+    };
+    match protocol.get_ref().as_str() {
+        "initialize" => Handshake::Initialize,
+        "discover" => Handshake::Discover,
+        "auto" => Handshake::Auto,
+        other => {
+            problems.add_with_hint(
+                protocol.span(),
+                format!("`{}.protocol`: unknown handshake `{other}`", table.path()),
+                Some("use `initialize` (protocol 2025-11-25 and before, the default), `discover` (2026-07-28) or `auto` (try `discover`, fall back to `initialize`)"),
+            );
+            Handshake::default()
+        }
+    }
 }
 
 /// `url = "..."` or, to fail over between endpoints, `urls = ["...", "..."]`: `Some(None)`

@@ -14,11 +14,12 @@ use rmcp::model::{
     LoggingMessageNotificationParam, ProgressNotificationParam, ResourceUpdatedNotificationParam,
     ServerRequest,
 };
-use rmcp::service::{NotificationContext, Peer, RequestContext, RoleClient, RoleServer};
+use rmcp::service::{NotificationContext, RequestContext, RoleClient};
 use rmcp::{ClientHandler, ErrorData as McpError};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{ConnectionId, Event, ListKind};
+use crate::bridge::{self, Ask};
 use crate::config::ServerName;
 use crate::relay::Relay;
 
@@ -31,14 +32,6 @@ pub struct DownstreamClient {
     connection: ConnectionId,
     events: mpsc::UnboundedSender<Event>,
     relay: Arc<Relay>,
-}
-
-/// Which client capability a downstream's request needs.
-#[derive(Debug, Clone, Copy)]
-enum Needs {
-    Sampling,
-    Elicitation,
-    Roots,
 }
 
 impl DownstreamClient {
@@ -57,14 +50,14 @@ impl DownstreamClient {
     }
 
     /// Pass a downstream's request to the client of its latest request, if that client can
-    /// answer it; the answer comes back unchanged.
+    /// answer it; the answer comes back unchanged. A 2026-07-28 client gets it as an input
+    /// request of its call (see [`crate::bridge`]).
     async fn ask_client(
         &self,
         method: &str,
         request: ServerRequest,
-        needs: Needs,
     ) -> Result<ClientResult, McpError> {
-        let Some(client) = self.relay.client_of(self.connection) else {
+        let Some(origin) = self.relay.asker_of(self.connection) else {
             return Err(McpError::internal_error(
                 format!(
                     "conductor has no client to pass `{method}` from `{}` to",
@@ -73,23 +66,27 @@ impl DownstreamClient {
                 None,
             ));
         };
-        if !client_can(&client, needs) {
-            return Err(McpError::new(
-                rmcp::model::ErrorCode::METHOD_NOT_FOUND,
-                format!("the client connected to conductor does not support `{method}`"),
-                None,
-            ));
-        }
-        client
-            .send_request(request)
-            .await
-            .map_err(|error| match error {
-                rmcp::ServiceError::McpError(error) => error,
-                other => McpError::internal_error(
-                    format!("passing `{method}` to the client failed: {other}"),
+        let capabilities = origin.capabilities.as_ref();
+        if let Some(asks) = &origin.asks
+            && bridge::capable(capabilities, &request)
+            && let Some(input) = bridge::as_input_request(request.clone())
+        {
+            let (reply, answer) = oneshot::channel();
+            let gone = || {
+                McpError::internal_error(
+                    format!("the client's call ended before it answered `{method}`"),
                     None,
-                ),
+                )
+            };
+            asks.send(Ask {
+                request: input,
+                reply,
             })
+            .map_err(|_| gone())?;
+            let answer = answer.await.map_err(|_| gone())??;
+            return bridge::answer_as(method, answer);
+        }
+        bridge::ask(&origin.peer, capabilities, method, request).await
     }
 
     fn list_changed(&self, kind: ListKind) {
@@ -104,10 +101,12 @@ impl ClientHandler for DownstreamClient {
     fn get_info(&self) -> ClientConfig {
         // Downstreams are shared and start before any client connects, so every capability a
         // client may have is offered; a request the current client cannot answer gets an error.
+        // Tasks are followed by conductor itself (`Router::follow_task`).
         let mut capabilities = ClientCapabilities::builder()
             .enable_roots()
             .enable_roots_list_changed()
             .enable_sampling()
+            .enable_tasks()
             .build();
         capabilities.elicitation = Some(Default::default());
         ClientConfig::new(
@@ -122,10 +121,7 @@ impl ClientHandler for DownstreamClient {
         _context: RequestContext<RoleClient>,
     ) -> Result<CreateMessageResult, McpError> {
         let request = ServerRequest::CreateMessageRequest(CreateMessageRequest::new(params));
-        match self
-            .ask_client("sampling/createMessage", request, Needs::Sampling)
-            .await?
-        {
+        match self.ask_client("sampling/createMessage", request).await? {
             ClientResult::CreateMessageResult(result) => Ok(*result),
             _ => Err(unexpected("sampling/createMessage")),
         }
@@ -137,10 +133,7 @@ impl ClientHandler for DownstreamClient {
         _context: RequestContext<RoleClient>,
     ) -> Result<ElicitResult, McpError> {
         let request = ServerRequest::ElicitRequest(ElicitRequest::new(params));
-        match self
-            .ask_client("elicitation/create", request, Needs::Elicitation)
-            .await?
-        {
+        match self.ask_client("elicitation/create", request).await? {
             ClientResult::ElicitResult(result) => Ok(result),
             _ => Err(unexpected("elicitation/create")),
         }
@@ -156,7 +149,7 @@ impl ClientHandler for DownstreamClient {
             return Ok(ListRootsResult::default());
         }
         let request = ServerRequest::ListRootsRequest(ListRootsRequest::default());
-        match self.ask_client("roots/list", request, Needs::Roots).await? {
+        match self.ask_client("roots/list", request).await? {
             ClientResult::ListRootsResult(result) => Ok(result),
             _ => Err(unexpected("roots/list")),
         }
@@ -246,18 +239,4 @@ fn unexpected(method: &str) -> McpError {
         format!("the client answered `{method}` with another kind of result"),
         None,
     )
-}
-
-/// Whether the client declared the capability a request needs. A client that connected
-/// without `initialize` (2026-07-28) declares per request; it is given the benefit of the doubt.
-fn client_can(client: &Peer<RoleServer>, needs: Needs) -> bool {
-    let Some(info) = client.peer_info() else {
-        return true;
-    };
-    let capabilities = &info.capabilities;
-    match needs {
-        Needs::Sampling => capabilities.sampling.is_some(),
-        Needs::Elicitation => capabilities.elicitation.is_some(),
-        Needs::Roots => capabilities.roots.is_some(),
-    }
 }

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rmcp::ServiceExt;
-use rmcp::model::{ErrorCode, ServerPeerInfo};
+use rmcp::model::{ErrorCode, ProtocolVersion, ServerPeerInfo};
+use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
 use rmcp::service::{Peer, RoleClient, RunningServiceCancellationToken, ServiceError};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::catalog::Listing;
-use crate::config::{HttpSpec, ServerName, ServerSpec, Transport};
+use crate::config::{Handshake, HttpSpec, ServerName, ServerSpec, Transport};
 use crate::relay::Relay;
 pub use client::DownstreamClient;
 pub use stdio::{LAUNCHER_ARG, run_launcher, use_launcher};
@@ -298,8 +298,18 @@ where
 {
     let id = next_connection_id();
     let client = DownstreamClient::new(spec.name.clone(), id, events.clone(), relay.clone());
+    let lifecycle = match spec.handshake {
+        Handshake::Initialize => ClientLifecycleMode::Initialize,
+        Handshake::Discover => ClientLifecycleMode::Discover {
+            preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+        },
+        Handshake::Auto => ClientLifecycleMode::Auto {
+            preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+            legacy_version: None,
+        },
+    };
     let service = client
-        .serve(transport)
+        .serve_with_lifecycle(transport, lifecycle)
         .await
         .map_err(|error| ConnectError::Handshake(error.to_string()))?;
     let peer = service.peer().clone();

@@ -288,6 +288,7 @@ urls = []
 command = "server"
 start = "later"
 isolation = "user"
+protocol = "2026"
 fallback = "remtoe"
 ping_interval = "sometimes"
 tools.timeouts = { export = "forever", import = 5 }

@@ -372,6 +372,30 @@ async fn a_client_cancellation_reaches_the_downstream() {
     wait_for_event(&config, "cancelled sleep 20000").await;
 }
 
+/// A downstream that makes a task of a call (tasks extension) is followed by conductor: the
+/// client gets the call's result, and a client that cancels cancels the task.
+#[tokio::test]
+async fn a_task_made_of_a_call_is_followed_to_its_result_or_cancelled() {
+    let config = slow_fixture("");
+    let session = serve(&config).await;
+    let result = call(&session, "slow__task_sleep", json!({"ms": 200})).await;
+    assert_eq!(text_of(&result), "task slept 200 ms");
+    wait_for_event(&config, "task task-0 for 200 ms").await;
+
+    let request = ClientRequest::CallToolRequest(CallToolRequest::new(
+        CallToolRequestParams::new("slow__task_sleep")
+            .with_arguments(json!({"ms": 20000}).as_object().cloned().unwrap()),
+    ));
+    let handle = session
+        .peer()
+        .send_cancellable_request(request, PeerRequestOptions::no_options())
+        .await
+        .unwrap();
+    wait_for_event(&config, "task task-1 for 20000 ms").await;
+    handle.cancel(None).await.unwrap();
+    wait_for_event(&config, "cancelled task task-1").await;
+}
+
 /// A 2026-07-28 client in auto mode sends `server/discover` before anything else; it must get
 /// an answer, and the connection must stay usable.
 #[tokio::test]
@@ -635,10 +659,10 @@ async fn a_downstream_asks_the_client_through_conductor() {
     );
 }
 
-/// Every pairing of a client and a downstream on the protocol versions that have `initialize`:
-/// each side gets its own version, and progress, logging and sampling cross between them.
-/// (2026-07-28 clients, which use `server/discover`, are driven by the Python SDK client in
-/// `peers`.)
+/// Every pairing of a client and a downstream on every protocol version: each side gets its
+/// own version, and progress and sampling and roots cross between them. Between 2026-07-28
+/// (which asks by `input_required`) and older peers (which send requests of their own),
+/// conductor bridges one way to the other.
 #[tokio::test]
 async fn every_pairing_of_protocol_versions_works() {
     use rmcp::model::ProtocolVersion;
@@ -647,10 +671,16 @@ async fn every_pairing_of_protocol_versions_works() {
         ProtocolVersion::V_2025_03_26,
         ProtocolVersion::V_2025_06_18,
         ProtocolVersion::V_2025_11_25,
+        ProtocolVersion::V_2026_07_28,
     ];
     for downstream in &versions {
+        let handshake = if *downstream >= ProtocolVersion::V_2026_07_28 {
+            "discover"
+        } else {
+            "initialize"
+        };
         let config = TestConfig::new(&format!(
-            "[servers.slow]\ncommand = \"{{fixture}}\"\nargs = [\"slow\"]\nenv = {{ FIXTURE_PROTOCOL = \"{downstream}\" }}\n"
+            "[servers.slow]\ncommand = \"{{fixture}}\"\nargs = [\"slow\"]\nprotocol = \"{handshake}\"\nenv = {{ FIXTURE_PROTOCOL = \"{downstream}\" }}\n"
         ));
         for client_version in &versions {
             let client = super::support::TestClient {

@@ -238,8 +238,16 @@ pub async fn serve_as(config: &TestConfig, env: &[(&str, String)], client: TestC
         .stderr(stderr)
         .spawn()
         .expect("conductor starts");
-    client
-        .serve(transport)
+    // A 2026-07-28 client has no `initialize`: it opens with `server/discover`.
+    let lifecycle = match &client.protocol {
+        Some(version) if *version >= rmcp::model::ProtocolVersion::V_2026_07_28 => {
+            rmcp::service::ClientLifecycleMode::Discover {
+                preferred_versions: vec![version.clone()],
+            }
+        }
+        _ => rmcp::service::ClientLifecycleMode::Initialize,
+    };
+    rmcp::service::ClientServiceExt::serve_with_lifecycle(client, transport, lifecycle)
         .await
         .expect("conductor completes the handshake")
 }
