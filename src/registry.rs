@@ -26,7 +26,7 @@ use crate::catalog::{Catalog, Listing};
 use crate::config::{
     Config, Isolation, MAX_RESTART_DELAY, ServerName, ServerSpec, StartMode, Transport,
 };
-use crate::downstream::{Connection, ConnectionId, Event, ListKind};
+use crate::downstream::{CacheHint, Connection, ConnectionId, Event, ListKind};
 use crate::relay::Relay;
 
 /// Where a downstream, or one replica of it, stands.
@@ -335,6 +335,24 @@ impl Registry {
     }
 
     /// The least busy ready connection to a server, if it has one.
+    /// How long conductor's own list of one kind stays fresh, and for whom: the earliest
+    /// expiry and the narrowest scope of the live downstreams that offer that kind. One that
+    /// gave no hint leaves conductor's list without one: it promised nothing.
+    pub fn cache_hint(&self, kind: ListKind) -> CacheHint {
+        let mut merged: Option<CacheHint> = None;
+        for slot in self.servers.iter() {
+            let connections = slot
+                .replicas
+                .iter()
+                .filter_map(|replica| replica.connection.as_ref());
+            for connection in connections.filter(|connection| connection.offers(kind)) {
+                let hint = connection.hint(kind);
+                merged = Some(merged.map_or(hint, |merged| merged.merge(hint)));
+            }
+        }
+        merged.unwrap_or_default()
+    }
+
     pub fn pick(&self, server: &ServerName) -> Option<Arc<Connection>> {
         let slot = self.servers.get(server)?;
         slot.replicas

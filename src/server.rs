@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use rmcp::ErrorData as McpError;
 use rmcp::ServerHandler;
+use rmcp::model::{CacheScope, InputResponses, ProgressNotificationParam, ProgressToken};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, CompleteRequestParams, CompleteResult,
     ContentBlock, GetPromptRequestParams, GetPromptResponse, Implementation, ListPromptsResult,
@@ -21,7 +22,6 @@ use rmcp::model::{
     ServerResult, SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
     UnsubscribeRequestParams,
 };
-use rmcp::model::{InputResponses, ProgressNotificationParam, ProgressToken};
 use rmcp::service::{NotificationContext, Peer, RequestContext, RoleServer, SubscriptionContext};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 
 use crate::bridge::Bridge;
 use crate::catalog::Catalog;
+use crate::downstream::ListKind;
 use crate::orchestrate::execute::{ProgressSink, ProgressUpdate};
 use crate::orchestrate::{self, Orchestrator, saved};
 use crate::retry::Retry;
@@ -85,6 +86,16 @@ fn bridged_retry(
 }
 
 impl ConductorServer {
+    /// The cache hint for conductor's own list of one kind, as it goes on the wire.
+    fn cache_hint(&self, kind: ListKind) -> (Option<u64>, Option<CacheScope>) {
+        let hint = self.router.registry().cache_hint(kind);
+        let ttl_ms = hint.fresh_until.map(|until| {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            u64::try_from(left.as_millis()).unwrap_or(u64::MAX)
+        });
+        (ttl_ms, hint.scope)
+    }
+
     /// Run a request that may ask the client for input. A 2026-07-28 client gets what the
     /// downstream asks as `input_required`, and its retry continues the parked call; older
     /// clients are asked directly, as the downstream asks (see [`crate::bridge`]).
@@ -189,6 +200,7 @@ impl ServerHandler for ConductorServer {
         let (tools, next_cursor) = page(tools, request)?;
         let mut result = ListToolsResult::with_all_items(tools);
         result.next_cursor = next_cursor;
+        (result.ttl_ms, result.cache_scope) = self.cache_hint(ListKind::Tools);
         Ok(result)
     }
 
@@ -286,6 +298,7 @@ impl ServerHandler for ConductorServer {
         let (prompts, next_cursor) = page(prompts, request)?;
         let mut result = ListPromptsResult::with_all_items(prompts);
         result.next_cursor = next_cursor;
+        (result.ttl_ms, result.cache_scope) = self.cache_hint(ListKind::Prompts);
         Ok(result)
     }
 
@@ -329,6 +342,7 @@ impl ServerHandler for ConductorServer {
         let (resources, next_cursor) = page(resources, request)?;
         let mut result = ListResourcesResult::with_all_items(resources);
         result.next_cursor = next_cursor;
+        (result.ttl_ms, result.cache_scope) = self.cache_hint(ListKind::Resources);
         Ok(result)
     }
 
@@ -346,6 +360,7 @@ impl ServerHandler for ConductorServer {
         let (templates, next_cursor) = page(templates, request)?;
         let mut result = ListResourceTemplatesResult::with_all_items(templates);
         result.next_cursor = next_cursor;
+        (result.ttl_ms, result.cache_scope) = self.cache_hint(ListKind::Resources);
         Ok(result)
     }
 

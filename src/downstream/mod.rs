@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rmcp::model::{ErrorCode, ProtocolVersion, ServerPeerInfo};
+use rmcp::model::{CacheScope, ErrorCode, ProtocolVersion, ServerPeerInfo};
+use rmcp::service::MergedList;
 use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
 use rmcp::service::{Peer, RoleClient, RunningServiceCancellationToken, ServiceError};
 use rmcp::transport::StreamableHttpClientTransport;
@@ -34,6 +35,18 @@ pub enum ListKind {
     Prompts,
     Resources,
 }
+
+/// What a server said of how long one of its lists stays fresh, and for whom (SEP-2549).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheHint {
+    /// `None` when the server gave no `ttlMs`.
+    pub fresh_until: Option<Instant>,
+    /// `None` when the server gave no `cacheScope`.
+    pub scope: Option<CacheScope>,
+}
+
+/// The least a server's list is relisted after, however short a `ttlMs` it gives.
+const MIN_RELIST: Duration = Duration::from_secs(1);
 
 /// What a downstream connection reports to whoever supervises it.
 #[derive(Debug)]
@@ -94,6 +107,11 @@ pub struct Connection {
     last_used_ms: AtomicU64,
     /// Fired when the connection has ended, however it ended.
     ended: tokio_util::sync::CancellationToken,
+    /// Per list kind (tools, prompts, resources), the server's cache hint for it, and how
+    /// many times it was listed (only the latest listing's relist timer fires).
+    hints: Arc<std::sync::Mutex<[(CacheHint, u64); 3]>>,
+    /// Where a list whose `ttlMs` ran out is reported, to be listed again.
+    events: mpsc::UnboundedSender<Event>,
     /// Forgets this connection's clients when it goes.
     relay: Arc<Relay>,
     cancel: std::sync::Mutex<Option<RunningServiceCancellationToken>>,
@@ -212,25 +230,84 @@ impl Connection {
         kind: ListKind,
         listing: &mut Listing,
     ) -> Result<(), ConnectError> {
+        let hint = match kind {
+            _ if !self.offers(kind) => CacheHint::default(),
+            ListKind::Tools => {
+                let list = self.peer.list_all_tools_with_cache_hint().await;
+                let (tools, hint) = tolerate_missing("tools", list)?;
+                listing.tools = tools;
+                hint
+            }
+            ListKind::Prompts => {
+                let list = self.peer.list_all_prompts_with_cache_hint().await;
+                let (prompts, hint) = tolerate_missing("prompts", list)?;
+                listing.prompts = prompts;
+                hint
+            }
+            ListKind::Resources => {
+                let list = self.peer.list_all_resources_with_cache_hint().await;
+                let (resources, hint) = tolerate_missing("resources", list)?;
+                let list = self
+                    .peer
+                    .list_all_resource_templates_with_cache_hint()
+                    .await;
+                let (templates, templates_hint) = tolerate_missing("resource templates", list)?;
+                listing.resources = resources;
+                listing.templates = templates;
+                hint.merge(templates_hint)
+            }
+        };
+        self.keep_hint(kind, hint);
+        Ok(())
+    }
+
+    /// Whether the server declared the capability for one kind of list.
+    pub fn offers(&self, kind: ListKind) -> bool {
         let capabilities = &self.info.capabilities;
         match kind {
-            ListKind::Tools if capabilities.tools.is_some() => {
-                listing.tools = tolerate_missing("tools", self.peer.list_all_tools().await)?;
-            }
-            ListKind::Prompts if capabilities.prompts.is_some() => {
-                listing.prompts = tolerate_missing("prompts", self.peer.list_all_prompts().await)?;
-            }
-            ListKind::Resources if capabilities.resources.is_some() => {
-                listing.resources =
-                    tolerate_missing("resources", self.peer.list_all_resources().await)?;
-                listing.templates = tolerate_missing(
-                    "resource templates",
-                    self.peer.list_all_resource_templates().await,
-                )?;
-            }
-            _ => {}
+            ListKind::Tools => capabilities.tools.is_some(),
+            ListKind::Prompts => capabilities.prompts.is_some(),
+            ListKind::Resources => capabilities.resources.is_some(),
         }
-        Ok(())
+    }
+
+    /// The server's cache hint for one of its lists.
+    pub fn hint(&self, kind: ListKind) -> CacheHint {
+        self.hints
+            .lock()
+            .map(|hints| hints[kind as usize].0)
+            .unwrap_or_default()
+    }
+
+    /// Keep a list's cache hint, and have the list listed again when its `ttlMs` runs out
+    /// (the downstream promised nothing after that, and may not say when it changes).
+    fn keep_hint(&self, kind: ListKind, hint: CacheHint) {
+        let Ok(mut hints) = self.hints.lock() else {
+            return;
+        };
+        let (kept, listings) = &mut hints[kind as usize];
+        *kept = hint;
+        *listings += 1;
+        let listing = *listings;
+        drop(hints);
+        let Some(fresh_until) = hint.fresh_until else {
+            return;
+        };
+        let relist_at = fresh_until.max(Instant::now() + MIN_RELIST);
+        let (ended, events, server) =
+            (self.ended.clone(), self.events.clone(), self.server.clone());
+        let hints = self.hints.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep_until(relist_at.into()) => {}
+                () = ended.cancelled() => return,
+            }
+            // Listed again meanwhile (the server said it changed): that listing's timer counts.
+            let latest = hints.lock().map(|hints| hints[kind as usize].1).ok();
+            if latest == Some(listing) {
+                let _ = events.send(Event::ListChanged { server, kind });
+            }
+        });
     }
 
     /// Stop the connection: close the transport, and for a child, its stdin; a child still
@@ -318,6 +395,7 @@ where
         .map(|info| (*info).clone())
         .ok_or_else(|| ConnectError::Handshake("the server sent no initialize result".into()))?;
     let cancel = service.cancellation_token();
+    let relist_events = events.clone();
     let server = spec.name.clone();
     let ended = tokio_util::sync::CancellationToken::new();
     let ending = ended.clone();
@@ -345,10 +423,30 @@ where
         in_flight: AtomicUsize::new(0),
         last_used_ms: AtomicU64::new(0),
         ended,
+        hints: Arc::new(std::sync::Mutex::new([(CacheHint::default(), 0); 3])),
+        events: relist_events,
         relay,
         cancel: std::sync::Mutex::new(Some(cancel)),
         task: std::sync::Mutex::new(Some(task)),
     })
+}
+
+impl CacheHint {
+    /// The hint of two lists served together: fresh while both are, private if either is.
+    pub fn merge(self, other: CacheHint) -> CacheHint {
+        let fresh_until = match (self.fresh_until, other.fresh_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            _ => None,
+        };
+        let scope = match (self.scope, other.scope) {
+            (Some(CacheScope::Private), _) | (_, Some(CacheScope::Private)) => {
+                Some(CacheScope::Private)
+            }
+            (Some(CacheScope::Public), Some(CacheScope::Public)) => Some(CacheScope::Public),
+            _ => None,
+        };
+        CacheHint { fresh_until, scope }
+    }
 }
 
 /// The configured headers as HTTP headers, each name and value checked.
@@ -382,12 +480,20 @@ fn http_config(
 
 fn tolerate_missing<T>(
     what: &'static str,
-    result: Result<Vec<T>, ServiceError>,
-) -> Result<Vec<T>, ConnectError> {
+    result: Result<MergedList<T>, ServiceError>,
+) -> Result<(Vec<T>, CacheHint), ConnectError> {
     match result {
-        Ok(items) => Ok(items),
+        Ok(list) => {
+            let hint = CacheHint {
+                fresh_until: list
+                    .ttl_ms
+                    .and_then(|ttl| Instant::now().checked_add(Duration::from_millis(ttl))),
+                scope: list.cache_scope,
+            };
+            Ok((list.items, hint))
+        }
         Err(ServiceError::McpError(error)) if error.code == ErrorCode::METHOD_NOT_FOUND => {
-            Ok(Vec::new())
+            Ok((Vec::new(), CacheHint::default()))
         }
         Err(error) => Err(ConnectError::List {
             what,

@@ -372,6 +372,55 @@ async fn a_client_cancellation_reaches_the_downstream() {
     wait_for_event(&config, "cancelled sleep 20000").await;
 }
 
+/// Cache hints (SEP-2549): a downstream's list is listed again when its `ttlMs` runs out, even
+/// with no `list_changed`, and conductor's own list carries the earliest expiry and the
+/// narrowest scope of what it is made of.
+#[tokio::test]
+async fn list_cache_hints_are_honoured_and_passed_on() {
+    let config = TestConfig::new(
+        "[servers.hinted]\ncommand = \"{fixture}\"\nargs = [\"echo\"]\nenv = { FIXTURE_LIST_TTL_MS = \"1000\" }\n\n\
+         [servers.plain]\ncommand = \"{fixture}\"\nargs = [\"math\"]\n",
+    );
+    let session = serve(&config).await;
+    let description = |list: &rmcp::model::ListToolsResult| {
+        list.tools
+            .iter()
+            .find(|tool| tool.name == "hinted__echo")
+            .and_then(|tool| tool.description.as_deref().map(str::to_owned))
+            .unwrap_or_default()
+    };
+    let first = session.list_tools(None).await.unwrap();
+    assert_eq!(description(&first), "listing 1");
+    // `plain` gives no ttl, so conductor promises none either; one private part makes the
+    // whole list private.
+    assert_eq!(first.ttl_ms, None);
+    assert_eq!(first.cache_scope, Some(rmcp::model::CacheScope::Private));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = session.list_tools(None).await.unwrap();
+        if description(&list) == "listing 2" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never listed again: {}",
+            description(&list)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    session.cancel().await.unwrap();
+
+    let config = TestConfig::new(
+        "[servers.hinted]\ncommand = \"{fixture}\"\nargs = [\"echo\"]\nenv = { FIXTURE_LIST_TTL_MS = \"60000\" }\n",
+    );
+    let session = serve(&config).await;
+    let list = session.list_tools(None).await.unwrap();
+    let ttl = list.ttl_ms.expect("a ttl from the only downstream");
+    assert!(ttl > 50_000 && ttl <= 60_000, "{ttl}");
+    assert_eq!(list.cache_scope, Some(rmcp::model::CacheScope::Private));
+}
+
 /// A downstream that makes a task of a call (tasks extension) is followed by conductor: the
 /// client gets the call's result, and a client that cancels cancels the task.
 #[tokio::test]
