@@ -48,6 +48,8 @@ pub struct Relay {
     subscriptions: DashMap<(ServerName, String), Vec<Subscriber>>,
     /// Guards subscribe/unsubscribe so a resource's first and last subscribers are counted right.
     subscribing: Mutex<()>,
+    /// The latest client that declared roots: a server's `roots/list` outside any call goes to it.
+    roots_client: Mutex<Option<Peer<RoleServer>>>,
 }
 
 /// Keeps a request registered until dropped.
@@ -103,20 +105,39 @@ impl Relay {
 
     /// Like [`Relay::client_of`], with what is known of the request it was made for.
     pub fn asker_of(&self, connection: ConnectionId) -> Option<Origin> {
-        if let Some(origin) = self
-            .active
-            .get(&connection)
-            .and_then(|active| active.last().map(|(_, origin)| origin.clone()))
-        {
+        if let Some(origin) = self.caller_of(connection) {
             return Some(origin);
         }
         let peer = self.last.get(&connection)?.clone();
+        if peer.is_transport_closed() {
+            return None;
+        }
         Some(Origin {
             capabilities: peer.peer_info().map(|info| info.capabilities.clone()),
             peer,
             progress_token: None,
             asks: None,
         })
+    }
+
+    /// Who the latest request in flight on a connection was made for.
+    pub fn caller_of(&self, connection: ConnectionId) -> Option<Origin> {
+        self.active
+            .get(&connection)
+            .and_then(|active| active.last().map(|(_, origin)| origin.clone()))
+    }
+
+    /// Make `client` the one a server's `roots/list` outside any call goes to.
+    pub fn set_roots_client(&self, client: &Peer<RoleServer>) {
+        if let Ok(mut latest) = self.roots_client.lock() {
+            *latest = Some(client.clone());
+        }
+    }
+
+    /// The latest client that declared roots, if it is still connected.
+    pub fn roots_client(&self) -> Option<Peer<RoleServer>> {
+        let latest = self.roots_client.lock().ok()?.clone()?;
+        (!latest.is_transport_closed()).then_some(latest)
     }
 
     /// Forget a connection that ended.

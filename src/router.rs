@@ -602,26 +602,32 @@ impl Router {
         };
         let task_id = task.task_id;
         let mut poll_interval = task.poll_interval_ms;
+        // The task's own requests are not cancelled with the call: a cancelled call cancels
+        // the task instead, between polls.
+        let polling = Caller {
+            cancel: CancellationToken::new(),
+            ..caller.clone()
+        };
         loop {
             let wait = Duration::from_millis(poll_interval.unwrap_or(200).clamp(10, 5_000));
             tokio::select! {
-                () = tokio::time::sleep(wait) => {}
+                biased;
                 () = caller.cancel.cancelled() => {
                     let cancel = ClientRequest::CancelTaskRequest(CancelTaskRequest::new(
                         CancelTaskParams::new(task_id.clone()),
                     ));
-                    let detached = Caller::detached(CancellationToken::new());
-                    if let Err(error) = self.exchange(connection, spec, what, cancel, timeout, &detached).await {
+                    if let Err(error) = self.exchange(connection, spec, what, cancel, timeout, &polling).await {
                         tracing::debug!(server = %spec.name, error = %error, "could not cancel a task");
                     }
                     return Err(CallError::Cancelled);
                 }
+                () = tokio::time::sleep(wait) => {}
             }
             let get = ClientRequest::GetTaskRequest(GetTaskRequest::new(GetTaskParams::new(
                 task_id.clone(),
             )));
             let ServerResult::GetTaskResult(got) = self
-                .exchange(connection, spec, what, get, timeout, caller)
+                .exchange(connection, spec, what, get, timeout, &polling)
                 .await?
             else {
                 return Err(failed(
@@ -662,7 +668,7 @@ impl Router {
                     let update = ClientRequest::UpdateTaskRequest(UpdateTaskRequest::new(
                         UpdateTaskParams::new(task_id.clone(), responses),
                     ));
-                    self.exchange(connection, spec, what, update, timeout, caller)
+                    self.exchange(connection, spec, what, update, timeout, &polling)
                         .await?;
                 }
                 _ => {}

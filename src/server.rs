@@ -421,6 +421,16 @@ impl ServerHandler for ConductorServer {
     /// Sessions that began with `initialize` get list-changed notifications pushed to them.
     async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
         let peer = context.peer;
+        // Servers asked for roots as they started, before this client was here: a client with
+        // roots becomes the one they get them from, and they are told to ask again.
+        if peer
+            .peer_info()
+            .is_some_and(|info| info.capabilities.roots.is_some())
+        {
+            self.router.registry().relay().set_roots_client(&peer);
+            let router = self.router.clone();
+            tokio::spawn(async move { router.roots_changed().await });
+        }
         let changes = self.router.registry().subscribe();
         tokio::spawn(async move {
             follow_catalog(changes, |kind| {

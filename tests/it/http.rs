@@ -626,3 +626,69 @@ async fn stateless_requests_get_plain_json_answers() {
     assert_eq!(answer["result"]["structuredContent"]["text"], "stateless");
     assert_eq!(answer["result"]["resultType"], "complete");
 }
+
+/// server-everything asks its client for a sample, an elicitation and the roots: through
+/// conductor over Streamable HTTP, the TypeScript SDK clients answer each: v1 and v2 on
+/// 2025-11-25 as requests of their own, v2 on 2026-07-28 as the `input_required` results
+/// conductor's bridge makes of them.
+#[tokio::test]
+async fn server_everything_asks_the_typescript_clients_through_conductor() {
+    let config = TestConfig::new(&format!(
+        "[servers.everything]\ncommand = \"node\"\nargs = [\"{}\"]\n",
+        super::support::node_server("server-everything"),
+    ));
+    let server = HttpConductor::start(&config).await;
+    let answering = [
+        "--sampling-reply",
+        "a sample from node",
+        "--elicit-accept",
+        r#"{"name": "Ada", "check": true, "email": "ada@example.com", "integer": 3, "number": 1.5}"#,
+        "--roots",
+        "file:///work/notes",
+    ];
+    for (sdk, mode) in [("v1", "legacy"), ("v2", "legacy"), ("v2", "auto")] {
+        let run = |call: &'static str, args: &'static str| {
+            let mut options = vec!["--mode", mode, "--call", call, "--args", args];
+            options.extend(answering);
+            let url = server.mcp();
+            async move { node_client(sdk, &url, &options).await.0 }
+        };
+        let pairing = format!("{sdk} {mode}");
+        let sampled = run(
+            "everything__trigger-sampling-request",
+            r#"{"prompt": "hi"}"#,
+        )
+        .await;
+        assert_eq!(sampled["sampling"], 1, "{pairing}: {sampled:#}");
+        assert!(
+            sampled["call"].to_string().contains("a sample from node"),
+            "{pairing}: {sampled:#}"
+        );
+        let elicited = run("everything__trigger-elicitation-request", "{}").await;
+        assert_eq!(elicited["elicitation"], 1, "{pairing}: {elicited:#}");
+        assert!(
+            elicited["call"].to_string().contains("Ada"),
+            "{pairing}: {elicited:#}"
+        );
+        // server-everything keeps the roots it fetched when it started, before any client was
+        // here; a client that declares roots makes conductor tell it to ask again, which it
+        // does in the background: the client's roots reach it within a call or two. (A
+        // 2026-07-28 client takes no requests outside its own calls, so it cannot be asked.)
+        if mode == "legacy" {
+            let mut roots = Value::Null;
+            for _ in 0..5 {
+                roots = run("everything__get-roots-list", "{}").await;
+                if roots["call"].to_string().contains("file:///work/notes") {
+                    break;
+                }
+            }
+            assert!(
+                roots["call"].to_string().contains("file:///work/notes"),
+                "{pairing}: {roots:#}"
+            );
+        }
+        if mode == "auto" {
+            assert_eq!(sampled["protocol_version"], "2026-07-28", "{sampled:#}");
+        }
+    }
+}

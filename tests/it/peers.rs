@@ -490,3 +490,51 @@ async fn server_everything_asks_the_python_client_through_conductor() {
         );
     }
 }
+
+/// The Python SDK's own server asks for a sample and an elicitation in both protocol eras
+/// (mid-call requests up to 2025-11-25, `input_required` on 2026-07-28), and the Python SDK
+/// client answers in both: all four pairings go through conductor, which bridges the mixed ones.
+#[tokio::test]
+async fn the_python_sdk_server_and_client_ask_and_answer_across_eras() {
+    let root = super::support::project_root();
+    for handshake in ["initialize", "discover"] {
+        let config = TestConfig::new(&format!(
+            "[servers.py]\ncommand = \"{}\"\nargs = [\"{}\"]\nprotocol = \"{handshake}\"\n",
+            super::support::python(),
+            root.join("tests/peers/py_fixture_server.py").display()
+        ));
+        for mode in ["legacy", "auto"] {
+            let pairing = format!("downstream {handshake}, client {mode}");
+            let run = |call: &'static str, args: &'static str| {
+                let options = vec![
+                    "--mode",
+                    mode,
+                    "--call",
+                    call,
+                    "--args",
+                    args,
+                    "--sampling-reply",
+                    "a sample from python",
+                    "--elicit-accept",
+                    r#"{"response": "yes please"}"#,
+                ];
+                let config = &config;
+                async move { python_client(config, &options).await }
+            };
+            let sampled = run("py__test_sampling", r#"{"prompt": "hi"}"#).await;
+            assert_eq!(sampled["sampling"], 1, "{pairing}: {sampled:#}");
+            assert!(
+                sampled["call"]
+                    .to_string()
+                    .contains("LLM response: a sample from python"),
+                "{pairing}: {sampled:#}"
+            );
+            let elicited = run("py__test_elicitation", r#"{"message": "go?"}"#).await;
+            assert_eq!(elicited["elicitation"], 1, "{pairing}: {elicited:#}");
+            assert!(
+                elicited["call"].to_string().contains("yes please"),
+                "{pairing}: {elicited:#}"
+            );
+        }
+    }
+}

@@ -347,8 +347,16 @@ impl HttpConductor {
         })
         .await
         .expect("conductor serves within 30 seconds");
-        // Keep reading stderr so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // Keep reading stderr so the child never blocks on a full pipe (CONDUCTOR_TEST_LOG=1
+        // shows it).
+        let show = std::env::var_os("CONDUCTOR_TEST_LOG").is_some();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if show {
+                    eprintln!("{line}");
+                }
+            }
+        });
         HttpConductor { base, child }
     }
 

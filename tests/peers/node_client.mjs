@@ -1,7 +1,11 @@
 // Drive an MCP server with the official TypeScript SDK client (v1 `@modelcontextprotocol/sdk`
 // or v2 `@modelcontextprotocol/client`) and print what it saw as JSON.
 //
-//   node node_client.mjs --sdk v1|v2 [--mode legacy|auto] [--call NAME --args JSON] [--progress] [--token T] URL
+//   node node_client.mjs --sdk v1|v2 [--mode legacy|auto] [--call NAME --args JSON] [--progress] [--token T]
+//                        [--sampling-reply TEXT] [--elicit-accept JSON] [--roots URI[,URI]] URL
+//
+// With --sampling-reply, --elicit-accept or --roots the client declares that capability and
+// answers such requests (counted in the output); v2 answers 2026-07-28 input requests with them too.
 //
 // A URL ending in /sse uses the legacy HTTP+SSE transport; any other, Streamable HTTP.
 // Exits non-zero when a step fails.
@@ -20,11 +24,14 @@ async function sdk(which) {
     const m = await load(path.join(base, "dist/index.mjs"));
     const pkg = JSON.parse(await readFile(path.join(base, "package.json"), "utf8"));
     return { label: `@modelcontextprotocol/client ${pkg.version}`, Client: m.Client, Http: m.StreamableHTTPClientTransport,
-             Sse: m.SSEClientTransport, callTool: (c, params, opts) => c.callTool(params, opts) };
+             Sse: m.SSEClientTransport, callTool: (c, params, opts) => c.callTool(params, opts),
+             onRequest: (c, method, _schemaName, fn) => c.setRequestHandler(method, fn) };
   }
   const base = path.join(modules, "sdk");
   const pkg = JSON.parse(await readFile(path.join(base, "package.json"), "utf8"));
+  const types = await load(path.join(base, "dist/esm/types.js"));
   return { label: `@modelcontextprotocol/sdk ${pkg.version}`,
+           onRequest: (c, _method, schemaName, fn) => c.setRequestHandler(types[schemaName], fn),
            Client: (await load(path.join(base, "dist/esm/client/index.js"))).Client,
            Http: (await load(path.join(base, "dist/esm/client/streamableHttp.js"))).StreamableHTTPClientTransport,
            Sse: (await load(path.join(base, "dist/esm/client/sse.js"))).SSEClientTransport,
@@ -43,7 +50,7 @@ function options(argv) {
 }
 
 const o = options(process.argv.slice(2));
-const out = { progress: 0 };
+const out = { progress: 0, sampling: 0, elicitation: 0, roots: 0 };
 try {
   const s = await sdk(o.sdk);
   out.client = s.label;
@@ -52,9 +59,30 @@ try {
   const transport = url.pathname.endsWith("/sse")
     ? new s.Sse(url, { requestInit, eventSourceInit: o.token ? { fetch: (u, init) => fetch(u, { ...init, headers: { ...(init?.headers || {}), Authorization: `Bearer ${o.token}` } }) } : undefined })
     : new s.Http(url, { requestInit });
-  const clientOptions = { capabilities: {} };
+  const capabilities = {};
+  if (o["sampling-reply"] !== undefined) capabilities.sampling = {};
+  if (o["elicit-accept"] !== undefined) capabilities.elicitation = { form: {} };
+  if (o.roots !== undefined) capabilities.roots = { listChanged: true };
+  const clientOptions = { capabilities };
   if (o.sdk === "v2") clientOptions.versionNegotiation = { mode: o.mode };
   const client = new s.Client({ name: "conductor-node-test", version: "0.1.0" }, clientOptions);
+  if (capabilities.sampling) {
+    s.onRequest(client, "sampling/createMessage", "CreateMessageRequestSchema", async () => {
+      out.sampling++;
+      return { role: "assistant", content: { type: "text", text: o["sampling-reply"] }, model: "node-test-model", stopReason: "endTurn" };
+    });
+  }
+  if (capabilities.elicitation) {
+    const accept = JSON.parse(o["elicit-accept"]);
+    s.onRequest(client, "elicitation/create", "ElicitRequestSchema", async () => {
+      out.elicitation++;
+      return { action: "accept", content: accept };
+    });
+  }
+  if (capabilities.roots) {
+    const roots = o.roots.split(",").map((uri) => ({ uri, name: uri.split("/").pop() || uri }));
+    s.onRequest(client, "roots/list", "ListRootsRequestSchema", async () => { out.roots++; return { roots }; });
+  }
   await client.connect(transport);
   out.protocol_version = client.getNegotiatedProtocolVersion?.() ?? transport.protocolVersion ?? null;
   out.server_name = client.getServerVersion?.()?.name ?? null;
