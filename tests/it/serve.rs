@@ -708,10 +708,10 @@ async fn a_downstream_asks_the_client_through_conductor() {
     );
 }
 
-/// Every pairing of a client and a downstream on every protocol version: each side gets its
-/// own version, and progress and sampling and roots cross between them. Between 2026-07-28
-/// (which asks by `input_required`) and older peers (which send requests of their own),
-/// conductor bridges one way to the other.
+/// Every pairing of a client and a downstream on every protocol version, with the client on
+/// stdio and on Streamable HTTP: each side gets its own version, and progress and sampling and
+/// roots cross between them. Between 2026-07-28 (which asks by `input_required`) and older
+/// peers (which send requests of their own), conductor bridges one way to the other.
 #[tokio::test]
 async fn every_pairing_of_protocol_versions_works() {
     use rmcp::model::ProtocolVersion;
@@ -731,14 +731,27 @@ async fn every_pairing_of_protocol_versions_works() {
         let config = TestConfig::new(&format!(
             "[servers.slow]\ncommand = \"{{fixture}}\"\nargs = [\"slow\"]\nprotocol = \"{handshake}\"\nenv = {{ FIXTURE_PROTOCOL = \"{downstream}\" }}\n"
         ));
-        for client_version in &versions {
+        let http = super::support::HttpConductor::start(&config).await;
+        for (client_version, over_http) in versions
+            .iter()
+            .flat_map(|version| [(version, false), (version, true)])
+        {
             let client = super::support::TestClient {
                 answers: true,
                 protocol: Some(client_version.clone()),
                 ..Default::default()
             };
-            let session = super::support::serve_as(&config, &[], client).await;
-            let pairing = format!("client {client_version}, downstream {downstream}");
+            let session = if over_http {
+                let transport =
+                    rmcp::transport::StreamableHttpClientTransport::from_uri(http.mcp());
+                super::support::connect_as(client, transport).await
+            } else {
+                super::support::serve_as(&config, &[], client).await
+            };
+            let pairing = format!(
+                "client {client_version} over {}, downstream {downstream}",
+                if over_http { "HTTP" } else { "stdio" }
+            );
             let agreed = session.peer().peer_info().unwrap().protocol_version.clone();
             assert_eq!(&agreed, client_version, "{pairing}");
             assert_eq!(

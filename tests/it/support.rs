@@ -238,7 +238,16 @@ pub async fn serve_as(config: &TestConfig, env: &[(&str, String)], client: TestC
         .stderr(stderr)
         .spawn()
         .expect("conductor starts");
-    // A 2026-07-28 client has no `initialize`: it opens with `server/discover`.
+    connect_as(client, transport).await
+}
+
+/// Connect `client` over `transport`: a 2026-07-28 client has no `initialize`, it opens with
+/// `server/discover`.
+pub async fn connect_as<T, E, A>(client: TestClient, transport: T) -> Session
+where
+    T: rmcp::transport::IntoTransport<RoleClient, E, A>,
+    E: std::error::Error + Send + Sync + 'static,
+{
     let lifecycle = match &client.protocol {
         Some(version) if *version >= rmcp::model::ProtocolVersion::V_2026_07_28 => {
             rmcp::service::ClientLifecycleMode::Discover {
