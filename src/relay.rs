@@ -6,10 +6,11 @@
 //! handler (`downstream::client`) looks up where to send what arrives.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use rmcp::model::{ClientCapabilities, ProgressToken};
-use rmcp::service::{Peer, RoleServer};
+use rmcp::service::{Peer, RoleServer, SubscriptionSink};
 
 use crate::bridge::Asks;
 use crate::config::ServerName;
@@ -26,11 +27,20 @@ pub struct Origin {
     pub asks: Option<Asks>,
 }
 
+/// Where a resource's updates go: a session's client (`resources/subscribe`, up to
+/// 2025-11-25), or one `subscriptions/listen` stream (2026-07-28).
+#[derive(Debug, Clone)]
+pub enum UpdateTarget {
+    Session(Peer<RoleServer>),
+    Listen(SubscriptionSink),
+}
+
 /// A client subscribed to one resource.
 #[derive(Debug, Clone)]
 struct Subscriber {
-    session: u64,
-    peer: Peer<RoleServer>,
+    /// The session, or the listen stream, that subscribed.
+    subscriber: u64,
+    target: UpdateTarget,
     /// The URI as the client knows it (namespaced when several servers offer the same one).
     public_uri: String,
 }
@@ -50,6 +60,8 @@ pub struct Relay {
     subscribing: Mutex<()>,
     /// The latest client that declared roots: a server's `roots/list` outside any call goes to it.
     roots_client: Mutex<Option<Peer<RoleServer>>>,
+    /// Counts `subscriptions/listen` streams, for their subscriber ids.
+    listeners: AtomicU64,
 }
 
 /// Keeps a request registered until dropped.
@@ -146,15 +158,20 @@ impl Relay {
         self.last.remove(&connection);
     }
 
-    /// Record a session's subscription; say whether it is the resource's first, which the
-    /// server must be told of.
+    /// An id for a `subscriptions/listen` stream, apart from every session id.
+    pub fn listener_id(&self) -> u64 {
+        (1 << 63) | self.listeners.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Record a subscription of a session or listen stream; say whether it is the resource's
+    /// first, which the server must be told of.
     pub fn subscribe(
         &self,
         server: &ServerName,
         uri: &str,
         public_uri: &str,
-        session: u64,
-        peer: Peer<RoleServer>,
+        subscriber: u64,
+        target: UpdateTarget,
     ) -> bool {
         let _guard = self.subscribing.lock();
         let mut subscribers = self
@@ -162,26 +179,26 @@ impl Relay {
             .entry((server.clone(), uri.to_owned()))
             .or_default();
         let first = subscribers.is_empty();
-        if !subscribers.iter().any(|s| s.session == session) {
+        if !subscribers.iter().any(|s| s.subscriber == subscriber) {
             subscribers.push(Subscriber {
-                session,
-                peer,
+                subscriber,
+                target,
                 public_uri: public_uri.to_owned(),
             });
         }
         first
     }
 
-    /// Drop a session's subscription; say whether it was the resource's last, so the server
-    /// can be told to stop.
-    pub fn unsubscribe(&self, server: &ServerName, uri: &str, session: u64) -> bool {
+    /// Drop a subscription; say whether it was the resource's last, so the server can be
+    /// told to stop.
+    pub fn unsubscribe(&self, server: &ServerName, uri: &str, subscriber: u64) -> bool {
         let _guard = self.subscribing.lock();
         let key = (server.clone(), uri.to_owned());
         let Some(mut subscribers) = self.subscriptions.get_mut(&key) else {
             return false;
         };
         let before = subscribers.len();
-        subscribers.retain(|s| s.session != session);
+        subscribers.retain(|s| s.subscriber != subscriber);
         let last = before > 0 && subscribers.is_empty();
         drop(subscribers);
         if last {
@@ -194,19 +211,19 @@ impl Relay {
     pub fn end_session(&self, session: u64) {
         let _guard = self.subscribing.lock();
         self.subscriptions.retain(|_, subscribers| {
-            subscribers.retain(|s| s.session != session);
+            subscribers.retain(|s| s.subscriber != session);
             !subscribers.is_empty()
         });
     }
 
-    /// The clients subscribed to a server's resource, with the URI each knows it by.
-    pub fn subscribers(&self, server: &ServerName, uri: &str) -> Vec<(Peer<RoleServer>, String)> {
+    /// Where a server's resource's updates go, with the URI each subscriber knows it by.
+    pub fn subscribers(&self, server: &ServerName, uri: &str) -> Vec<(UpdateTarget, String)> {
         self.subscriptions
             .get(&(server.clone(), uri.to_owned()))
             .map(|subscribers| {
                 subscribers
                     .iter()
-                    .map(|s| (s.peer.clone(), s.public_uri.clone()))
+                    .map(|s| (s.target.clone(), s.public_uri.clone()))
                     .collect()
             })
             .unwrap_or_default()

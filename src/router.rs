@@ -34,7 +34,7 @@ use crate::catalog::ResourceRoute;
 use crate::config::{Isolation, ServerName, ServerSpec, format_duration};
 use crate::downstream::Connection;
 use crate::registry::{Registry, Session};
-use crate::relay::Origin;
+use crate::relay::{Origin, UpdateTarget};
 use crate::retry::FailureKind;
 
 /// Why a request did not get an answer from its downstream.
@@ -339,35 +339,60 @@ impl Router {
         .await
     }
 
-    /// Subscribe the caller's session to a resource's updates; its owner is asked on the first
-    /// subscription to it, so each server sees one subscription whatever the clients.
+    /// Subscribe the caller's session to a resource's updates.
     pub async fn subscribe(
         &self,
-        mut params: SubscribeRequestParams,
+        params: SubscribeRequestParams,
         caller: &Caller,
     ) -> Result<(), CallError> {
-        let (server, uri, session, client) = self.subscription_route(&params.uri, caller)?;
+        let (session, client) = self.session_of(caller)?;
+        self.subscribe_for(params, session, UpdateTarget::Session(client), caller)
+            .await
+    }
+
+    /// End the caller's session's subscription.
+    pub async fn unsubscribe(
+        &self,
+        params: UnsubscribeRequestParams,
+        caller: &Caller,
+    ) -> Result<(), CallError> {
+        let (session, _) = self.session_of(caller)?;
+        self.unsubscribe_for(params, session, caller).await
+    }
+
+    /// Subscribe a session or listen stream (`subscriber`) to a resource's updates; its owner
+    /// is asked on the first subscription to it, so each server sees one subscription whatever
+    /// the clients.
+    pub async fn subscribe_for(
+        &self,
+        mut params: SubscribeRequestParams,
+        subscriber: u64,
+        target: UpdateTarget,
+        caller: &Caller,
+    ) -> Result<(), CallError> {
+        let ResourceRoute { server, uri } = self.resource_route(&params.uri)?;
         let relay = self.registry.relay();
-        if relay.subscribe(&server, &uri, &params.uri, session, client) {
+        if relay.subscribe(&server, &uri, &params.uri, subscriber, target) {
             params.uri.clone_from(&uri);
             let request = ClientRequest::SubscribeRequest(SubscribeRequest::new(params));
             let what = format!("resources/subscribe {uri}");
             if let Err(error) = self.send(&server, what, request, None, caller).await {
-                relay.unsubscribe(&server, &uri, session);
+                relay.unsubscribe(&server, &uri, subscriber);
                 return Err(error);
             }
         }
         Ok(())
     }
 
-    /// End the caller's session's subscription; its owner is told when no session is left.
-    pub async fn unsubscribe(
+    /// End a subscription; the resource's owner is told when no subscriber is left.
+    pub async fn unsubscribe_for(
         &self,
         mut params: UnsubscribeRequestParams,
+        subscriber: u64,
         caller: &Caller,
     ) -> Result<(), CallError> {
-        let (server, uri, session, _) = self.subscription_route(&params.uri, caller)?;
-        if self.registry.relay().unsubscribe(&server, &uri, session) {
+        let ResourceRoute { server, uri } = self.resource_route(&params.uri)?;
+        if self.registry.relay().unsubscribe(&server, &uri, subscriber) {
             params.uri.clone_from(&uri);
             let request = ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(params));
             let what = format!("resources/unsubscribe {uri}");
@@ -376,21 +401,20 @@ impl Router {
         Ok(())
     }
 
-    /// The owner of a subscribed URI, the URI it knows, and the caller's session and client.
-    fn subscription_route(
-        &self,
-        public_uri: &str,
-        caller: &Caller,
-    ) -> Result<(ServerName, String, u64, Peer<RoleServer>), CallError> {
-        let Some(ResourceRoute { server, uri }) =
-            self.registry.catalog().route_resource(public_uri)
-        else {
-            return Err(CallError::UnknownResource {
+    /// The owner of a public resource URI, and the URI it knows.
+    fn resource_route(&self, public_uri: &str) -> Result<ResourceRoute, CallError> {
+        self.registry
+            .catalog()
+            .route_resource(public_uri)
+            .ok_or_else(|| CallError::UnknownResource {
                 uri: public_uri.to_owned(),
-            });
-        };
+            })
+    }
+
+    /// The caller's session id and client, which `resources/subscribe` needs.
+    fn session_of(&self, caller: &Caller) -> Result<(u64, Peer<RoleServer>), CallError> {
         match (&self.session, &caller.client) {
-            (Some(session), Some(client)) => Ok((server, uri, session.id(), client.clone())),
+            (Some(session), Some(client)) => Ok((session.id(), client.clone())),
             _ => Err(CallError::Unroutable(
                 "subscription outside a client session".to_owned(),
             )),

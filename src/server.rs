@@ -33,6 +33,7 @@ use crate::catalog::Catalog;
 use crate::downstream::ListKind;
 use crate::orchestrate::execute::{ProgressSink, ProgressUpdate};
 use crate::orchestrate::{self, Orchestrator, saved};
+use crate::relay::UpdateTarget;
 use crate::retry::Retry;
 use crate::router::{CallError, Caller, Router};
 
@@ -447,7 +448,8 @@ impl ServerHandler for ConductorServer {
         });
     }
 
-    /// 2026-07-28 clients ask for list-changed notifications with `subscriptions/listen`.
+    /// 2026-07-28 clients ask for list-changed notifications and resource updates with
+    /// `subscriptions/listen`; updates are accepted for the resources some server offers.
     fn accepted_subscription_filter(
         &self,
         requested: &SubscriptionFilter,
@@ -456,6 +458,13 @@ impl ServerHandler for ConductorServer {
         accepted.tools_list_changed = requested.tools_list_changed;
         accepted.prompts_list_changed = requested.prompts_list_changed;
         accepted.resources_list_changed = requested.resources_list_changed;
+        let catalog = self.catalog();
+        accepted.resource_subscriptions = requested.resource_subscriptions.as_ref().map(|uris| {
+            uris.iter()
+                .filter(|uri| catalog.route_resource(uri).is_some())
+                .cloned()
+                .collect()
+        });
         Some(accepted)
     }
 
@@ -463,6 +472,22 @@ impl ServerHandler for ConductorServer {
         let changes = self.router.registry().subscribe();
         let wanted = subscription.accepted().clone();
         let sink = subscription.sink().clone();
+        // Resource updates: the stream subscribes like a session of its own, for as long as
+        // it is open.
+        let caller = self.caller(subscription.request_context());
+        let listener = self.router.registry().relay().listener_id();
+        let uris = wanted.resource_subscriptions.clone().unwrap_or_default();
+        for uri in &uris {
+            let target = UpdateTarget::Listen(sink.clone());
+            let params = SubscribeRequestParams::new(uri.clone());
+            if let Err(error) = self
+                .router
+                .subscribe_for(params, listener, target, &caller)
+                .await
+            {
+                tracing::warn!(uri = %uri, error = %error, "could not subscribe a listen stream to a resource");
+            }
+        }
         let following = follow_catalog(changes, |kind| {
             let sink = sink.clone();
             let wanted = wanted.clone();
@@ -485,6 +510,13 @@ impl ServerHandler for ConductorServer {
         tokio::select! {
             () = following => {}
             () = subscription.cancelled() => {}
+        }
+        let caller = Caller::detached(tokio_util::sync::CancellationToken::new());
+        for uri in uris {
+            let params = UnsubscribeRequestParams::new(uri.clone());
+            if let Err(error) = self.router.unsubscribe_for(params, listener, &caller).await {
+                tracing::debug!(uri = %uri, error = %error, "could not end a listen stream's subscription");
+            }
         }
         Ok(())
     }

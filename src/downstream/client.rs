@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{ConnectionId, Event, ListKind};
 use crate::bridge::{self, Ask};
 use crate::config::ServerName;
-use crate::relay::Relay;
+use crate::relay::{Relay, UpdateTarget};
 
 /// How long a client gets to answer a `roots/list` asked outside any call; a client that went
 /// away without its transport noticing must not hold the server's request forever.
@@ -191,10 +191,21 @@ impl ClientHandler for DownstreamClient {
         params: ResourceUpdatedNotificationParam,
         _context: NotificationContext<RoleClient>,
     ) {
-        for (peer, public_uri) in self.relay.subscribers(&self.server, &params.uri) {
-            let mut params = params.clone();
-            params.uri = public_uri;
-            if let Err(error) = peer.notify_resource_updated(params).await {
+        for (target, public_uri) in self.relay.subscribers(&self.server, &params.uri) {
+            let sent = match target {
+                UpdateTarget::Session(peer) => {
+                    let mut params = params.clone();
+                    params.uri = public_uri;
+                    peer.notify_resource_updated(params)
+                        .await
+                        .map_err(|error| error.to_string())
+                }
+                UpdateTarget::Listen(sink) => sink
+                    .notify_resource_updated(public_uri)
+                    .await
+                    .map_err(|error| error.to_string()),
+            };
+            if let Err(error) = sent {
                 tracing::debug!(server = %self.server, error = %error, "could not pass a resource update on");
             }
         }

@@ -777,3 +777,81 @@ async fn every_pairing_of_protocol_versions_works() {
         }
     }
 }
+
+/// Resource updates reach the clients that subscribed, with `resources/subscribe` on
+/// 2025-11-25 and with `subscriptions/listen` on 2026-07-28; the owner is asked once, and told
+/// to stop when the last subscriber goes.
+#[tokio::test]
+#[allow(
+    deprecated,
+    reason = "resources/subscribe is what 2025-11-25 clients use"
+)]
+async fn resource_updates_reach_subscribers_of_both_eras() {
+    use rmcp::model::{
+        ProtocolVersion, ServerNotification, SubscribeRequestParams, SubscriptionFilter,
+    };
+    let config = TestConfig::new("");
+    let events = config.events_file().display().to_string();
+    std::fs::write(
+        &config.path,
+        format!(
+            "[servers.content]\ncommand = \"{}\"\nargs = [\"content\"]\nenv = {{ FIXTURE_EVENTS = \"{events}\" }}\n",
+            super::support::FIXTURE
+        ),
+    )
+    .unwrap();
+    let session = serve(&config).await;
+    session
+        .subscribe(SubscribeRequestParams::new("fixture://readme"))
+        .await
+        .unwrap();
+    wait_for_event(&config, "subscribed fixture://readme").await;
+    call(
+        &session,
+        "content__touch",
+        json!({"uri": "fixture://readme"}),
+    )
+    .await;
+    let recorder = session.service().recorder.clone();
+    recorder.wait_for("updated fixture://readme", 1).await;
+
+    // A 2026-07-28 client listens instead; its stream shares the owner's one subscription.
+    let client = super::support::TestClient {
+        protocol: Some(ProtocolVersion::V_2026_07_28),
+        ..Default::default()
+    };
+    let modern = super::support::serve_as(&config, &[], client).await;
+    let mut filter = SubscriptionFilter::new();
+    filter.resource_subscriptions = Some(vec!["fixture://readme".to_owned()]);
+    let mut stream = modern.peer().listen(filter).await.unwrap();
+    assert_eq!(
+        stream.acknowledged().resource_subscriptions,
+        Some(vec!["fixture://readme".to_owned()])
+    );
+    call(
+        &modern,
+        "content__touch",
+        json!({"uri": "fixture://readme"}),
+    )
+    .await;
+    let update = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.next().await.unwrap() {
+                Some(ServerNotification::ResourceUpdatedNotification(update)) => return update,
+                Some(_) => continue,
+                None => panic!("the stream ended"),
+            }
+        }
+    })
+    .await
+    .expect("an update on the listen stream");
+    assert_eq!(update.params.uri, "fixture://readme");
+    drop(stream);
+    session
+        .unsubscribe(rmcp::model::UnsubscribeRequestParams::new(
+            "fixture://readme",
+        ))
+        .await
+        .unwrap();
+    wait_for_event(&config, "unsubscribed fixture://readme").await;
+}

@@ -208,6 +208,14 @@ impl ClientHandler for TestClient {
     ) {
         self.recorder.record("notifications/progress");
     }
+
+    async fn on_resource_updated(
+        &self,
+        params: rmcp::model::ResourceUpdatedNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        self.recorder.record(&format!("updated {}", params.uri));
+    }
 }
 
 pub type Session = RunningService<RoleClient, TestClient>;
