@@ -634,7 +634,7 @@ impl Registry {
 
     /// Reach a server and list what it offers.
     async fn connect(&self, spec: &ServerSpec) -> Result<(Connection, Listing), String> {
-        let connection = Connection::open(spec, self.events.clone(), self.relay.clone())
+        let connection = Connection::open(spec, self.events.clone(), self.relay.clone(), None)
             .await
             .map_err(|error| error.to_string())?;
         let listing = connection.list().await.map_err(|error| error.to_string())?;
@@ -1064,9 +1064,17 @@ impl Session {
             .registry
             .upgrade()
             .ok_or_else(|| "conductor is stopping".to_owned())?;
-        let connection = Connection::open(spec, registry.events.clone(), registry.relay.clone())
-            .await
-            .map_err(|error| format!("server `{}`: {error}", spec.name))?;
+        let client = self
+            .client()
+            .and_then(|client| client.peer_info().map(|info| info.capabilities.clone()));
+        let connection = Connection::open(
+            spec,
+            registry.events.clone(),
+            registry.relay.clone(),
+            client,
+        )
+        .await
+        .map_err(|error| format!("server `{}`: {error}", spec.name))?;
         tracing::info!(server = %spec.name, session = self.id, pid = connection.pid, "started a child for a session");
         let connection = Arc::new(connection);
         self.connections

@@ -36,6 +36,8 @@ pub struct DownstreamClient {
     connection: ConnectionId,
     events: mpsc::UnboundedSender<Event>,
     relay: Arc<Relay>,
+    /// For a session's own child, what its one client can do.
+    client: Option<ClientCapabilities>,
 }
 
 impl DownstreamClient {
@@ -44,12 +46,14 @@ impl DownstreamClient {
         connection: ConnectionId,
         events: mpsc::UnboundedSender<Event>,
         relay: Arc<Relay>,
+        client: Option<ClientCapabilities>,
     ) -> Self {
         DownstreamClient {
             server,
             connection,
             events,
             relay,
+            client,
         }
     }
 
@@ -103,9 +107,10 @@ impl DownstreamClient {
 
 impl ClientHandler for DownstreamClient {
     fn get_info(&self) -> ClientConfig {
-        // Downstreams are shared and start before any client connects, so every capability a
-        // client may have is offered; a request the current client cannot answer gets an error.
-        // Tasks are followed by conductor itself (`Router::follow_task`).
+        // Shared downstreams start before any client connects, so every capability a client
+        // may have is offered, and a request the current client cannot answer gets an error.
+        // A session's own child is offered what its one client can do. Tasks are followed by
+        // conductor itself (`Router::follow_task`), whatever the client.
         let mut capabilities = ClientCapabilities::builder()
             .enable_roots()
             .enable_roots_list_changed()
@@ -113,6 +118,11 @@ impl ClientHandler for DownstreamClient {
             .enable_tasks()
             .build();
         capabilities.elicitation = Some(Default::default());
+        if let Some(client) = &self.client {
+            capabilities.roots.clone_from(&client.roots);
+            capabilities.sampling.clone_from(&client.sampling);
+            capabilities.elicitation.clone_from(&client.elicitation);
+        }
         ClientConfig::new(
             capabilities,
             Implementation::new("mcp-conductor", env!("CARGO_PKG_VERSION")),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rmcp::model::{CacheScope, ErrorCode, ProtocolVersion, ServerPeerInfo};
+use rmcp::model::{CacheScope, ClientCapabilities, ErrorCode, ProtocolVersion, ServerPeerInfo};
 use rmcp::service::MergedList;
 use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
 use rmcp::service::{Peer, RoleClient, RunningServiceCancellationToken, ServiceError};
@@ -132,17 +132,20 @@ impl Drop for Busy<'_> {
 
 impl Connection {
     /// Start or reach the server and complete the MCP handshake, within its startup timeout.
+    /// `client` is the one client a session's own child serves: the child is offered only
+    /// what that client can do. Shared connections (`None`) are offered everything.
     pub async fn open(
         spec: &ServerSpec,
         events: mpsc::UnboundedSender<Event>,
         relay: Arc<Relay>,
+        client: Option<ClientCapabilities>,
     ) -> Result<Connection, ConnectError> {
         let opening = async {
             match &spec.transport {
                 Transport::Stdio(stdio) => {
                     let child = stdio::spawn(&spec.name, stdio)?;
                     let pid = child.id();
-                    serve(spec, child, pid, events, relay).await
+                    serve(spec, child, pid, events, relay, client).await
                 }
                 Transport::Sse(http) | Transport::StreamableHttp(http) => {
                     // Each endpoint in turn: the first that answers serves (failover).
@@ -180,10 +183,10 @@ impl Connection {
     ) -> Result<Connection, ConnectError> {
         if matches!(spec.transport, Transport::Sse(_)) {
             let transport = sse::connect(url, header_map(http)?).await?;
-            serve(spec, transport, None, events, relay).await
+            serve(spec, transport, None, events, relay, None).await
         } else {
             let transport = StreamableHttpClientTransport::from_config(http_config(url, http)?);
-            serve(spec, transport, None, events, relay).await
+            serve(spec, transport, None, events, relay, None).await
         }
     }
 
@@ -368,13 +371,15 @@ async fn serve<T, E, A>(
     pid: Option<u32>,
     events: mpsc::UnboundedSender<Event>,
     relay: Arc<Relay>,
+    client: Option<ClientCapabilities>,
 ) -> Result<Connection, ConnectError>
 where
     T: rmcp::transport::IntoTransport<RoleClient, E, A>,
     E: std::error::Error + Send + Sync + 'static,
 {
     let id = next_connection_id();
-    let client = DownstreamClient::new(spec.name.clone(), id, events.clone(), relay.clone());
+    let client =
+        DownstreamClient::new(spec.name.clone(), id, events.clone(), relay.clone(), client);
     let lifecycle = match spec.handshake {
         Handshake::Initialize => ClientLifecycleMode::Initialize,
         Handshake::Discover => ClientLifecycleMode::Discover {

@@ -855,3 +855,47 @@ async fn resource_updates_reach_subscribers_of_both_eras() {
         .unwrap();
     wait_for_event(&config, "unsubscribed fixture://readme").await;
 }
+
+/// A session's own child is offered only what its client can do; a shared child, started
+/// before any client, is offered everything (and conductor refuses per request what the
+/// current client cannot do).
+#[tokio::test]
+async fn a_sessions_own_child_is_offered_only_its_clients_capabilities() {
+    let config = TestConfig::new(
+        "[servers.own]\ncommand = \"{fixture}\"\nargs = [\"slow\"]\nisolation = \"session\"\n\n\
+         [servers.shared]\ncommand = \"{fixture}\"\nargs = [\"slow\"]\n",
+    );
+    let offered = |session: &super::support::Session, tool: &'static str| {
+        let session = session.peer().clone();
+        async move {
+            let result = session
+                .call_tool(CallToolRequestParams::new(tool))
+                .await
+                .unwrap();
+            serde_json::from_str::<Value>(&text_of(&result)).unwrap()
+        }
+    };
+    let plain = serve(&config).await;
+    let own = offered(&plain, "own__client_capabilities").await;
+    assert!(
+        own.get("sampling").is_none() && own.get("roots").is_none(),
+        "{own}"
+    );
+    let shared = offered(&plain, "shared__client_capabilities").await;
+    assert!(
+        shared.get("sampling").is_some() && shared.get("elicitation").is_some(),
+        "{shared}"
+    );
+
+    let answering = super::support::TestClient {
+        answers: true,
+        ..Default::default()
+    };
+    let answering = super::support::serve_as(&config, &[], answering).await;
+    let own = offered(&answering, "own__client_capabilities").await;
+    assert!(
+        own.get("sampling").is_some() && own.get("roots").is_some(),
+        "{own}"
+    );
+    assert!(own.get("elicitation").is_none(), "{own}");
+}
