@@ -1,0 +1,659 @@
+//! Conductor against the direct path, side by side in one run: `cargo bench --bench gateway`
+//! reproduces `docs/performance.md`; `cargo bench --bench gateway -- --quick` (or
+//! `cargo test --bench gateway -- --quick`, as CI does) runs every measurement once, small, as
+//! a smoke test. `-- --only NAME` runs one group (`calls`, `http`, `catalog`, `startup`,
+//! `memory`, `orchestrate`).
+//!
+//! Every figure is the median of `REPS` repetitions, each measuring the direct path (this
+//! benchmark's client talking to its echo server) and the path through conductor with the
+//! same client and the same echo server, one after the other.
+//!
+//! The binary is also its own echo server: `gateway --echo-server [--tools N]
+//! [--init-delay-ms N] [--http]`, a minimal rmcp server whose `echo` tool answers its text.
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::print_stdout,
+    reason = "a benchmark: it fails loudly, and its report goes to stdout"
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ListToolsResult,
+    PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+};
+use rmcp::service::{Peer, RequestContext, RoleClient, RoleServer, RunningService};
+use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
+use rmcp::{ErrorData as McpError, ServerHandler, ServiceExt};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const CONDUCTOR: &str = env!("CARGO_BIN_EXE_conductor");
+
+type Client = RunningService<RoleClient, ()>;
+
+// ---- the echo server ---------------------------------------------------------------------
+
+#[derive(Clone)]
+struct Echo {
+    tools: Arc<Vec<Tool>>,
+}
+
+impl Echo {
+    fn new(extra_tools: usize) -> Self {
+        let schema = |value: serde_json::Value| match value {
+            serde_json::Value::Object(map) => Arc::new(map),
+            _ => unreachable!("a literal object"),
+        };
+        let echo = Tool::new(
+            "echo",
+            "Answer `text`.",
+            schema(
+                json!({"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}),
+            ),
+        );
+        let mut tools = vec![echo];
+        tools.extend((0..extra_tools).map(|i| {
+            Tool::new(
+                format!("tool_{i:05}"),
+                "One of many, for catalog sizes.",
+                schema(json!({"type": "object", "properties": {"text": {"type": "string"}}})),
+            )
+        }));
+        Echo {
+            tools: Arc::new(tools),
+        }
+    }
+}
+
+impl ServerHandler for Echo {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, McpError> {
+        Ok(ListToolsResult::with_all_items(self.tools.as_ref().clone()))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let text = request
+            .arguments
+            .as_ref()
+            .and_then(|arguments| arguments.get("text"))
+            .and_then(|text| text.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        let mut result = CallToolResult::structured(json!({ "text": text }));
+        result.content = vec![ContentBlock::text(text)];
+        Ok(CallToolResponse::Complete(result))
+    }
+}
+
+async fn echo_server(args: &[String]) {
+    let value = |flag: &str| {
+        args.iter()
+            .position(|arg| arg == flag)
+            .and_then(|at| args.get(at + 1))
+            .and_then(|value| value.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Slow to answer `initialize`, for the startup figure.
+    tokio::time::sleep(Duration::from_millis(value("--init-delay-ms"))).await;
+    let echo = Echo::new(value("--tools") as usize);
+    if args.iter().any(|arg| arg == "--http") {
+        use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+        use rmcp::transport::streamable_http_server::{
+            StreamableHttpServerConfig, StreamableHttpService,
+        };
+        let service: StreamableHttpService<Echo, LocalSessionManager> = StreamableHttpService::new(
+            move || Ok(echo.clone()),
+            Default::default(),
+            StreamableHttpServerConfig::default(),
+        );
+        let router = axum::Router::new().nest_service("/mcp", service);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("http://{}/mcp", listener.local_addr().unwrap());
+        axum::serve(listener, router).await.unwrap();
+    } else {
+        let service = echo.serve(rmcp::transport::stdio()).await.unwrap();
+        let _ = service.waiting().await;
+    }
+}
+
+// ---- processes and clients ---------------------------------------------------------------
+
+fn me() -> String {
+    std::env::current_exe().unwrap().display().to_string()
+}
+
+/// A `servers.toml` with `count` echo servers, `echo`, `echo2`..., each run with `args`.
+fn config(dir: &Path, name: &str, count: usize, args: &[&str]) -> PathBuf {
+    let mut text = String::from("[conductor]\ncall_timeout = \"60s\"\nstartup_timeout = \"60s\"\n");
+    let mut all = vec!["--echo-server".to_owned()];
+    all.extend(args.iter().map(|arg| (*arg).to_owned()));
+    for i in 0..count {
+        let server = if i == 0 {
+            "echo".to_owned()
+        } else {
+            format!("echo{}", i + 1)
+        };
+        text.push_str(&format!(
+            "\n[servers.{server}]\ncommand = \"{}\"\nargs = {:?}\nping_interval = \"off\"\n",
+            me(),
+            all
+        ));
+    }
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A client of a child process over stdio, and the child's pid.
+async fn stdio_client(program: &str, args: &[&str]) -> (Client, u32) {
+    let mut command = tokio::process::Command::new(program);
+    command.args(args).env("RUST_LOG", "error");
+    let (transport, _) = TokioChildProcess::builder(command)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = transport.id().unwrap();
+    (().serve(transport).await.unwrap(), pid)
+}
+
+/// Direct over stdio: the client starts the echo server itself.
+async fn direct_stdio(args: &[&str]) -> (Client, u32) {
+    let mut all = vec!["--echo-server"];
+    all.extend(args);
+    stdio_client(&me(), &all).await
+}
+
+/// Through conductor over stdio, in front of the servers in `config`.
+async fn conductor_stdio(config: &Path) -> (Client, u32) {
+    let config = config.display().to_string();
+    stdio_client(CONDUCTOR, &["serve", "--config", &config]).await
+}
+
+/// A process serving HTTP, killed when dropped, and its URL.
+struct HttpProcess {
+    child: tokio::process::Child,
+    url: String,
+}
+
+/// The echo server over Streamable HTTP: it prints its URL first on stdout.
+async fn echo_http(args: &[&str]) -> HttpProcess {
+    let mut child = tokio::process::Command::new(me())
+        .arg("--echo-server")
+        .arg("--http")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = lines.next_line().await.unwrap().unwrap();
+    HttpProcess { child, url }
+}
+
+/// Conductor over Streamable HTTP: it logs its URL on stderr.
+async fn conductor_http(config: &Path) -> HttpProcess {
+    let mut child = tokio::process::Command::new(CONDUCTOR)
+        .args(["serve", "--http", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next_line().await.unwrap().expect("conductor serves");
+        if let Some(at) = line.find("serving Streamable HTTP at ") {
+            let rest = &line[at + "serving Streamable HTTP at ".len()..];
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    HttpProcess { child, url }
+}
+
+async fn http_client(url: &str) -> Client {
+    ().serve(StreamableHttpClientTransport::from_uri(url.to_owned()))
+        .await
+        .unwrap()
+}
+
+/// A process's resident set now and at its peak, in KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|line| line.starts_with(name))
+            .and_then(|line| line.split_whitespace().nth(1))
+            .and_then(|kib| kib.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+// ---- measuring -----------------------------------------------------------------------------
+
+/// Latencies and throughput of one load run.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    p50: Duration,
+    p99: Duration,
+    per_second: f64,
+}
+
+/// `total` calls of `tool`, `concurrency` at a time.
+async fn load(peer: &Peer<RoleClient>, tool: &str, concurrency: usize, total: usize) -> Load {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (peer, next, tool) = (peer.clone(), next.clone(), tool.to_owned());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let arguments = json!({"text": "hello"}).as_object().cloned().unwrap();
+                while next.fetch_add(1, Ordering::Relaxed) < total {
+                    let params =
+                        CallToolRequestParams::new(tool.clone()).with_arguments(arguments.clone());
+                    let sent = Instant::now();
+                    let result = peer.call_tool(params).await.unwrap();
+                    assert_ne!(result.is_error, Some(true), "{result:?}");
+                    latencies.push(sent.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(total);
+    for worker in workers {
+        latencies.extend(worker.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    Load {
+        p50: at(0.50),
+        p99: at(0.99),
+        per_second: total as f64 / elapsed.as_secs_f64(),
+    }
+}
+
+fn median_by<T: Copy>(samples: &[T], key: impl Fn(&T) -> f64) -> f64 {
+    let mut values: Vec<f64> = samples.iter().map(key).collect();
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn micros(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e6
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
+struct Bench {
+    quick: bool,
+    reps: usize,
+    dir: tempfile::TempDir,
+}
+
+impl Bench {
+    /// How many calls one load run makes at `concurrency`.
+    fn calls(&self, concurrency: usize) -> usize {
+        match (self.quick, concurrency) {
+            (true, _) => 40,
+            (false, 1) => 2_000,
+            (false, _) => 20_000,
+        }
+    }
+
+    /// Direct and through conductor, at concurrency 1, 16 and 64, `reps` times each.
+    async fn compare_calls(
+        &self,
+        title: &str,
+        direct: &Peer<RoleClient>,
+        through: &Peer<RoleClient>,
+    ) {
+        println!("\n### {title}\n");
+        println!(
+            "| concurrency | direct p50 µs | conductor p50 µs | added p50 µs | direct p99 µs | conductor p99 µs | direct calls/s | conductor calls/s | ratio |"
+        );
+        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for concurrency in [1, 16, 64] {
+            let total = self.calls(concurrency);
+            // Warm both paths up: connections, allocators, caches.
+            load(direct, "echo", concurrency, total / 10 + 1).await;
+            load(through, "echo__echo", concurrency, total / 10 + 1).await;
+            let (mut direct_runs, mut through_runs) = (Vec::new(), Vec::new());
+            for _ in 0..self.reps {
+                direct_runs.push(load(direct, "echo", concurrency, total).await);
+                through_runs.push(load(through, "echo__echo", concurrency, total).await);
+            }
+            let p50 = |runs: &[Load]| median_by(runs, |run| micros(run.p50));
+            let p99 = |runs: &[Load]| median_by(runs, |run| micros(run.p99));
+            let rate = |runs: &[Load]| median_by(runs, |run| run.per_second);
+            println!(
+                "| {concurrency} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}x |",
+                p50(&direct_runs),
+                p50(&through_runs),
+                p50(&through_runs) - p50(&direct_runs),
+                p99(&direct_runs),
+                p99(&through_runs),
+                rate(&direct_runs),
+                rate(&through_runs),
+                rate(&through_runs) / rate(&direct_runs),
+            );
+        }
+    }
+
+    async fn calls_over_stdio(&self) {
+        let (direct, _) = direct_stdio(&[]).await;
+        let (through, _) = conductor_stdio(&config(self.dir.path(), "one", 1, &[])).await;
+        self.compare_calls(
+            "`tools/call`, stdio client to stdio server (direct) and through conductor over stdio",
+            direct.peer(),
+            through.peer(),
+        )
+        .await;
+    }
+
+    async fn calls_over_http(&self) {
+        let echo = echo_http(&[]).await;
+        let direct = http_client(&echo.url).await;
+        let conductor = conductor_http(&config(self.dir.path(), "one", 1, &[])).await;
+        let through = http_client(&conductor.url).await;
+        self.compare_calls(
+            "`tools/call` over Streamable HTTP: the echo server serving HTTP (direct), and conductor serving HTTP in front of it over stdio",
+            direct.peer(),
+            through.peer(),
+        )
+        .await;
+        drop((echo.child, conductor.child));
+    }
+
+    async fn catalog(&self) {
+        println!("\n### `tools/list`, every page\n");
+        println!("| downstream tools | direct ms | conductor ms | ratio |");
+        println!("| ---: | ---: | ---: | ---: |");
+        for tools in [1_000usize, 10_000] {
+            let count = tools.to_string();
+            let (direct, _) = direct_stdio(&["--tools", &count]).await;
+            let config = config(
+                self.dir.path(),
+                &format!("tools{tools}"),
+                1,
+                &["--tools", &count],
+            );
+            let (through, _) = conductor_stdio(&config).await;
+            let iterations = if self.quick { 1 } else { 20_000 / tools.max(1) };
+            let time = |client: &Client| {
+                let peer = client.peer().clone();
+                async move {
+                    let started = Instant::now();
+                    for _ in 0..iterations {
+                        let listed = peer.list_all_tools().await.unwrap();
+                        assert!(listed.len() > tools);
+                    }
+                    started.elapsed() / iterations as u32
+                }
+            };
+            time(&direct).await;
+            time(&through).await;
+            let (mut direct_runs, mut through_runs) = (Vec::new(), Vec::new());
+            for _ in 0..self.reps {
+                direct_runs.push(time(&direct).await);
+                through_runs.push(time(&through).await);
+            }
+            let direct_ms = median_by(&direct_runs, |run| millis(*run));
+            let through_ms = median_by(&through_runs, |run| millis(*run));
+            println!(
+                "| {tools} | {direct_ms:.2} | {through_ms:.2} | {:.2}x |",
+                through_ms / direct_ms
+            );
+        }
+    }
+
+    async fn startup(&self) {
+        let servers = if self.quick { 3 } else { 20 };
+        let delay = "200";
+        let many = config(
+            self.dir.path(),
+            "slow-many",
+            servers,
+            &["--init-delay-ms", delay],
+        );
+        let one = config(self.dir.path(), "slow-one", 1, &["--init-delay-ms", delay]);
+        // Until the client has conductor's answer to `initialize` and every server's tools.
+        let ready = |config: PathBuf, expected: usize| async move {
+            let started = Instant::now();
+            let (client, _) = conductor_stdio(&config).await;
+            let listed = client.peer().list_all_tools().await.unwrap();
+            assert_eq!(listed.len(), expected + 1, "every echo and orchestrate");
+            let elapsed = started.elapsed();
+            drop(client);
+            elapsed
+        };
+        let direct_ready = || async {
+            let started = Instant::now();
+            let (client, _) = direct_stdio(&["--init-delay-ms", delay]).await;
+            client.peer().list_all_tools().await.unwrap();
+            started.elapsed()
+        };
+        let (mut alone, mut slowest, mut all) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..self.reps {
+            alone.push(direct_ready().await);
+            slowest.push(ready(one.clone(), 1).await);
+            all.push(ready(many.clone(), servers).await);
+        }
+        let alone = median_by(&alone, |run| millis(*run));
+        let slowest = median_by(&slowest, |run| millis(*run));
+        let all = median_by(&all, |run| millis(*run));
+        println!("\n### Startup: downstreams that take {delay} ms to answer `initialize`\n");
+        println!("| path | time to ready ms |");
+        println!("| --- | ---: |");
+        println!("| one slow server, direct | {alone:.0} |");
+        println!("| conductor with that one server | {slowest:.0} |");
+        println!("| conductor with {servers} such servers | {all:.0} |");
+        println!(
+            "\n{servers} servers take {:.0} ms more than the slowest alone through conductor.",
+            all - slowest
+        );
+    }
+
+    async fn memory(&self) {
+        println!("\n### Memory (resident set)\n");
+        println!("| what | MiB |");
+        println!("| --- | ---: |");
+        let (echo, echo_pid) = direct_stdio(&[]).await;
+        echo.peer().list_all_tools().await.unwrap();
+        let (_, echo_peak) = rss_kib(echo_pid);
+        let (client, pid) = conductor_stdio(&config(self.dir.path(), "ten", 10, &[])).await;
+        client.peer().list_all_tools().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(if self.quick { 0 } else { 2 })).await;
+        let (now, peak) = rss_kib(pid);
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        println!("| one echo server (direct), peak | {:.1} |", mib(echo_peak));
+        println!(
+            "| conductor with 10 idle downstreams, peak | {:.1} |",
+            mib(peak)
+        );
+        println!(
+            "| conductor with 10 idle downstreams, now | {:.1} |",
+            mib(now)
+        );
+        drop((client, echo));
+
+        let sessions = if self.quick { 10 } else { 100 };
+        let added = |pid: u32, url: String| async move {
+            let (before, _) = rss_kib(pid);
+            let mut clients = Vec::new();
+            for _ in 0..sessions {
+                let client = http_client(&url).await;
+                client.peer().list_all_tools().await.unwrap();
+                clients.push(client);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let (after, _) = rss_kib(pid);
+            drop(clients);
+            after.saturating_sub(before)
+        };
+        let echo = echo_http(&[]).await;
+        let echo_added = added(echo.child.id().unwrap(), echo.url.clone()).await;
+        let conductor = conductor_http(&config(self.dir.path(), "one", 1, &[])).await;
+        let conductor_added = added(conductor.child.id().unwrap(), conductor.url.clone()).await;
+        println!(
+            "| added by {sessions} HTTP sessions, echo server (direct) | {:.1} |",
+            mib(echo_added)
+        );
+        println!(
+            "| added by {sessions} HTTP sessions, conductor | {:.1} |",
+            mib(conductor_added)
+        );
+    }
+
+    async fn orchestrate(&self) {
+        let steps = if self.quick { 10 } else { 100 };
+        let (direct, _) = direct_stdio(&[]).await;
+        let (through, _) = conductor_stdio(&config(self.dir.path(), "one", 1, &[])).await;
+        let chain: Vec<_> = (0..steps)
+            .map(|i| {
+                let text = if i == 0 {
+                    "hello".to_owned()
+                } else {
+                    format!("${{{{ steps.s{}.output.text }}}}", i - 1)
+                };
+                json!({"id": format!("s{i}"), "tool": "echo__echo", "args": {"text": text}})
+            })
+            .collect();
+        let chain = json!({"steps": chain, "timeout_ms": 600_000});
+        let items: Vec<usize> = (0..steps).collect();
+        let fan_out = json!({
+            "max_concurrency": 32,
+            "timeout_ms": 600_000,
+            "inputs": {"items": items},
+            "steps": [{"id": "each", "tool": "echo__echo", "for_each": "${{ inputs.items }}",
+                       "max_concurrency": 32, "args": {"text": "${{ item | string }}"}}]
+        });
+        let run = |workflow: serde_json::Value| {
+            let peer = through.peer().clone();
+            async move {
+                let arguments = workflow.as_object().cloned().unwrap();
+                let started = Instant::now();
+                let result = peer
+                    .call_tool(CallToolRequestParams::new("orchestrate").with_arguments(arguments))
+                    .await
+                    .unwrap();
+                let status = result.structured_content.as_ref().unwrap()["status"].clone();
+                assert_eq!(status, "succeeded", "{result:?}");
+                started.elapsed()
+            }
+        };
+        let (mut chain_runs, mut fan_runs, mut sequential, mut parallel) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        run(chain.clone()).await;
+        for _ in 0..self.reps {
+            chain_runs.push(run(chain.clone()).await);
+            fan_runs.push(run(fan_out.clone()).await);
+            // The downstream time alone: the same calls, made directly.
+            let started = Instant::now();
+            load(direct.peer(), "echo", 1, steps).await;
+            sequential.push(started.elapsed());
+            let started = Instant::now();
+            load(direct.peer(), "echo", 32, steps).await;
+            parallel.push(started.elapsed());
+        }
+        let per_step = |workflow: &[Duration], calls: &[Duration]| {
+            (median_by(workflow, |run| micros(*run)) - median_by(calls, |run| micros(*run)))
+                / steps as f64
+        };
+        println!("\n### orchestrate: engine time per step beyond the downstream calls\n");
+        println!("| workflow | workflow ms | the same calls direct ms | overhead per step µs |");
+        println!("| --- | ---: | ---: | ---: |");
+        println!(
+            "| {steps}-step chain | {:.1} | {:.1} | {:.1} |",
+            median_by(&chain_runs, |run| millis(*run)),
+            median_by(&sequential, |run| millis(*run)),
+            per_step(&chain_runs, &sequential)
+        );
+        println!(
+            "| {steps}-wide fan-out (32 at a time) | {:.1} | {:.1} | {:.1} |",
+            median_by(&fan_runs, |run| millis(*run)),
+            median_by(&parallel, |run| millis(*run)),
+            per_step(&fan_runs, &parallel)
+        );
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--echo-server") {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(echo_server(&args));
+        return;
+    }
+    let quick = args.iter().any(|arg| arg == "--quick");
+    let only = args
+        .iter()
+        .position(|arg| arg == "--only")
+        .and_then(|at| args.get(at + 1))
+        .cloned();
+    let bench = Bench {
+        quick,
+        reps: if quick { 1 } else { 5 },
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "## gateway benchmark ({} mode, median of {} repetitions; {} CPUs)",
+        if quick { "quick" } else { "full" },
+        bench.reps,
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    let wanted = |group: &str| only.as_deref().is_none_or(|only| only == group);
+    runtime.block_on(async {
+        if wanted("calls") {
+            bench.calls_over_stdio().await;
+        }
+        if wanted("http") {
+            bench.calls_over_http().await;
+        }
+        if wanted("catalog") {
+            bench.catalog().await;
+        }
+        if wanted("startup") {
+            bench.startup().await;
+        }
+        if wanted("memory") {
+            bench.memory().await;
+        }
+        if wanted("orchestrate") {
+            bench.orchestrate().await;
+        }
+    });
+}
