@@ -2,7 +2,8 @@
 //! reproduces `docs/performance.md`; `cargo bench --bench gateway -- --quick` (or
 //! `cargo test --bench gateway -- --quick`, as CI does) runs every measurement once, small, as
 //! a smoke test. `-- --only NAME` runs one group (`calls`, `http`, `catalog`, `startup`,
-//! `memory`, `orchestrate`).
+//! `memory`, `orchestrate`). For profiling, `GATEWAY_CALLS=N` sets the calls per load run and
+//! `GATEWAY_WRAP="valgrind --tool=callgrind ..."` runs conductor (over stdio) under a tool.
 //!
 //! Every figure is the median of `REPS` repetitions, each measuring the direct path (this
 //! benchmark's client talking to its echo server) and the path through conductor with the
@@ -181,10 +182,19 @@ async fn direct_stdio(args: &[&str]) -> (Client, u32) {
     stdio_client(&me(), &all).await
 }
 
-/// Through conductor over stdio, in front of the servers in `config`.
+/// Through conductor over stdio, in front of the servers in `config`. With
+/// `GATEWAY_WRAP="valgrind --tool=callgrind"` (say), conductor runs under that command.
 async fn conductor_stdio(config: &Path) -> (Client, u32) {
     let config = config.display().to_string();
-    stdio_client(CONDUCTOR, &["serve", "--config", &config]).await
+    match std::env::var("GATEWAY_WRAP") {
+        Ok(wrap) => {
+            let mut args: Vec<&str> = wrap.split_whitespace().collect();
+            let program = args.remove(0);
+            args.extend([CONDUCTOR, "serve", "--config", &config]);
+            stdio_client(program, &args).await
+        }
+        Err(_) => stdio_client(CONDUCTOR, &["serve", "--config", &config]).await,
+    }
 }
 
 /// A process serving HTTP, killed when dropped, and its URL.
@@ -318,12 +328,19 @@ struct Bench {
 }
 
 impl Bench {
-    /// How many calls one load run makes at `concurrency`.
-    fn calls(&self, concurrency: usize) -> usize {
-        match (self.quick, concurrency) {
-            (true, _) => 40,
-            (false, 1) => 2_000,
-            (false, _) => 20_000,
+    /// How many calls one load run makes at `concurrency`, over HTTP (slower) or stdio.
+    fn calls(&self, concurrency: usize, http: bool) -> usize {
+        if let Some(calls) = std::env::var("GATEWAY_CALLS")
+            .ok()
+            .and_then(|calls| calls.parse().ok())
+        {
+            return calls;
+        }
+        match (self.quick, concurrency, http) {
+            (true, _, _) => 40,
+            (false, 1, _) => 2_000,
+            (false, _, false) => 10_000,
+            (false, _, true) => 4_000,
         }
     }
 
@@ -333,6 +350,7 @@ impl Bench {
         title: &str,
         direct: &Peer<RoleClient>,
         through: &Peer<RoleClient>,
+        http: bool,
     ) {
         println!("\n### {title}\n");
         println!(
@@ -340,7 +358,7 @@ impl Bench {
         );
         println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
         for concurrency in [1, 16, 64] {
-            let total = self.calls(concurrency);
+            let total = self.calls(concurrency, http);
             // Warm both paths up: connections, allocators, caches.
             load(direct, "echo", concurrency, total / 10 + 1).await;
             load(through, "echo__echo", concurrency, total / 10 + 1).await;
@@ -373,6 +391,7 @@ impl Bench {
             "`tools/call`, stdio client to stdio server (direct) and through conductor over stdio",
             direct.peer(),
             through.peer(),
+            false,
         )
         .await;
     }
@@ -386,6 +405,7 @@ impl Bench {
             "`tools/call` over Streamable HTTP: the echo server serving HTTP (direct), and conductor serving HTTP in front of it over stdio",
             direct.peer(),
             through.peer(),
+            true,
         )
         .await;
         drop((echo.child, conductor.child));

@@ -185,7 +185,10 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         tools = registry.catalog().tools().len(),
         "serving over stdio"
     );
-    let outcome = match server.serve(rmcp::transport::stdio()).await {
+    // When stdin and stdout are pipes (as MCP hosts start servers) they are read and written
+    // on the IO reactor; tokio's own stdin and stdout hand every read and write to a blocking
+    // thread, a thread switch per message. Anything else (a terminal) falls back to those.
+    let outcome = match server.serve(rmcp::transport::stdio_pipes()).await {
         Ok(service) => {
             let stop = service.cancellation_token();
             let waiting = service.waiting();
