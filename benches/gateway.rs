@@ -386,7 +386,7 @@ impl Bench {
 
     async fn calls_over_stdio(&self) {
         let (direct, _) = direct_stdio(&[]).await;
-        let (through, _) = conductor_stdio(&config(self.dir.path(), "one", 1, &[])).await;
+        let (through, pid) = conductor_stdio(&config(self.dir.path(), "one", 1, &[])).await;
         self.compare_calls(
             "`tools/call`, stdio client to stdio server (direct) and through conductor over stdio",
             direct.peer(),
@@ -394,6 +394,13 @@ impl Bench {
             false,
         )
         .await;
+        // Close conductor's stdin and let it exit on its own, so a profiler it runs under
+        // (GATEWAY_WRAP) writes its report.
+        let _ = through.cancel().await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn calls_over_http(&self) {

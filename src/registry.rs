@@ -395,6 +395,7 @@ impl Registry {
             return Err(self.unavailable_reason(server));
         };
         tracing::info!(server = %server, "starting on its first call");
+        // `join_all` keeps the opening futures on the heap: every call awaits this function.
         futures::future::join_all(
             idle.into_iter()
                 .map(|index| self.open_replica(server, index, generation, Opening::Wake)),
@@ -1067,12 +1068,14 @@ impl Session {
         let client = self
             .client()
             .and_then(|client| client.peer_info().map(|info| info.capabilities.clone()));
-        let connection = Connection::open(
+        // Boxed: opening a connection is a large future, and every call to a session's server
+        // awaits this one.
+        let connection = Box::pin(Connection::open(
             spec,
             registry.events.clone(),
             registry.relay.clone(),
             client,
-        )
+        ))
         .await
         .map_err(|error| format!("server `{}`: {error}", spec.name))?;
         tracing::info!(server = %spec.name, session = self.id, pid = connection.pid, "started a child for a session");

@@ -493,8 +493,7 @@ impl Router {
             {
                 tracing::info!(server = %server, fallback = %fallback, reason = %error, "served by its fallback");
                 let fallback = self.spec_of(&fallback)?;
-                self.send_to(&fallback, what, request, timeout, caller)
-                    .await
+                Box::pin(self.send_to(&fallback, what, request, timeout, caller)).await
             }
             (outcome, _) => outcome,
         }
@@ -568,8 +567,16 @@ impl Router {
                 .await
             {
                 Ok(ServerResult::CreateTaskResult(created)) => {
-                    self.follow_task(&connection, spec, &what, created.task, timeout, caller)
-                        .await
+                    // Boxed, as the bridging below: rare paths should not grow every call's future.
+                    Box::pin(self.follow_task(
+                        &connection,
+                        spec,
+                        &what,
+                        created.task,
+                        timeout,
+                        caller,
+                    ))
+                    .await
                 }
                 outcome => outcome,
             };
@@ -586,12 +593,16 @@ impl Router {
                 });
             };
             let requests = input.input_requests.clone().unwrap_or_default();
-            let responses = bridge::fulfil(client, caller.capabilities.as_ref(), requests)
-                .await
-                .map_err(|error| CallError::Downstream {
-                    server: spec.name.clone(),
-                    error,
-                })?;
+            let responses = Box::pin(bridge::fulfil(
+                client,
+                caller.capabilities.as_ref(),
+                requests,
+            ))
+            .await
+            .map_err(|error| CallError::Downstream {
+                server: spec.name.clone(),
+                error,
+            })?;
             request = with_input(again, responses, input.request_state.clone()).ok_or_else(|| {
                 CallError::Failed {
                     server: spec.name.clone(),

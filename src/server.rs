@@ -110,12 +110,14 @@ impl ConductorServer {
         F: FnOnce(Caller) -> Fut,
         Fut: Future<Output = Result<ServerResult, CallError>> + Send + 'static,
     {
+        // The bridge's futures are boxed: this one is moved into every request's task, and
+        // most calls never take those paths (see docs/performance.md).
         let bridge = self.router.registry().bridge();
         if let Some((state, responses)) = resume {
-            return bridge.resume(&state, responses, &caller.cancel).await;
+            return Box::pin(bridge.resume(&state, responses, &caller.cancel)).await;
         }
         if caller.takes_input_required() {
-            return bridge.start(caller, call).await;
+            return Box::pin(bridge.start(caller, call)).await;
         }
         call(caller.clone()).await
     }
@@ -150,8 +152,13 @@ impl ServerHandler for ConductorServer {
         request: SetLevelRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
-        self.router.set_level(request, &self.caller(&context)).await;
-        Ok(())
+        // Boxed: rmcp moves every request's future into a task of its own, and the
+        // futures of these handlers are large (see docs/performance.md).
+        Box::pin(async move {
+            self.router.set_level(request, &self.caller(&context)).await;
+            Ok(())
+        })
+        .await
     }
 
     async fn subscribe(
@@ -159,10 +166,15 @@ impl ServerHandler for ConductorServer {
         request: SubscribeRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
-        self.router
-            .subscribe(request, &self.caller(&context))
-            .await
-            .map_err(subscription_error)
+        // Boxed: rmcp moves every request's future into a task of its own, and the
+        // futures of these handlers are large (see docs/performance.md).
+        Box::pin(async move {
+            self.router
+                .subscribe(request, &self.caller(&context))
+                .await
+                .map_err(subscription_error)
+        })
+        .await
     }
 
     async fn unsubscribe(
@@ -170,14 +182,24 @@ impl ServerHandler for ConductorServer {
         request: UnsubscribeRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
-        self.router
-            .unsubscribe(request, &self.caller(&context))
-            .await
-            .map_err(subscription_error)
+        // Boxed: rmcp moves every request's future into a task of its own, and the
+        // futures of these handlers are large (see docs/performance.md).
+        Box::pin(async move {
+            self.router
+                .unsubscribe(request, &self.caller(&context))
+                .await
+                .map_err(subscription_error)
+        })
+        .await
     }
 
     async fn on_roots_list_changed(&self, _context: NotificationContext<RoleServer>) {
-        self.router.roots_changed().await;
+        // Boxed: rmcp moves every request's future into a task of its own, and the
+        // futures of these handlers are large (see docs/performance.md).
+        Box::pin(async move {
+            self.router.roots_changed().await;
+        })
+        .await
     }
 
     async fn list_tools(
@@ -210,83 +232,87 @@ impl ServerHandler for ConductorServer {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
-        // A whole workflow counts as in flight, between its steps too.
-        let _in_flight = self.router.registry().track();
-        // Also remembers the session's client, which a workflow's steps relay to.
-        let caller = self.caller(&context);
-        let config = self.router.registry().config();
-        let saved = saved::find(&config, &request.name);
-        if request.name == orchestrate::TOOL_NAME || saved.is_some() {
-            let arguments = request.arguments.unwrap_or_default();
-            let input = match saved.map(|spec| saved::workflow_for(spec, arguments.clone())) {
-                None => Value::Object(arguments),
-                Some(Ok(workflow)) => workflow,
-                Some(Err(problems)) => {
-                    let report = orchestrate::invalid_input(problems);
-                    return Ok(CallToolResponse::Complete(orchestrate::tool_result(
-                        &report,
-                    )));
+        // Boxed: rmcp moves every request's future into a task of its own, and the
+        // futures of these handlers are large (see docs/performance.md).
+        Box::pin(async move {
+            // A whole workflow counts as in flight, between its steps too.
+            let _in_flight = self.router.registry().track();
+            // Also remembers the session's client, which a workflow's steps relay to.
+            let caller = self.caller(&context);
+            let config = self.router.registry().config();
+            let saved = saved::find(&config, &request.name);
+            if request.name == orchestrate::TOOL_NAME || saved.is_some() {
+                let arguments = request.arguments.unwrap_or_default();
+                let input = match saved.map(|spec| saved::workflow_for(spec, arguments.clone())) {
+                    None => Value::Object(arguments),
+                    Some(Ok(workflow)) => workflow,
+                    Some(Err(problems)) => {
+                        let report = orchestrate::invalid_input(problems);
+                        return Ok(CallToolResponse::Complete(orchestrate::tool_result(
+                            &report,
+                        )));
+                    }
+                };
+                let (progress, forwarding) = match context.meta.get_progress_token() {
+                    Some(token) => {
+                        let (sink, forwarding) = progress_sink(context.peer.clone(), token);
+                        (Some(sink), Some(forwarding))
+                    }
+                    None => (None, None),
+                };
+                // Boxed: a workflow's future is large, and proxied calls should not carry its size.
+                let report =
+                    Box::pin(self.orchestrator.run(input, progress, context.ct.clone())).await;
+                // The run has dropped the sink: send every notification before the result, since
+                // a client ignores progress for a request it has seen answered.
+                if let Some(forwarding) = forwarding {
+                    let _ = forwarding.await;
                 }
-            };
-            let (progress, forwarding) = match context.meta.get_progress_token() {
-                Some(token) => {
-                    let (sink, forwarding) = progress_sink(context.peer.clone(), token);
-                    (Some(sink), Some(forwarding))
-                }
-                None => (None, None),
-            };
-            let report = self
-                .orchestrator
-                .run(input, progress, context.ct.clone())
+                return Ok(CallToolResponse::Complete(orchestrate::tool_result(
+                    &report,
+                )));
+            }
+            // The same annotation-aware policy as workflow steps: read-only and idempotent tools
+            // are tried again after transient failures, others only if the call never went out.
+            let annotations = self
+                .catalog()
+                .tool(&request.name)
+                .and_then(|entry| entry.tool.annotations.clone());
+            let retry = Retry::for_tool(annotations.as_ref(), None);
+            let mut request = request;
+            let resume = bridged_retry(&mut request.request_state, &mut request.input_responses);
+            let router = self.router.clone();
+            let outcome = self
+                .bridged(resume, &caller, |caller| async move {
+                    let (outcome, _) = retry
+                        .run(&caller.cancel, CallError::kind, || {
+                            router.call_tool(request.clone(), None, &caller)
+                        })
+                        .await;
+                    outcome
+                })
                 .await;
-            // The run has dropped the sink: send every notification before the result, since
-            // a client ignores progress for a request it has seen answered.
-            if let Some(forwarding) = forwarding {
-                let _ = forwarding.await;
+            match outcome {
+                Ok(ServerResult::CallToolResult(mut result)) => {
+                    mark_complete(&mut result.result_type);
+                    Ok(CallToolResponse::Complete(result))
+                }
+                Ok(ServerResult::InputRequiredResult(result)) => {
+                    Ok(CallToolResponse::InputRequired(result))
+                }
+                Ok(ServerResult::CreateTaskResult(result)) => Ok(CallToolResponse::Task(result)),
+                Ok(other) => Err(unexpected("tools/call", &other)),
+                Err(error @ CallError::UnknownTool { .. }) => {
+                    Err(McpError::invalid_params(error.to_string(), None))
+                }
+                Err(CallError::Downstream { error, .. }) => Err(error),
+                // A tool that fails still answers, with a message the model can act on.
+                Err(error) => Ok(CallToolResponse::Complete(CallToolResult::error(vec![
+                    ContentBlock::text(error.to_string()),
+                ]))),
             }
-            return Ok(CallToolResponse::Complete(orchestrate::tool_result(
-                &report,
-            )));
-        }
-        // The same annotation-aware policy as workflow steps: read-only and idempotent tools
-        // are tried again after transient failures, others only if the call never went out.
-        let annotations = self
-            .catalog()
-            .tool(&request.name)
-            .and_then(|entry| entry.tool.annotations.clone());
-        let retry = Retry::for_tool(annotations.as_ref(), None);
-        let mut request = request;
-        let resume = bridged_retry(&mut request.request_state, &mut request.input_responses);
-        let router = self.router.clone();
-        let outcome = self
-            .bridged(resume, &caller, |caller| async move {
-                let (outcome, _) = retry
-                    .run(&caller.cancel, CallError::kind, || {
-                        router.call_tool(request.clone(), None, &caller)
-                    })
-                    .await;
-                outcome
-            })
-            .await;
-        match outcome {
-            Ok(ServerResult::CallToolResult(mut result)) => {
-                mark_complete(&mut result.result_type);
-                Ok(CallToolResponse::Complete(result))
-            }
-            Ok(ServerResult::InputRequiredResult(result)) => {
-                Ok(CallToolResponse::InputRequired(result))
-            }
-            Ok(ServerResult::CreateTaskResult(result)) => Ok(CallToolResponse::Task(result)),
-            Ok(other) => Err(unexpected("tools/call", &other)),
-            Err(error @ CallError::UnknownTool { .. }) => {
-                Err(McpError::invalid_params(error.to_string(), None))
-            }
-            Err(CallError::Downstream { error, .. }) => Err(error),
-            // A tool that fails still answers, with a message the model can act on.
-            Err(error) => Ok(CallToolResponse::Complete(CallToolResult::error(vec![
-                ContentBlock::text(error.to_string()),
-            ]))),
-        }
+        })
+        .await
     }
 
     async fn list_prompts(
@@ -308,26 +334,31 @@ impl ServerHandler for ConductorServer {
         request: GetPromptRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<GetPromptResponse, McpError> {
-        let mut request = request;
-        let resume = bridged_retry(&mut request.request_state, &mut request.input_responses);
-        let router = self.router.clone();
-        let caller = self.caller(&context);
-        let outcome = self
-            .bridged(resume, &caller, |caller| async move {
-                router.get_prompt(request, &caller).await
-            })
-            .await;
-        match outcome {
-            Ok(ServerResult::GetPromptResult(mut result)) => {
-                mark_complete(&mut result.result_type);
-                Ok(GetPromptResponse::Complete(result))
+        // Boxed: rmcp moves every request's future into a task of its own, and the
+        // futures of these handlers are large (see docs/performance.md).
+        Box::pin(async move {
+            let mut request = request;
+            let resume = bridged_retry(&mut request.request_state, &mut request.input_responses);
+            let router = self.router.clone();
+            let caller = self.caller(&context);
+            let outcome = self
+                .bridged(resume, &caller, |caller| async move {
+                    router.get_prompt(request, &caller).await
+                })
+                .await;
+            match outcome {
+                Ok(ServerResult::GetPromptResult(mut result)) => {
+                    mark_complete(&mut result.result_type);
+                    Ok(GetPromptResponse::Complete(result))
+                }
+                Ok(ServerResult::InputRequiredResult(result)) => {
+                    Ok(GetPromptResponse::InputRequired(result))
+                }
+                Ok(other) => Err(unexpected("prompts/get", &other)),
+                Err(error) => Err(protocol_error(error)),
             }
-            Ok(ServerResult::InputRequiredResult(result)) => {
-                Ok(GetPromptResponse::InputRequired(result))
-            }
-            Ok(other) => Err(unexpected("prompts/get", &other)),
-            Err(error) => Err(protocol_error(error)),
-        }
+        })
+        .await
     }
 
     async fn list_resources(
@@ -370,38 +401,45 @@ impl ServerHandler for ConductorServer {
         request: ReadResourceRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, McpError> {
-        if let Some(run_id) = orchestrate::run_id_of(&request.uri) {
-            return match self.orchestrator.runs().read(run_id, &request.uri) {
-                Some(result) => Ok(ReadResourceResponse::Complete(result)),
-                None => Err(McpError::resource_not_found(
-                    format!("no kept run `{run_id}` (runs are kept for `[conductor] keep_runs`)"),
-                    None,
-                )),
-            };
-        }
-        let mut request = request;
-        let resume = bridged_retry(&mut request.request_state, &mut request.input_responses);
-        let router = self.router.clone();
-        let caller = self.caller(&context);
-        let outcome = self
-            .bridged(resume, &caller, |caller| async move {
-                router.read_resource(request, &caller).await
-            })
-            .await;
-        match outcome {
-            Ok(ServerResult::ReadResourceResult(mut result)) => {
-                mark_complete(&mut result.result_type);
-                Ok(ReadResourceResponse::Complete(result))
+        // Boxed: rmcp moves every request's future into a task of its own, and the
+        // futures of these handlers are large (see docs/performance.md).
+        Box::pin(async move {
+            if let Some(run_id) = orchestrate::run_id_of(&request.uri) {
+                return match self.orchestrator.runs().read(run_id, &request.uri) {
+                    Some(result) => Ok(ReadResourceResponse::Complete(result)),
+                    None => Err(McpError::resource_not_found(
+                        format!(
+                            "no kept run `{run_id}` (runs are kept for `[conductor] keep_runs`)"
+                        ),
+                        None,
+                    )),
+                };
             }
-            Ok(ServerResult::InputRequiredResult(result)) => {
-                Ok(ReadResourceResponse::InputRequired(result))
+            let mut request = request;
+            let resume = bridged_retry(&mut request.request_state, &mut request.input_responses);
+            let router = self.router.clone();
+            let caller = self.caller(&context);
+            let outcome = self
+                .bridged(resume, &caller, |caller| async move {
+                    router.read_resource(request, &caller).await
+                })
+                .await;
+            match outcome {
+                Ok(ServerResult::ReadResourceResult(mut result)) => {
+                    mark_complete(&mut result.result_type);
+                    Ok(ReadResourceResponse::Complete(result))
+                }
+                Ok(ServerResult::InputRequiredResult(result)) => {
+                    Ok(ReadResourceResponse::InputRequired(result))
+                }
+                Ok(other) => Err(unexpected("resources/read", &other)),
+                Err(error @ CallError::UnknownResource { .. }) => {
+                    Err(McpError::resource_not_found(error.to_string(), None))
+                }
+                Err(error) => Err(protocol_error(error)),
             }
-            Ok(other) => Err(unexpected("resources/read", &other)),
-            Err(error @ CallError::UnknownResource { .. }) => {
-                Err(McpError::resource_not_found(error.to_string(), None))
-            }
-            Err(error) => Err(protocol_error(error)),
-        }
+        })
+        .await
     }
 
     async fn complete(
@@ -409,14 +447,19 @@ impl ServerHandler for ConductorServer {
         request: CompleteRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CompleteResult, McpError> {
-        match self.router.complete(request, &self.caller(&context)).await {
-            Ok(ServerResult::CompleteResult(mut result)) => {
-                mark_complete(&mut result.result_type);
-                Ok(result)
+        // Boxed: rmcp moves every request's future into a task of its own, and the
+        // futures of these handlers are large (see docs/performance.md).
+        Box::pin(async move {
+            match self.router.complete(request, &self.caller(&context)).await {
+                Ok(ServerResult::CompleteResult(mut result)) => {
+                    mark_complete(&mut result.result_type);
+                    Ok(result)
+                }
+                Ok(other) => Err(unexpected("completion/complete", &other)),
+                Err(error) => Err(protocol_error(error)),
             }
-            Ok(other) => Err(unexpected("completion/complete", &other)),
-            Err(error) => Err(protocol_error(error)),
-        }
+        })
+        .await
     }
 
     /// Sessions that began with `initialize` get list-changed notifications pushed to them.
@@ -469,56 +512,61 @@ impl ServerHandler for ConductorServer {
     }
 
     async fn listen(&self, subscription: SubscriptionContext) -> Result<(), McpError> {
-        let changes = self.router.registry().subscribe();
-        let wanted = subscription.accepted().clone();
-        let sink = subscription.sink().clone();
-        // Resource updates: the stream subscribes like a session of its own, for as long as
-        // it is open.
-        let caller = self.caller(subscription.request_context());
-        let listener = self.router.registry().relay().listener_id();
-        let uris = wanted.resource_subscriptions.clone().unwrap_or_default();
-        for uri in &uris {
-            let target = UpdateTarget::Listen(sink.clone());
-            let params = SubscribeRequestParams::new(uri.clone());
-            if let Err(error) = self
-                .router
-                .subscribe_for(params, listener, target, &caller)
-                .await
-            {
-                tracing::warn!(uri = %uri, error = %error, "could not subscribe a listen stream to a resource");
+        // Boxed: rmcp moves every request's future into a task of its own, and the
+        // futures of these handlers are large (see docs/performance.md).
+        Box::pin(async move {
+            let changes = self.router.registry().subscribe();
+            let wanted = subscription.accepted().clone();
+            let sink = subscription.sink().clone();
+            // Resource updates: the stream subscribes like a session of its own, for as long as
+            // it is open.
+            let caller = self.caller(subscription.request_context());
+            let listener = self.router.registry().relay().listener_id();
+            let uris = wanted.resource_subscriptions.clone().unwrap_or_default();
+            for uri in &uris {
+                let target = UpdateTarget::Listen(sink.clone());
+                let params = SubscribeRequestParams::new(uri.clone());
+                if let Err(error) = self
+                    .router
+                    .subscribe_for(params, listener, target, &caller)
+                    .await
+                {
+                    tracing::warn!(uri = %uri, error = %error, "could not subscribe a listen stream to a resource");
+                }
             }
-        }
-        let following = follow_catalog(changes, |kind| {
-            let sink = sink.clone();
-            let wanted = wanted.clone();
-            async move {
-                let result = match kind {
-                    Changed::Tools if wanted.tools_list_changed == Some(true) => {
-                        sink.notify_tool_list_changed().await
-                    }
-                    Changed::Prompts if wanted.prompts_list_changed == Some(true) => {
-                        sink.notify_prompt_list_changed().await
-                    }
-                    Changed::Resources if wanted.resources_list_changed == Some(true) => {
-                        sink.notify_resource_list_changed().await
-                    }
-                    _ => Ok(()),
-                };
-                result.is_ok()
+            let following = follow_catalog(changes, |kind| {
+                let sink = sink.clone();
+                let wanted = wanted.clone();
+                async move {
+                    let result = match kind {
+                        Changed::Tools if wanted.tools_list_changed == Some(true) => {
+                            sink.notify_tool_list_changed().await
+                        }
+                        Changed::Prompts if wanted.prompts_list_changed == Some(true) => {
+                            sink.notify_prompt_list_changed().await
+                        }
+                        Changed::Resources if wanted.resources_list_changed == Some(true) => {
+                            sink.notify_resource_list_changed().await
+                        }
+                        _ => Ok(()),
+                    };
+                    result.is_ok()
+                }
+            });
+            tokio::select! {
+                () = following => {}
+                () = subscription.cancelled() => {}
             }
-        });
-        tokio::select! {
-            () = following => {}
-            () = subscription.cancelled() => {}
-        }
-        let caller = Caller::detached(tokio_util::sync::CancellationToken::new());
-        for uri in uris {
-            let params = UnsubscribeRequestParams::new(uri.clone());
-            if let Err(error) = self.router.unsubscribe_for(params, listener, &caller).await {
-                tracing::debug!(uri = %uri, error = %error, "could not end a listen stream's subscription");
+            let caller = Caller::detached(tokio_util::sync::CancellationToken::new());
+            for uri in uris {
+                let params = UnsubscribeRequestParams::new(uri.clone());
+                if let Err(error) = self.router.unsubscribe_for(params, listener, &caller).await {
+                    tracing::debug!(uri = %uri, error = %error, "could not end a listen stream's subscription");
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 }
 

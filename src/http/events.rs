@@ -18,21 +18,67 @@ use tokio::sync::broadcast;
 const EVENTS_PER_STREAM: usize = 1000;
 /// Streams idle this long are forgotten.
 const KEEP_STREAMS: Duration = Duration::from_secs(600);
+/// A request's stream is kept this long after its answer, for a client whose connection
+/// dropped just as the answer went out; every request has a stream, so they cannot all stay
+/// for `KEEP_STREAMS`.
+const KEEP_ANSWERED: Duration = Duration::from_secs(30);
+/// How often forgotten streams are swept out.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Events a reconnected client may fall behind the live stream before it loses some.
 const LIVE_CAPACITY: usize = 256;
 
 /// One stream's recent events, and a way to follow new ones.
 struct StreamLog {
     events: Vec<(u64, ServerSseMessage)>,
-    live: broadcast::Sender<(u64, ServerSseMessage)>,
+    /// Made when a client first resumes the stream: most streams are never resumed.
+    live: Option<broadcast::Sender<(u64, ServerSseMessage)>>,
     touched: Instant,
+    /// Its final message (a request's answer) is in.
+    answered: bool,
+}
+
+impl StreamLog {
+    fn expired(&self) -> bool {
+        let keep = if self.answered {
+            KEEP_ANSWERED
+        } else {
+            KEEP_STREAMS
+        };
+        self.touched.elapsed() >= keep
+    }
 }
 
 /// The events of every stream, in memory.
-#[derive(Default)]
 pub struct MemoryEventStore {
     streams: DashMap<String, StreamLog>,
     next: AtomicU64,
+    swept: std::sync::Mutex<Instant>,
+}
+
+impl Default for MemoryEventStore {
+    fn default() -> Self {
+        MemoryEventStore {
+            streams: DashMap::new(),
+            next: AtomicU64::new(0),
+            swept: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl MemoryEventStore {
+    /// Forget expired streams, at most once per `SWEEP_EVERY` (not on every event: a sweep
+    /// visits every stream).
+    fn sweep(&self) {
+        let Ok(mut swept) = self.swept.try_lock() else {
+            return;
+        };
+        if swept.elapsed() < SWEEP_EVERY {
+            return;
+        }
+        *swept = Instant::now();
+        drop(swept);
+        self.streams.retain(|_, log| !log.expired());
+    }
 }
 
 /// Event ids are `<stream>#<sequence>`: the stream to replay, and where in it.
@@ -62,22 +108,25 @@ impl EventStore for MemoryEventStore {
         let id = format!("{stream_id}#{sequence}");
         let mut kept = event.clone();
         kept.event_id = Some(id.clone());
-        self.streams
-            .retain(|_, log| log.touched.elapsed() < KEEP_STREAMS);
+        self.sweep();
         let mut log = self
             .streams
             .entry(stream_id.to_owned())
             .or_insert_with(|| StreamLog {
                 events: Vec::new(),
-                live: broadcast::channel(LIVE_CAPACITY).0,
+                live: None,
                 touched: Instant::now(),
+                answered: false,
             });
         if log.events.len() >= EVENTS_PER_STREAM {
             log.events.remove(0);
         }
-        log.events.push((sequence, kept.clone()));
+        log.answered |= is_final(&kept);
         log.touched = Instant::now();
-        let _ = log.live.send((sequence, kept));
+        if let Some(live) = &log.live {
+            let _ = live.send((sequence, kept.clone()));
+        }
+        log.events.push((sequence, kept));
         Ok(id)
     }
 
@@ -87,11 +136,14 @@ impl EventStore for MemoryEventStore {
     ) -> Result<EventStream, EventStoreError> {
         let (stream_id, after) = parse(last_event_id)
             .ok_or_else(|| format!("`{last_event_id}` is not an event id of this server"))?;
-        let Some(log) = self.streams.get(stream_id) else {
+        let Some(mut log) = self.streams.get_mut(stream_id) else {
             return Err(format!("stream of `{last_event_id}` is no longer kept").into());
         };
         // Subscribe before reading what is kept, so nothing falls between the two.
-        let live = log.live.subscribe();
+        let live = log
+            .live
+            .get_or_insert_with(|| broadcast::channel(LIVE_CAPACITY).0)
+            .subscribe();
         let missed: Vec<(u64, ServerSseMessage)> = log
             .events
             .iter()
