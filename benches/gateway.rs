@@ -182,18 +182,34 @@ async fn direct_stdio(args: &[&str]) -> (Client, u32) {
     stdio_client(&me(), &all).await
 }
 
-/// Through conductor over stdio, in front of the servers in `config`. With
-/// `GATEWAY_WRAP="valgrind --tool=callgrind"` (say), conductor runs under that command.
+/// The command that runs conductor with `args`: with `GATEWAY_WRAP="valgrind
+/// --tool=callgrind"` (say), under that command.
+fn conductor_command(args: &[&str]) -> (String, Vec<String>) {
+    let mut command: Vec<String> = std::env::var("GATEWAY_WRAP")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    command.push(CONDUCTOR.to_owned());
+    command.extend(args.iter().map(|arg| (*arg).to_owned()));
+    let program = command.remove(0);
+    (program, command)
+}
+
+/// Through conductor over stdio, in front of the servers in `config`.
 async fn conductor_stdio(config: &Path) -> (Client, u32) {
     let config = config.display().to_string();
-    match std::env::var("GATEWAY_WRAP") {
-        Ok(wrap) => {
-            let mut args: Vec<&str> = wrap.split_whitespace().collect();
-            let program = args.remove(0);
-            args.extend([CONDUCTOR, "serve", "--config", &config]);
-            stdio_client(program, &args).await
-        }
-        Err(_) => stdio_client(CONDUCTOR, &["serve", "--config", &config]).await,
+    let (program, args) = conductor_command(&["serve", "--config", &config]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    stdio_client(&program, &args).await
+}
+
+/// Wait up to 30 s for a process to exit on its own (so a profiler it runs under writes its
+/// report).
+async fn wait_for_exit(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -221,9 +237,11 @@ async fn echo_http(args: &[&str]) -> HttpProcess {
 
 /// Conductor over Streamable HTTP: it logs its URL on stderr.
 async fn conductor_http(config: &Path) -> HttpProcess {
-    let mut child = tokio::process::Command::new(CONDUCTOR)
-        .args(["serve", "--http", "127.0.0.1:0", "--config"])
-        .arg(config)
+    let config = config.display().to_string();
+    let (program, args) =
+        conductor_command(&["serve", "--http", "127.0.0.1:0", "--config", &config]);
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -394,13 +412,9 @@ impl Bench {
             false,
         )
         .await;
-        // Close conductor's stdin and let it exit on its own, so a profiler it runs under
-        // (GATEWAY_WRAP) writes its report.
+        // Close conductor's stdin and let it exit on its own.
         let _ = through.cancel().await;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for_exit(pid).await;
     }
 
     async fn calls_over_http(&self) {
@@ -415,6 +429,12 @@ impl Bench {
             true,
         )
         .await;
+        // SIGTERM: conductor drains and exits on its own.
+        if let Some(pid) = conductor.child.id() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            wait_for_exit(pid.as_raw() as u32).await;
+        }
         drop((echo.child, conductor.child));
     }
 

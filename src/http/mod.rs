@@ -41,14 +41,14 @@ pub enum HttpError {
     Unauthenticated(SocketAddr),
 }
 
-/// What the HTTP handlers share.
-#[derive(Clone)]
+/// What the HTTP handlers share, behind an `Arc`: axum clones a middleware's state for every
+/// request.
 struct Shared {
     registry: Arc<Registry>,
     settings: HttpSettings,
     sessions: Arc<LocalSessionManager>,
     legacy: Arc<sse::SseSessions>,
-    /// `Host` and `Origin` values accepted on the legacy routes (rmcp checks `/mcp` itself).
+    /// `Host` and `Origin` values accepted on every MCP route (DNS rebinding, foreign pages).
     hosts: Vec<String>,
     origins: Vec<String>,
 }
@@ -97,10 +97,11 @@ pub fn app(
         .map(str::to_owned)
         .collect();
     origins.extend(settings.allowed_origins.iter().cloned());
+    // Host and Origin are checked by `check_host_and_origin` for every MCP route, not by
+    // rmcp: axum clones the service, lists included, for every request.
     let config = StreamableHttpServerConfig::default()
-        .with_allowed_hosts(hosts.clone())
-        .with_allowed_origins(origins.clone())
-        .enforce_origin_validation()
+        .disable_allowed_hosts()
+        .disable_allowed_origins()
         .with_max_request_body_bytes(settings.max_body_bytes)
         // Stateless (2026-07-28) requests get a plain JSON answer when nothing streams before
         // it, and SSE when progress or notifications come first.
@@ -114,14 +115,14 @@ pub fn app(
     let service: StreamableHttpService<ConductorServer, LocalSessionManager> =
         StreamableHttpService::new(move || Ok(factory()), sessions.clone(), config);
     let legacy = Arc::new(sse::SseSessions::default());
-    let shared = Shared {
+    let shared = Arc::new(Shared {
         registry,
         settings,
         sessions,
         legacy: legacy.clone(),
         hosts,
         origins,
-    };
+    });
     let legacy_routes = axum::Router::new()
         .route("/sse", get(sse::open))
         .route("/messages", axum::routing::post(sse::post))
@@ -129,14 +130,14 @@ pub fn app(
             sessions: legacy,
             make_server,
             shutdown,
-        })
-        .layer(middleware::from_fn_with_state(
-            shared.clone(),
-            check_host_and_origin,
-        ));
+        });
     let mcp = axum::Router::new()
         .nest_service("/mcp", service)
         .merge(legacy_routes)
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            check_host_and_origin,
+        ))
         .layer(middleware::from_fn_with_state(shared.clone(), check_post))
         .layer(middleware::from_fn_with_state(shared.clone(), authenticate));
     axum::Router::new()
@@ -158,7 +159,7 @@ pub async fn serve(
 }
 
 /// Bearer tokens, compared in constant time so a timing side channel cannot reveal them.
-async fn authenticate(State(shared): State<Shared>, request: Request, next: Next) -> Response {
+async fn authenticate(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
     if shared.settings.tokens.is_empty() {
         return next.run(request).await;
     }
@@ -196,7 +197,7 @@ async fn authenticate(State(shared): State<Shared>, request: Request, next: Next
 /// Every POST body, before rmcp sees it: too large is 413; not JSON, or not JSON-RPC, is a
 /// JSON-RPC error (what a client library can report); and a new `initialize` beyond
 /// `max_sessions` sessions is 503.
-async fn check_post(State(shared): State<Shared>, request: Request, next: Next) -> Response {
+async fn check_post(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
     if request.method() != axum::http::Method::POST {
         return next.run(request).await;
     }
@@ -245,10 +246,10 @@ pub(crate) fn json_rpc_error(code: i32, message: &str) -> Response {
     (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
 }
 
-/// DNS-rebinding protection for the legacy routes, as rmcp does for `/mcp`: the `Host` must be
-/// one we answer to, and a browser's `Origin` one we trust.
+/// DNS-rebinding protection for every MCP route: the `Host` must be one we answer to, and a
+/// browser's `Origin` one we trust.
 async fn check_host_and_origin(
-    State(shared): State<Shared>,
+    State(shared): State<Arc<Shared>>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -324,7 +325,7 @@ fn split_port(authority: &str, default_port: &str) -> (String, String) {
 
 /// Every downstream's state; 200 when all enabled servers are ready, 503 otherwise. Error
 /// details are shown only when no tokens are configured (a loopback-only server).
-async fn readyz(State(shared): State<Shared>) -> Response {
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     let show_errors = shared.settings.tokens.is_empty();
     let states = shared.registry.states();
     let servers: Vec<Value> = states
