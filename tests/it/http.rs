@@ -494,12 +494,11 @@ async fn shutdown_lets_requests_in_flight_finish() {
         tokio::spawn(async move { call(&session, "slow__sleep", json!({"ms": 1500})).await });
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let pid = server.child.id().expect("conductor runs");
-    let signalled = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await
-        .unwrap();
-    assert!(signalled.success());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("conductor can be signalled");
     let result = tokio::time::timeout(std::time::Duration::from_secs(20), slow)
         .await
         .expect("the call in flight is answered, not cut off")
