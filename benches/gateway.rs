@@ -581,7 +581,7 @@ impl Bench {
     async fn orchestrate(&self) {
         let steps = if self.quick { 10 } else { 100 };
         let (direct, _) = direct_stdio(&[]).await;
-        let (through, _) = conductor_stdio(&config(self.dir.path(), "one", 1, &[])).await;
+        let (through, pid) = conductor_stdio(&config(self.dir.path(), "one", 1, &[])).await;
         let chain: Vec<_> = (0..steps)
             .map(|i| {
                 let text = if i == 0 {
@@ -648,6 +648,8 @@ impl Bench {
             median_by(&parallel, |run| millis(*run)),
             per_step(&fan_runs, &parallel)
         );
+        let _ = through.cancel().await;
+        wait_for_exit(pid).await;
     }
 }
 

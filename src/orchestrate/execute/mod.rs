@@ -315,20 +315,26 @@ impl<'a> Scheduler<'a> {
             state.report.reused = true;
             return Decision::Settle(state);
         }
-        Decision::Run(self.scope(&context.run_id))
+        Decision::Run(self.scope(&context.run_id, Some(befores)))
     }
 
-    /// What expressions see: the inputs, the run, and every step settled so far.
-    fn scope(&self, run_id: &str) -> Value {
-        let steps: serde_json::Map<String, Value> = self
-            .validated
-            .workflow
-            .steps
-            .iter()
-            .zip(&self.states)
-            .filter(|(_, state)| state.report.status.is_settled())
-            .map(|(step, state)| (step.id.clone(), step_view(state)))
-            .collect();
+    /// What expressions see: the inputs, the run, and the steps settled so far; for a step,
+    /// only those it depends on (every step it references is one), so a long chain does not
+    /// rebuild every earlier step's view for each step.
+    fn scope(&self, run_id: &str, only: Option<&[usize]>) -> Value {
+        let settled = |index: &usize| self.states[*index].report.status.is_settled();
+        let view = |index: usize| {
+            let step = &self.validated.workflow.steps[index];
+            (step.id.clone(), step_view(&self.states[index]))
+        };
+        let steps: serde_json::Map<String, Value> = match only {
+            Some(indices) => indices
+                .iter()
+                .filter(|i| settled(i))
+                .map(|i| view(*i))
+                .collect(),
+            None => (0..self.states.len()).filter(settled).map(view).collect(),
+        };
         json!({
             "inputs": self.validated.workflow.inputs,
             "steps": steps,
@@ -397,7 +403,7 @@ impl<'a> Scheduler<'a> {
             RunStatus::Succeeded
         };
 
-        let scope = self.scope(&context.run_id);
+        let scope = self.scope(&context.run_id, None);
         report.output = match &workflow.output {
             Some(output) => match context.expressions.render(output, &scope) {
                 Ok(value) => Some(value),
