@@ -5,7 +5,7 @@
 //! other string with delimiters renders as text. `{"$literal": x}` is `x`, never evaluated.
 //! Undefined values are errors, and every evaluation has a fuel bound.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use minijinja::syntax::SyntaxConfig;
 use minijinja::value::Serde;
@@ -157,9 +157,8 @@ impl Expressions {
     }
 
     /// Evaluate every expression in `value` against `scope`.
-    pub fn render(&self, value: &Value, scope: &Value) -> Result<Value, ExprError> {
-        let context = minijinja::Value::from(Serde(scope));
-        self.render_in(value, &context)
+    pub fn render(&self, value: &Value, scope: &Scope) -> Result<Value, ExprError> {
+        self.render_in(value, &scope.0)
     }
 
     fn render_in(&self, value: &Value, context: &minijinja::Value) -> Result<Value, ExprError> {
@@ -192,15 +191,14 @@ impl Expressions {
     }
 
     /// Evaluate a condition or `for_each` expression (`${{ }}` optional) to a JSON value.
-    pub fn evaluate(&self, text: &str, scope: &Value) -> Result<Value, ExprError> {
-        let context = minijinja::Value::from(Serde(scope));
-        self.eval(bare_expression(text), &context)
+    pub fn evaluate(&self, text: &str, scope: &Scope) -> Result<Value, ExprError> {
+        self.eval(bare_expression(text), &scope.0)
     }
 
     /// Evaluate a condition with Jinja truthiness: empty lists, strings and maps, `0`, `none`
     /// and `false` are false.
-    pub fn condition(&self, text: &str, scope: &Value) -> Result<bool, ExprError> {
-        let context = minijinja::Value::from(Serde(scope));
+    pub fn condition(&self, text: &str, scope: &Scope) -> Result<bool, ExprError> {
+        let context = scope.0.clone();
         let compiled = self
             .env
             .compile_expression(bare_expression(text))
@@ -229,6 +227,55 @@ impl Expressions {
             kind: ExprErrorKind::Type,
             message: format!("`{expression}` gave a value that is not JSON: {error}"),
         })
+    }
+}
+
+/// What expressions see, converted for the evaluator once. Clones are cheap, and naming more
+/// (an item, an error) layers the names over it instead of copying it: a fan-out over n items
+/// would otherwise copy the whole scope, list included, n times.
+#[derive(Debug, Clone)]
+pub struct Scope(minijinja::Value);
+
+/// A JSON value converted for the evaluator, to be placed in many scopes without converting
+/// it again (a settled step's view, a run's inputs).
+#[derive(Debug, Clone)]
+pub struct ScopeValue(minijinja::Value);
+
+impl ScopeValue {
+    pub fn new(value: &impl serde::Serialize) -> Self {
+        Self(minijinja::Value::from(Serde(value)))
+    }
+}
+
+impl Scope {
+    pub fn new(scope: &Value) -> Self {
+        Self(minijinja::Value::from(Serde(scope)))
+    }
+
+    /// A run's scope: its `inputs`, the `steps` given by id, and `run.id`.
+    pub fn of_run(
+        inputs: &ScopeValue,
+        steps: impl Iterator<Item = (String, ScopeValue)>,
+        run_id: &str,
+    ) -> Self {
+        let steps: BTreeMap<String, minijinja::Value> =
+            steps.map(|(id, view)| (id, view.0)).collect();
+        Self(minijinja::context! {
+            inputs => inputs.0.clone(),
+            steps => minijinja::Value::from(steps),
+            run => minijinja::context! { id => run_id },
+        })
+    }
+
+    /// This scope with `names` added; they hide any equal name already in it.
+    pub fn with(&self, names: &[(&str, Value)]) -> Self {
+        let layer: serde_json::Map<String, Value> = names
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), value.clone()))
+            .collect();
+        let layer = minijinja::Value::from(Serde(&layer));
+        // The last map with a name wins.
+        Self(minijinja::value::merge_maps([self.0.clone(), layer]))
     }
 }
 
@@ -336,11 +383,37 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn scope() -> Value {
-        json!({
+    fn scope() -> Scope {
+        Scope::new(&json!({
             "inputs": {"list": "L1"},
             "steps": {"unpaid": {"output": {"invoices": [{"n": "INV-1", "due": 10.5}, {"n": "INV-2", "due": 0}]}}}
-        })
+        }))
+    }
+
+    #[test]
+    fn names_added_to_a_scope_hide_equal_names_and_keep_the_rest() {
+        let expressions = Expressions::new();
+        let scope = scope().with(&[("item", json!({"n": 1})), ("inputs", json!({"list": "L2"}))]);
+        assert_eq!(
+            expressions
+                .render(
+                    &json!("${{ [item.n, inputs.list, steps.unpaid.output.invoices | length] }}"),
+                    &scope
+                )
+                .unwrap(),
+            json!([1, "L2", 2])
+        );
+        let error = expressions
+            .render(&json!("${{ missing }}"), &scope)
+            .unwrap_err();
+        assert_eq!(error.kind, ExprErrorKind::Reference, "{error}");
+        assert_eq!(
+            expressions
+                .render(&json!("${{ inputs.list }}"), &self::scope())
+                .unwrap(),
+            json!("L1"),
+            "the scope it was made from is unchanged"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::Tools;
-use super::expr::Expressions;
+use super::expr::{Expressions, Scope, ScopeValue};
 use super::report::{RunReport, RunStatus, StepReport, StepStatus, WouldCall, status_name};
 use super::validate::Validated;
 use super::workflow::Trigger;
@@ -162,6 +162,9 @@ struct Scheduler<'a> {
     dependants: Vec<Vec<usize>>,
     waiting: Vec<usize>,
     states: Vec<StepState>,
+    /// What expressions see of each settled step, converted once when it settles.
+    views: Vec<Option<ScopeValue>>,
+    inputs: ScopeValue,
     /// Steps that ran again in this run (not reused from the resumed one).
     reran: Vec<bool>,
     /// The first step whose failure fails the run: no new steps start after it, except
@@ -192,6 +195,8 @@ impl<'a> Scheduler<'a> {
             predecessors,
             dependants,
             states: vec![StepState::default(); validated.workflow.steps.len()],
+            views: vec![None; validated.workflow.steps.len()],
+            inputs: ScopeValue::new(&validated.workflow.inputs),
             reran: vec![false; validated.workflow.steps.len()],
             failed_at: None,
             would_call: Vec::new(),
@@ -320,26 +325,17 @@ impl<'a> Scheduler<'a> {
 
     /// What expressions see: the inputs, the run, and the steps settled so far; for a step,
     /// only those it depends on (every step it references is one), so a long chain does not
-    /// rebuild every earlier step's view for each step.
-    fn scope(&self, run_id: &str, only: Option<&[usize]>) -> Value {
-        let settled = |index: &usize| self.states[*index].report.status.is_settled();
+    /// gather every earlier step for each step.
+    fn scope(&self, run_id: &str, only: Option<&[usize]>) -> Scope {
         let view = |index: usize| {
-            let step = &self.validated.workflow.steps[index];
-            (step.id.clone(), step_view(&self.states[index]))
+            let id = &self.validated.workflow.steps[index].id;
+            self.views[index].clone().map(|view| (id.clone(), view))
         };
-        let steps: serde_json::Map<String, Value> = match only {
-            Some(indices) => indices
-                .iter()
-                .filter(|i| settled(i))
-                .map(|i| view(*i))
-                .collect(),
-            None => (0..self.states.len()).filter(settled).map(view).collect(),
+        let steps: Vec<(String, ScopeValue)> = match only {
+            Some(indices) => indices.iter().filter_map(|index| view(*index)).collect(),
+            None => (0..self.views.len()).filter_map(view).collect(),
         };
-        json!({
-            "inputs": self.validated.workflow.inputs,
-            "steps": steps,
-            "run": {"id": run_id},
-        })
+        Scope::of_run(&self.inputs, steps.into_iter(), run_id)
     }
 
     fn settle(
@@ -357,6 +353,9 @@ impl<'a> Scheduler<'a> {
         let mut message = format!("{}: {}", step.id, status_name(state.report.status));
         if let Some(error) = &state.report.error {
             message.push_str(&format!(" ({})", error.message));
+        }
+        if state.report.status.is_settled() {
+            self.views[index] = Some(ScopeValue::new(&step_view(&state)));
         }
         self.states[index] = state;
         context.report_progress(1, message);
@@ -468,7 +467,7 @@ impl<'a> Scheduler<'a> {
 
 enum Decision {
     Settle(StepState),
-    Run(Value),
+    Run(Scope),
 }
 
 /// What `steps.<id>` shows to expressions.

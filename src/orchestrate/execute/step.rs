@@ -9,23 +9,13 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use super::{Context, DEFAULT_ITEM_CONCURRENCY, DEFAULT_MAX_ITEMS, ItemRecord, StepState};
-use crate::orchestrate::expr::ExprError;
+use crate::orchestrate::expr::{ExprError, Scope};
 use crate::orchestrate::report::{
     ItemFailure, ItemStats, StepError, StepReport, StepStatus, WouldCall, status_name,
 };
 use crate::orchestrate::validate::Safety;
 use crate::orchestrate::workflow::{OnError, OnErrorKind, Step};
 use crate::retry::{FailureKind, Retry};
-
-fn with_vars(scope: &Value, vars: &[(&str, Value)]) -> Value {
-    let mut scope = scope.clone();
-    if let Value::Object(map) = &mut scope {
-        for (name, value) in vars {
-            map.insert((*name).to_owned(), value.clone());
-        }
-    }
-    scope
-}
 
 fn expression_failure(error: ExprError) -> StepError {
     let kind = match error.kind {
@@ -131,7 +121,7 @@ pub(super) async fn run_step(
     context: &Context,
     step: &Step,
     safety: Safety,
-    scope: Value,
+    scope: Scope,
     previous_items: Vec<ItemRecord>,
 ) -> (StepState, Vec<WouldCall>) {
     let started = Instant::now();
@@ -201,16 +191,13 @@ async fn run_single(
     context: &Context,
     step: &Step,
     safety: Safety,
-    scope: &Value,
+    scope: &Scope,
     would_call: &mut Vec<WouldCall>,
 ) -> StepState {
-    let scope = with_vars(
-        scope,
-        &[(
-            "idem_key",
-            json!(format!("{}:{}", context.idem_base, step.id)),
-        )],
-    );
+    let scope = scope.with(&[(
+        "idem_key",
+        json!(format!("{}:{}", context.idem_base, step.id)),
+    )]);
     if let Some(condition) = &step.condition {
         match context.expressions.condition(condition, &scope) {
             Ok(true) => {}
@@ -315,7 +302,7 @@ async fn run_items(
     context: &Context,
     step: &Step,
     safety: Safety,
-    scope: &Value,
+    scope: &Scope,
     previous_items: &[ItemRecord],
     would_call: &mut Vec<WouldCall>,
 ) -> StepState {
@@ -387,20 +374,17 @@ async fn run_items(
                     false,
                 );
             };
-            let item_scope = with_vars(
-                scope,
-                &[
-                    (item_name, item.clone()),
-                    (
-                        "loop",
-                        json!({"index0": index, "index": index + 1, "length": count}),
-                    ),
-                    (
-                        "idem_key",
-                        json!(format!("{}:{}:{index}", context.idem_base, step.id)),
-                    ),
-                ],
-            );
+            let item_scope = scope.with(&[
+                (item_name, item.clone()),
+                (
+                    "loop",
+                    json!({"index0": index, "index": index + 1, "length": count}),
+                ),
+                (
+                    "idem_key",
+                    json!(format!("{}:{}:{index}", context.idem_base, step.id)),
+                ),
+            ]);
             let (record, attempts, error, preview) =
                 run_item(context, step, safety, item, index, &item_scope).await;
             let message = format!(
@@ -480,7 +464,7 @@ async fn run_item(
     safety: Safety,
     item: &Value,
     index: usize,
-    scope: &Value,
+    scope: &Scope,
 ) -> (ItemRecord, u32, Option<StepError>, Option<WouldCall>) {
     if let Some(condition) = &step.condition {
         match context.expressions.condition(condition, scope) {
@@ -556,7 +540,7 @@ async fn run_item(
 }
 
 /// After retries: the step's `on_error` decides what its failure means.
-async fn apply_on_error(context: &Context, step: &Step, scope: &Value, state: &mut StepState) {
+async fn apply_on_error(context: &Context, step: &Step, scope: &Scope, state: &mut StepState) {
     match &step.on_error {
         OnError::Simple(OnErrorKind::Fail) => {}
         OnError::Simple(OnErrorKind::Continue) => state.tolerated = true,
@@ -574,16 +558,13 @@ async fn apply_on_error(context: &Context, step: &Step, scope: &Value, state: &m
                 Value::Null,
                 |error| json!({"kind": error.kind, "message": error.message}),
             );
-            let scope = with_vars(
-                scope,
-                &[
-                    ("error", error),
-                    (
-                        "idem_key",
-                        json!(format!("{}:{}:fallback", context.idem_base, step.id)),
-                    ),
-                ],
-            );
+            let scope = scope.with(&[
+                ("error", error),
+                (
+                    "idem_key",
+                    json!(format!("{}:{}:fallback", context.idem_base, step.id)),
+                ),
+            ]);
             let args = match context
                 .expressions
                 .render(&Value::Object(fallback.args.clone()), &scope)
