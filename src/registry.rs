@@ -1134,7 +1134,13 @@ impl Drop for Session {
     fn drop(&mut self) {
         if let Some(registry) = self.registry.upgrade() {
             registry.sessions.remove(&self.id);
-            registry.relay.end_session(self.id);
+            let abandoned = registry.relay.end_session(self.id);
+            if !abandoned.is_empty()
+                && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            {
+                let router = crate::router::Router::new(registry);
+                runtime.spawn(async move { router.unsubscribe_abandoned(abandoned).await });
+            }
         }
         let stopping = self.take_all();
         if stopping.is_empty() {

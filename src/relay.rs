@@ -207,13 +207,32 @@ impl Relay {
         last
     }
 
-    /// Drop every subscription of a session that ended.
-    pub fn end_session(&self, session: u64) {
+    /// Drop every subscription of a session that ended; give back the resources it was the
+    /// last subscriber of, whose servers should be told to stop.
+    pub fn end_session(&self, session: u64) -> Vec<(ServerName, String)> {
         let _guard = self.subscribing.lock();
-        self.subscriptions.retain(|_, subscribers| {
+        let mut abandoned = Vec::new();
+        self.subscriptions.retain(|(server, uri), subscribers| {
+            let before = subscribers.len();
             subscribers.retain(|s| s.subscriber != session);
+            if subscribers.is_empty() && before > 0 {
+                abandoned.push((server.clone(), uri.clone()));
+            }
             !subscribers.is_empty()
         });
+        abandoned
+    }
+
+    /// The server's resources that have a subscriber, in a stable order.
+    pub fn subscribed_uris(&self, server: &ServerName) -> Vec<String> {
+        let mut uris: Vec<String> = self
+            .subscriptions
+            .iter()
+            .filter(|entry| &entry.key().0 == server)
+            .map(|entry| entry.key().1.clone())
+            .collect();
+        uris.sort();
+        uris
     }
 
     /// Where a server's resource's updates go, with the URI each subscriber knows it by.

@@ -376,12 +376,56 @@ impl Router {
             params.uri.clone_from(&uri);
             let request = ClientRequest::SubscribeRequest(SubscribeRequest::new(params));
             let what = format!("resources/subscribe {uri}");
-            if let Err(error) = self.send(&server, what, request, None, caller).await {
+            if let Err(error) = self
+                .tell_subscriptions(&server, what, request, caller)
+                .await
+            {
                 relay.unsubscribe(&server, &uri, subscriber);
                 return Err(error);
             }
         }
         Ok(())
+    }
+
+    /// A resource of `server` gained its first subscriber or lost its last: send `request`
+    /// (`resources/subscribe` or `unsubscribe`), or to a 2026-07-28 server, which refuses
+    /// those, listen again for the resources now subscribed.
+    async fn tell_subscriptions(
+        &self,
+        server: &ServerName,
+        what: String,
+        request: ClientRequest,
+        caller: &Caller,
+    ) -> Result<(), CallError> {
+        let spec = self
+            .registry
+            .spec(server)
+            .ok_or_else(|| CallError::Unavailable(format!("no server `{server}`")))?;
+        let connection = self.connection(&spec).await?;
+        if !connection.listens_for_resources() {
+            return self
+                .send(server, what, request, None, caller)
+                .await
+                .map(|_| ());
+        }
+        let what = "subscriptions/listen".to_owned();
+        match tokio::time::timeout(spec.call_timeout, connection.listen_for_resources()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(rmcp::ServiceError::McpError(error))) => Err(CallError::Downstream {
+                server: server.clone(),
+                error,
+            }),
+            Ok(Err(error)) => Err(CallError::Failed {
+                server: server.clone(),
+                what,
+                error: error.to_string(),
+            }),
+            Err(_) => Err(CallError::Timeout {
+                server: server.clone(),
+                what,
+                after: spec.call_timeout,
+            }),
+        }
     }
 
     /// End a subscription; the resource's owner is told when no subscriber is left.
@@ -396,9 +440,35 @@ impl Router {
             params.uri.clone_from(&uri);
             let request = ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(params));
             let what = format!("resources/unsubscribe {uri}");
-            self.send(&server, what, request, None, caller).await?;
+            self.tell_subscriptions(&server, what, request, caller)
+                .await?;
         }
         Ok(())
+    }
+
+    /// Tell servers that resources a session ended with have no subscriber left. A server
+    /// that is not running lost its subscriptions anyway (it is not started for this), and a
+    /// session's own child stops with the session.
+    pub async fn unsubscribe_abandoned(&self, abandoned: Vec<(ServerName, String)>) {
+        for (server, uri) in abandoned {
+            let shared = self
+                .registry
+                .spec(&server)
+                .is_some_and(|spec| spec.supervision.isolation != Isolation::Session);
+            if !shared || self.registry.pick(&server).is_none() {
+                continue;
+            }
+            let params = UnsubscribeRequestParams::new(uri.clone());
+            let request = ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(params));
+            let what = format!("resources/unsubscribe {uri}");
+            let caller = Caller::detached(CancellationToken::new());
+            if let Err(error) = self
+                .tell_subscriptions(&server, what, request, &caller)
+                .await
+            {
+                tracing::debug!(server = %server, uri, error = %error, "could not unsubscribe after its session ended");
+            }
+        }
     }
 
     /// The owner of a public resource URI, and the URI it knows.

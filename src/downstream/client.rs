@@ -201,24 +201,7 @@ impl ClientHandler for DownstreamClient {
         params: ResourceUpdatedNotificationParam,
         _context: NotificationContext<RoleClient>,
     ) {
-        for (target, public_uri) in self.relay.subscribers(&self.server, &params.uri) {
-            let sent = match target {
-                UpdateTarget::Session(peer) => {
-                    let mut params = params.clone();
-                    params.uri = public_uri;
-                    peer.notify_resource_updated(params)
-                        .await
-                        .map_err(|error| error.to_string())
-                }
-                UpdateTarget::Listen(sink) => sink
-                    .notify_resource_updated(public_uri)
-                    .await
-                    .map_err(|error| error.to_string()),
-            };
-            if let Err(error) = sent {
-                tracing::debug!(server = %self.server, error = %error, "could not pass a resource update on");
-            }
-        }
+        pass_resource_update(&self.relay, &self.server, params).await;
     }
 
     async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
@@ -272,4 +255,32 @@ fn unexpected(method: &str) -> McpError {
         format!("the client answered `{method}` with another kind of result"),
         None,
     )
+}
+
+/// A server's resource changed: tell every session and listen stream subscribed to it, under
+/// the URI each knows it by. Updates come here from `resources/subscribe` (as notifications on
+/// the connection) and from a 2026-07-28 server's `subscriptions/listen` stream.
+pub(super) async fn pass_resource_update(
+    relay: &Relay,
+    server: &ServerName,
+    params: ResourceUpdatedNotificationParam,
+) {
+    for (target, public_uri) in relay.subscribers(server, &params.uri) {
+        let sent = match target {
+            UpdateTarget::Session(peer) => {
+                let mut params = params.clone();
+                params.uri = public_uri;
+                peer.notify_resource_updated(params)
+                    .await
+                    .map_err(|error| error.to_string())
+            }
+            UpdateTarget::Listen(sink) => sink
+                .notify_resource_updated(public_uri)
+                .await
+                .map_err(|error| error.to_string()),
+        };
+        if let Err(error) = sent {
+            tracing::debug!(server = %server, error = %error, "could not pass a resource update on");
+        }
+    }
 }

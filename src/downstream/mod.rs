@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rmcp::model::{CacheScope, ClientCapabilities, ErrorCode, ProtocolVersion, ServerPeerInfo};
+use rmcp::model::{
+    CacheScope, ClientCapabilities, ErrorCode, ProtocolVersion, ServerNotification, ServerPeerInfo,
+    SubscriptionFilter,
+};
 use rmcp::service::MergedList;
 use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
 use rmcp::service::{Peer, RoleClient, RunningServiceCancellationToken, ServiceError};
@@ -116,6 +119,23 @@ pub struct Connection {
     relay: Arc<Relay>,
     cancel: std::sync::Mutex<Option<RunningServiceCancellationToken>>,
     task: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// A 2026-07-28 server's resource subscriptions, as one `subscriptions/listen` stream.
+    /// An async lock, held while a new stream is acknowledged: changes apply in order.
+    resource_stream: tokio::sync::Mutex<Option<ResourceStream>>,
+}
+
+/// An open `subscriptions/listen` stream for resource updates, and the task passing them on.
+/// Dropping it ends the task, which drops rmcp's subscription, which cancels the request.
+#[derive(Debug)]
+struct ResourceStream {
+    uris: Vec<String>,
+    forwarding: JoinHandle<()>,
+}
+
+impl Drop for ResourceStream {
+    fn drop(&mut self) {
+        self.forwarding.abort();
+    }
 }
 
 /// Counts one request on a connection while it lives.
@@ -313,6 +333,53 @@ impl Connection {
         });
     }
 
+    /// Whether the server takes resource subscriptions as a `subscriptions/listen` stream
+    /// (2026-07-28) rather than `resources/subscribe`, which it refuses.
+    pub fn listens_for_resources(&self) -> bool {
+        self.info.protocol_version >= ProtocolVersion::V_2026_07_28
+    }
+
+    /// Have the server send updates for exactly the resources of it that have subscribers
+    /// now. A listen stream's filter is fixed, so a new stream replaces the old one, which ends
+    /// only once the new one is acknowledged: no update falls between them. No URIs, no stream.
+    pub async fn listen_for_resources(&self) -> Result<(), ServiceError> {
+        let mut current = self.resource_stream.lock().await;
+        // Read under the lock: of two changes at once, the later stream has both.
+        let uris = self.relay.subscribed_uris(&self.server);
+        if current.as_ref().map(|stream| &stream.uris) == Some(&uris) {
+            return Ok(());
+        }
+        if uris.is_empty() {
+            *current = None;
+            return Ok(());
+        }
+        let mut filter = SubscriptionFilter::new();
+        filter.resource_subscriptions = Some(uris.clone());
+        let mut subscription = self.peer.listen(filter).await?;
+        let (relay, server, ended) = (self.relay.clone(), self.server.clone(), self.ended.clone());
+        let forwarding = tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = subscription.next() => next,
+                    () = ended.cancelled() => return,
+                };
+                match next {
+                    Ok(Some(ServerNotification::ResourceUpdatedNotification(update))) => {
+                        client::pass_resource_update(&relay, &server, update.params).await;
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => return,
+                    Err(error) => {
+                        tracing::debug!(server = %server, error = %error, "the resource listen stream failed");
+                        return;
+                    }
+                }
+            }
+        });
+        *current = Some(ResourceStream { uris, forwarding });
+        Ok(())
+    }
+
     /// Stop the connection: close the transport, and for a child, its stdin; a child still
     /// running after `grace` gets SIGTERM (its whole process group), and after `grace` again
     /// SIGKILL. Calls still in flight fail with "connection closed".
@@ -433,6 +500,7 @@ where
         relay,
         cancel: std::sync::Mutex::new(Some(cancel)),
         task: std::sync::Mutex::new(Some(task)),
+        resource_stream: tokio::sync::Mutex::new(None),
     })
 }
 

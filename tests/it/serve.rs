@@ -856,6 +856,162 @@ async fn resource_updates_reach_subscribers_of_both_eras() {
     wait_for_event(&config, "unsubscribed fixture://readme").await;
 }
 
+/// A 2026-07-28 server refuses `resources/subscribe`: conductor keeps one
+/// `subscriptions/listen` stream to it with every subscribed resource, replaced as the set
+/// changes, and passes its updates to the subscribers, who may speak any version.
+#[tokio::test]
+#[allow(
+    deprecated,
+    reason = "resources/subscribe is what clients before 2026-07-28 use"
+)]
+async fn a_2026_server_gets_subscriptions_as_one_listen_stream() {
+    use rmcp::model::{SubscribeRequestParams, UnsubscribeRequestParams};
+    let config = TestConfig::new("");
+    let events = config.events_file().display().to_string();
+    std::fs::write(
+        &config.path,
+        format!(
+            "[servers.content]\ncommand = \"{}\"\nargs = [\"content\"]\nprotocol = \"discover\"\n\
+             env = {{ FIXTURE_EVENTS = \"{events}\", FIXTURE_PROTOCOL = \"2026-07-28\" }}\n",
+            super::support::FIXTURE
+        ),
+    )
+    .unwrap();
+    let session = serve(&config).await;
+    session
+        .subscribe(SubscribeRequestParams::new("fixture://readme"))
+        .await
+        .unwrap();
+    wait_for_event(&config, "listening fixture://readme").await;
+    session
+        .subscribe(SubscribeRequestParams::new("fixture://items/7"))
+        .await
+        .unwrap();
+    wait_for_event(&config, "listening fixture://items/7,fixture://readme").await;
+    wait_for_event(&config, "stopped listening fixture://readme").await;
+
+    call(
+        &session,
+        "content__touch",
+        json!({"uri": "fixture://items/7"}),
+    )
+    .await;
+    let recorder = session.service().recorder.clone();
+    recorder.wait_for("updated fixture://items/7", 1).await;
+
+    session
+        .unsubscribe(UnsubscribeRequestParams::new("fixture://items/7"))
+        .await
+        .unwrap();
+    let count = |event: &str| {
+        std::fs::read_to_string(config.events_file())
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| *line == event)
+            .count()
+    };
+    for _ in 0..100 {
+        if count("listening fixture://readme") == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        count("listening fixture://readme"),
+        2,
+        "listening again for the one left"
+    );
+    session
+        .unsubscribe(UnsubscribeRequestParams::new("fixture://readme"))
+        .await
+        .unwrap();
+    wait_for_event(
+        &config,
+        "stopped listening fixture://items/7,fixture://readme",
+    )
+    .await;
+    // The last stream ends with the last subscription.
+    let recorded = || std::fs::read_to_string(config.events_file()).unwrap_or_default();
+    for _ in 0..100 {
+        let text = recorded();
+        let opened = text
+            .lines()
+            .filter(|line| line.starts_with("listening"))
+            .count();
+        let ended = text
+            .lines()
+            .filter(|line| line.starts_with("stopped listening"))
+            .count();
+        if opened == ended {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = recorded();
+    assert_eq!(
+        text.lines()
+            .filter(|line| line.starts_with("listening"))
+            .count(),
+        text.lines()
+            .filter(|line| line.starts_with("stopped listening"))
+            .count(),
+        "every stream ended: {text}"
+    );
+    assert!(
+        !text.lines().any(|line| line.starts_with("subscribed ")),
+        "no resources/subscribe to a 2026 server: {text}"
+    );
+}
+
+/// A session that ends without unsubscribing: its server is told once no session is left
+/// watching the resource, not before.
+#[tokio::test]
+#[allow(
+    deprecated,
+    reason = "resources/subscribe is what clients before 2026-07-28 use"
+)]
+async fn a_session_that_ends_unsubscribes_what_only_it_watched() {
+    use rmcp::model::SubscribeRequestParams;
+    let config = TestConfig::new("");
+    let events = config.events_file().display().to_string();
+    std::fs::write(
+        &config.path,
+        format!(
+            "[servers.content]\ncommand = \"{}\"\nargs = [\"content\"]\nenv = {{ FIXTURE_EVENTS = \"{events}\" }}\n",
+            super::support::FIXTURE
+        ),
+    )
+    .unwrap();
+    let server = super::support::HttpConductor::start(&config).await;
+    let first = super::support::http_session(&server.mcp(), None).await;
+    let second = super::support::http_session(&server.mcp(), None).await;
+    for session in [&first, &second] {
+        session
+            .subscribe(SubscribeRequestParams::new("fixture://readme"))
+            .await
+            .unwrap();
+    }
+    wait_for_event(&config, "subscribed fixture://readme").await;
+    let unsubscribed = || {
+        std::fs::read_to_string(config.events_file())
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| *line == "unsubscribed fixture://readme")
+            .count()
+    };
+    first.cancel().await.unwrap();
+    // The second session still watches it: given time to (wrongly) unsubscribe, none comes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        unsubscribed(),
+        0,
+        "unsubscribed while a session still watched"
+    );
+    second.cancel().await.unwrap();
+    wait_for_event(&config, "unsubscribed fixture://readme").await;
+    assert_eq!(unsubscribed(), 1);
+}
+
 /// A session's own child is offered only what its client can do; a shared child, started
 /// before any client, is offered everything (and conductor refuses per request what the
 /// current client cannot do).
