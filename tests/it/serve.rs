@@ -291,6 +291,32 @@ async fn wait_for_event(config: &TestConfig, event: &str) {
     );
 }
 
+/// How many times the fixture recorded `event`.
+fn recorded(config: &TestConfig, event: &str) -> usize {
+    std::fs::read_to_string(config.events_file())
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| *line == event)
+        .count()
+}
+
+/// A config with the content fixture recording its events; `keys` are more keys of its
+/// table, `env` more entries of its environment (each starting with a comma).
+fn content_config(keys: &str, env: &str) -> TestConfig {
+    let config = TestConfig::new("");
+    let events = config.events_file().display().to_string();
+    std::fs::write(
+        &config.path,
+        format!(
+            "[servers.content]\ncommand = \"{}\"\nargs = [\"content\"]\n{keys}\
+             env = {{ FIXTURE_EVENTS = \"{events}\"{env} }}\n",
+            super::support::FIXTURE
+        ),
+    )
+    .unwrap();
+    config
+}
+
 #[tokio::test]
 async fn a_call_timeout_answers_the_client_and_cancels_downstream() {
     let config = slow_fixture("call_timeout = \"300ms\"\n");
@@ -790,16 +816,7 @@ async fn resource_updates_reach_subscribers_of_both_eras() {
     use rmcp::model::{
         ProtocolVersion, ServerNotification, SubscribeRequestParams, SubscriptionFilter,
     };
-    let config = TestConfig::new("");
-    let events = config.events_file().display().to_string();
-    std::fs::write(
-        &config.path,
-        format!(
-            "[servers.content]\ncommand = \"{}\"\nargs = [\"content\"]\nenv = {{ FIXTURE_EVENTS = \"{events}\" }}\n",
-            super::support::FIXTURE
-        ),
-    )
-    .unwrap();
+    let config = content_config("", "");
     let session = serve(&config).await;
     session
         .subscribe(SubscribeRequestParams::new("fixture://readme"))
@@ -866,17 +883,10 @@ async fn resource_updates_reach_subscribers_of_both_eras() {
 )]
 async fn a_2026_server_gets_subscriptions_as_one_listen_stream() {
     use rmcp::model::{SubscribeRequestParams, UnsubscribeRequestParams};
-    let config = TestConfig::new("");
-    let events = config.events_file().display().to_string();
-    std::fs::write(
-        &config.path,
-        format!(
-            "[servers.content]\ncommand = \"{}\"\nargs = [\"content\"]\nprotocol = \"discover\"\n\
-             env = {{ FIXTURE_EVENTS = \"{events}\", FIXTURE_PROTOCOL = \"2026-07-28\" }}\n",
-            super::support::FIXTURE
-        ),
-    )
-    .unwrap();
+    let config = content_config(
+        "protocol = \"discover\"\n",
+        ", FIXTURE_PROTOCOL = \"2026-07-28\"",
+    );
     let session = serve(&config).await;
     session
         .subscribe(SubscribeRequestParams::new("fixture://readme"))
@@ -903,21 +913,14 @@ async fn a_2026_server_gets_subscriptions_as_one_listen_stream() {
         .unsubscribe(UnsubscribeRequestParams::new("fixture://items/7"))
         .await
         .unwrap();
-    let count = |event: &str| {
-        std::fs::read_to_string(config.events_file())
-            .unwrap_or_default()
-            .lines()
-            .filter(|line| *line == event)
-            .count()
-    };
     for _ in 0..100 {
-        if count("listening fixture://readme") == 2 {
+        if recorded(&config, "listening fixture://readme") == 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
-        count("listening fixture://readme"),
+        recorded(&config, "listening fixture://readme"),
         2,
         "listening again for the one left"
     );
@@ -972,16 +975,7 @@ async fn a_2026_server_gets_subscriptions_as_one_listen_stream() {
 )]
 async fn a_session_that_ends_unsubscribes_what_only_it_watched() {
     use rmcp::model::SubscribeRequestParams;
-    let config = TestConfig::new("");
-    let events = config.events_file().display().to_string();
-    std::fs::write(
-        &config.path,
-        format!(
-            "[servers.content]\ncommand = \"{}\"\nargs = [\"content\"]\nenv = {{ FIXTURE_EVENTS = \"{events}\" }}\n",
-            super::support::FIXTURE
-        ),
-    )
-    .unwrap();
+    let config = content_config("", "");
     let server = super::support::HttpConductor::start(&config).await;
     let first = super::support::http_session(&server.mcp(), None).await;
     let second = super::support::http_session(&server.mcp(), None).await;
@@ -992,13 +986,7 @@ async fn a_session_that_ends_unsubscribes_what_only_it_watched() {
             .unwrap();
     }
     wait_for_event(&config, "subscribed fixture://readme").await;
-    let unsubscribed = || {
-        std::fs::read_to_string(config.events_file())
-            .unwrap_or_default()
-            .lines()
-            .filter(|line| *line == "unsubscribed fixture://readme")
-            .count()
-    };
+    let unsubscribed = || recorded(&config, "unsubscribed fixture://readme");
     first.cancel().await.unwrap();
     // The second session still watches it: given time to (wrongly) unsubscribe, none comes.
     tokio::time::sleep(Duration::from_millis(500)).await;
