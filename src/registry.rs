@@ -703,6 +703,7 @@ impl Registry {
                     return false;
                 }
                 self.watch_health(server, &connection);
+                self.renew_subscriptions(server);
                 if opening == Opening::Restart {
                     self.publish();
                 }
@@ -843,6 +844,17 @@ impl Registry {
                 return;
             }
         });
+    }
+
+    /// A server that restarted or woke knows nothing of what its clients subscribed to:
+    /// subscribe it again, through the router like any request to it.
+    fn renew_subscriptions(self: &Arc<Self>, server: &ServerName) {
+        if self.relay.subscribed_uris(server).is_empty() {
+            return;
+        }
+        let router = crate::router::Router::new(self.clone());
+        let server = server.clone();
+        tokio::spawn(async move { router.resubscribe(&server).await });
     }
 
     /// Stop lazily started servers and session children that have not been used for their

@@ -471,6 +471,30 @@ impl Router {
         }
     }
 
+    /// Subscribe a server that came back to every resource of it that has subscribers
+    /// (a session's own child is new to its session, and subscribed through it).
+    pub async fn resubscribe(&self, server: &ServerName) {
+        let shared = self
+            .registry
+            .spec(server)
+            .is_some_and(|spec| spec.supervision.isolation != Isolation::Session);
+        if !shared {
+            return;
+        }
+        let caller = Caller::detached(CancellationToken::new());
+        for uri in self.registry.relay().subscribed_uris(server) {
+            let params = SubscribeRequestParams::new(uri.clone());
+            let request = ClientRequest::SubscribeRequest(SubscribeRequest::new(params));
+            let what = format!("resources/subscribe {uri}");
+            if let Err(error) = self
+                .tell_subscriptions(server, what, request, &caller)
+                .await
+            {
+                tracing::warn!(server = %server, uri, error = %error, "could not subscribe again after the server came back");
+            }
+        }
+    }
+
     /// The owner of a public resource URI, and the URI it knows.
     fn resource_route(&self, public_uri: &str) -> Result<ResourceRoute, CallError> {
         self.registry

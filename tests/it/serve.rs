@@ -300,6 +300,13 @@ fn recorded(config: &TestConfig, event: &str) -> usize {
         .count()
 }
 
+/// Have the content fixture say `uri` changed, and wait until `session` hears of it.
+async fn touch_and_hear(session: &super::support::Session, uri: &str) {
+    call(session, "content__touch", json!({ "uri": uri })).await;
+    let recorder = session.service().recorder.clone();
+    recorder.wait_for(&format!("updated {uri}"), 1).await;
+}
+
 /// A config with the content fixture recording its events; `keys` are more keys of its
 /// table, `env` more entries of its environment (each starting with a comma).
 fn content_config(keys: &str, env: &str) -> TestConfig {
@@ -823,14 +830,7 @@ async fn resource_updates_reach_subscribers_of_both_eras() {
         .await
         .unwrap();
     wait_for_event(&config, "subscribed fixture://readme").await;
-    call(
-        &session,
-        "content__touch",
-        json!({"uri": "fixture://readme"}),
-    )
-    .await;
-    let recorder = session.service().recorder.clone();
-    recorder.wait_for("updated fixture://readme", 1).await;
+    touch_and_hear(&session, "fixture://readme").await;
 
     // A 2026-07-28 client listens instead; its stream shares the owner's one subscription.
     let client = super::support::TestClient {
@@ -900,14 +900,7 @@ async fn a_2026_server_gets_subscriptions_as_one_listen_stream() {
     wait_for_event(&config, "listening fixture://items/7,fixture://readme").await;
     wait_for_event(&config, "stopped listening fixture://readme").await;
 
-    call(
-        &session,
-        "content__touch",
-        json!({"uri": "fixture://items/7"}),
-    )
-    .await;
-    let recorder = session.service().recorder.clone();
-    recorder.wait_for("updated fixture://items/7", 1).await;
+    touch_and_hear(&session, "fixture://items/7").await;
 
     session
         .unsubscribe(UnsubscribeRequestParams::new("fixture://items/7"))
@@ -964,6 +957,49 @@ async fn a_2026_server_gets_subscriptions_as_one_listen_stream() {
         !text.lines().any(|line| line.starts_with("subscribed ")),
         "no resources/subscribe to a 2026 server: {text}"
     );
+}
+
+/// A server that crashed and came back knows nothing of its old subscriptions: conductor
+/// subscribes it again, by `resources/subscribe` or by a listen stream, and updates flow.
+#[tokio::test]
+#[allow(
+    deprecated,
+    reason = "resources/subscribe is what clients before 2026-07-28 use"
+)]
+async fn a_restarted_server_is_subscribed_again() {
+    use rmcp::model::SubscribeRequestParams;
+    let crashing = ", FIXTURE_CRASH_AFTER_MS = \"3000\"";
+    for (keys, env, event) in [
+        (
+            String::new(),
+            crashing.to_owned(),
+            "subscribed fixture://readme",
+        ),
+        (
+            "protocol = \"discover\"\n".to_owned(),
+            format!("{crashing}, FIXTURE_PROTOCOL = \"2026-07-28\""),
+            "listening fixture://readme",
+        ),
+    ] {
+        let config = content_config(&format!("restart_delay = \"50ms\"\n{keys}"), &env);
+        let session = serve(&config).await;
+        session
+            .subscribe(SubscribeRequestParams::new("fixture://readme"))
+            .await
+            .unwrap();
+        for _ in 0..200 {
+            if recorded(&config, event) >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            recorded(&config, event),
+            2,
+            "{event}, again after the restart"
+        );
+        touch_and_hear(&session, "fixture://readme").await;
+    }
 }
 
 /// A session that ends without unsubscribing: its server is told once no session is left
