@@ -658,16 +658,12 @@ async fn server_everything_asks_the_typescript_clients_through_conductor() {
             r#"{"prompt": "hi"}"#,
         )
         .await;
-        assert_eq!(sampled["sampling"], 1, "{pairing}: {sampled:#}");
-        assert!(
-            sampled["call"].to_string().contains("a sample from node"),
-            "{pairing}: {sampled:#}"
-        );
         let elicited = run("everything__trigger-elicitation-request", "{}").await;
-        assert_eq!(elicited["elicitation"], 1, "{pairing}: {elicited:#}");
-        assert!(
-            elicited["call"].to_string().contains("Ada"),
-            "{pairing}: {elicited:#}"
+        super::support::assert_sampled_and_elicited(
+            &pairing,
+            &sampled,
+            "a sample from node",
+            &elicited,
         );
         // server-everything keeps the roots it fetched when it started, before any client was
         // here; a client that declares roots makes conductor tell it to ask again, which it

@@ -278,16 +278,20 @@ fn slow_fixture(extra: &str) -> TestConfig {
 }
 
 async fn wait_for_event(config: &TestConfig, event: &str) {
-    let path = config.events_file();
+    wait_for_recorded(config, event, 1).await;
+}
+
+/// Wait (up to 10 s) until the fixture has recorded `event` at least `times` times.
+async fn wait_for_recorded(config: &TestConfig, event: &str, times: usize) {
     for _ in 0..100 {
-        if std::fs::read_to_string(&path).is_ok_and(|text| text.lines().any(|line| line == event)) {
+        if recorded(config, event) >= times {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!(
-        "the fixture never recorded `{event}`; it recorded: {:?}",
-        std::fs::read_to_string(&path).unwrap_or_default()
+        "the fixture never recorded `{event}` {times} times; it recorded: {:?}",
+        std::fs::read_to_string(config.events_file()).unwrap_or_default()
     );
 }
 
@@ -902,48 +906,29 @@ async fn a_2026_server_gets_subscriptions_as_one_listen_stream() {
 
     touch_and_hear(&session, "fixture://items/7").await;
 
+    // Narrowed: a stream for the one left replaces the stream for both.
     session
         .unsubscribe(UnsubscribeRequestParams::new("fixture://items/7"))
         .await
         .unwrap();
-    for _ in 0..100 {
-        if recorded(&config, "listening fixture://readme") == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_recorded(&config, "listening fixture://readme", 2).await;
     assert_eq!(
         recorded(&config, "listening fixture://readme"),
         2,
         "listening again for the one left"
     );
-    session
-        .unsubscribe(UnsubscribeRequestParams::new("fixture://readme"))
-        .await
-        .unwrap();
     wait_for_event(
         &config,
         "stopped listening fixture://items/7,fixture://readme",
     )
     .await;
     // The last stream ends with the last subscription.
-    let recorded = || std::fs::read_to_string(config.events_file()).unwrap_or_default();
-    for _ in 0..100 {
-        let text = recorded();
-        let opened = text
-            .lines()
-            .filter(|line| line.starts_with("listening"))
-            .count();
-        let ended = text
-            .lines()
-            .filter(|line| line.starts_with("stopped listening"))
-            .count();
-        if opened == ended {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let text = recorded();
+    session
+        .unsubscribe(UnsubscribeRequestParams::new("fixture://readme"))
+        .await
+        .unwrap();
+    wait_for_recorded(&config, "stopped listening fixture://readme", 2).await;
+    let text = std::fs::read_to_string(config.events_file()).unwrap_or_default();
     assert_eq!(
         text.lines()
             .filter(|line| line.starts_with("listening"))
@@ -987,12 +972,7 @@ async fn a_restarted_server_is_subscribed_again() {
             .subscribe(SubscribeRequestParams::new("fixture://readme"))
             .await
             .unwrap();
-        for _ in 0..200 {
-            if recorded(&config, event) >= 2 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for_recorded(&config, event, 2).await;
         assert_eq!(
             recorded(&config, event),
             2,

@@ -396,6 +396,26 @@ pub async fn http_session(url: &str, token: Option<&str>) -> Session {
         .expect("an MCP session over HTTP")
 }
 
+/// A client script's reports on server-everything's sampling and elicitation tools: it was
+/// asked once each, and the tool got its answers (`sample`, and the name Ada) back.
+pub fn assert_sampled_and_elicited(
+    label: &str,
+    sampled: &serde_json::Value,
+    sample: &str,
+    elicited: &serde_json::Value,
+) {
+    assert_eq!(sampled["sampling"], 1, "{label}: {sampled:#}");
+    assert!(
+        sampled["call"].to_string().contains(sample),
+        "{label}: {sampled:#}"
+    );
+    assert_eq!(elicited["elicitation"], 1, "{label}: {elicited:#}");
+    assert!(
+        elicited["call"].to_string().contains("Ada"),
+        "{label}: {elicited:#}"
+    );
+}
+
 /// Run `tests/peers/py_client.py` (the official Python SDK client) with `options` against
 /// `target` (a command, or one URL) and return its JSON report; fail if it failed.
 pub async fn py_client(options: &[&str], target: &[&str]) -> serde_json::Value {
