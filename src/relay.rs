@@ -2,8 +2,8 @@
 //! and its own requests for sampling, elicitation and roots) goes to the client whose request
 //! caused it; resource updates go to the clients that subscribed to that resource.
 //!
-//! The router registers each request it sends on a client's behalf; the downstream's client
-//! handler (`downstream::client`) looks up where to send what arrives.
+//! The router registers each request it sends on a client's behalf, before it goes out; the
+//! downstream's client handler (`downstream::client`) looks up where to send what arrives.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,10 +48,11 @@ struct Subscriber {
 /// Where what downstreams send back goes.
 #[derive(Debug, Default)]
 pub struct Relay {
-    /// Per connection, its requests in flight by the progress token conductor gave them,
-    /// oldest first: a downstream's own requests and log messages name no request, so they go
-    /// to the latest one's client.
-    active: DashMap<ConnectionId, Vec<(ProgressToken, Origin)>>,
+    /// Per connection, its requests in flight, oldest first: a downstream's own requests and
+    /// log messages name no request, so they go to the latest one's client.
+    active: DashMap<ConnectionId, Vec<Active>>,
+    /// Numbers the registrations, so each can be found again to be given its token or dropped.
+    registrations: AtomicU64,
     /// Per connection, the client of its last request, for what arrives between requests.
     last: DashMap<ConnectionId, Peer<RoleServer>>,
     /// Subscriptions, by server and the URI the server knows.
@@ -64,39 +65,59 @@ pub struct Relay {
     listeners: AtomicU64,
 }
 
+/// A request in flight on a connection.
+#[derive(Debug)]
+struct Active {
+    registration: u64,
+    /// The progress token rmcp gave it as it went out; `None` until then.
+    token: Option<ProgressToken>,
+    origin: Origin,
+}
+
 /// Keeps a request registered until dropped.
 #[derive(Debug)]
 pub struct InCall<'a> {
     relay: &'a Relay,
     connection: ConnectionId,
-    token: ProgressToken,
+    registration: u64,
+}
+
+impl InCall<'_> {
+    /// The request went out with this progress token: progress carrying it is the caller's.
+    pub fn sent(&self, token: ProgressToken) {
+        if let Some(mut active) = self.relay.active.get_mut(&self.connection)
+            && let Some(entry) = active
+                .iter_mut()
+                .find(|entry| entry.registration == self.registration)
+        {
+            entry.token = Some(token);
+        }
+    }
 }
 
 impl Drop for InCall<'_> {
     fn drop(&mut self) {
         if let Some(mut active) = self.relay.active.get_mut(&self.connection) {
-            active.retain(|(token, _)| *token != self.token);
+            active.retain(|entry| entry.registration != self.registration);
         }
     }
 }
 
 impl Relay {
-    /// Register a request sent on `connection` with `token`, made for `origin`.
-    pub fn register(
-        &self,
-        connection: ConnectionId,
-        token: ProgressToken,
-        origin: Origin,
-    ) -> InCall<'_> {
+    /// Register a request about to be sent on `connection` for `origin`. Registered before it
+    /// goes out: a downstream may ask its client something before the sender runs again.
+    pub fn register(&self, connection: ConnectionId, origin: Origin) -> InCall<'_> {
+        let registration = self.registrations.fetch_add(1, Ordering::Relaxed);
         self.last.insert(connection, origin.peer.clone());
-        self.active
-            .entry(connection)
-            .or_default()
-            .push((token.clone(), origin));
+        self.active.entry(connection).or_default().push(Active {
+            registration,
+            token: None,
+            origin,
+        });
         InCall {
             relay: self,
             connection,
-            token,
+            registration,
         }
     }
 
@@ -105,8 +126,8 @@ impl Relay {
         let active = self.active.get(&connection)?;
         active
             .iter()
-            .find(|(other, _)| other == token)
-            .map(|(_, origin)| origin.clone())
+            .find(|entry| entry.token.as_ref() == Some(token))
+            .map(|entry| entry.origin.clone())
     }
 
     /// The client a connection's own requests and log messages go to: that of its latest
@@ -136,7 +157,7 @@ impl Relay {
     pub fn caller_of(&self, connection: ConnectionId) -> Option<Origin> {
         self.active
             .get(&connection)
-            .and_then(|active| active.last().map(|(_, origin)| origin.clone()))
+            .and_then(|active| active.last().map(|entry| entry.origin.clone()))
     }
 
     /// Make `client` the one a server's `roots/list` outside any call goes to.

@@ -817,25 +817,26 @@ impl Router {
     ) -> Result<ServerResult, CallError> {
         let server = &spec.name;
         let options = request_options(spec, timeout);
-        let handle = connection
-            .peer
-            .send_request_with_option(request, options)
-            .await
-            .map_err(|error| classify(server, what, error))?;
-        let id = handle.id.clone();
-        let peer = handle.peer.clone();
         // What the downstream sends back during the request goes to this caller's client.
-        let _in_call = caller.client.clone().map(|client| {
+        let in_call = caller.client.clone().map(|client| {
             let origin = Origin {
                 peer: client,
                 progress_token: caller.progress_token.clone(),
                 capabilities: caller.capabilities.clone(),
                 asks: caller.asks.clone(),
             };
-            self.registry
-                .relay()
-                .register(connection.id, handle.progress_token.clone(), origin)
+            self.registry.relay().register(connection.id, origin)
         });
+        let handle = connection
+            .peer
+            .send_request_with_option(request, options)
+            .await
+            .map_err(|error| classify(server, what, error))?;
+        if let Some(in_call) = &in_call {
+            in_call.sent(handle.progress_token.clone());
+        }
+        let id = handle.id.clone();
+        let peer = handle.peer.clone();
         let outcome = tokio::select! {
             biased;
             response = handle.await_response() => response.map_err(|error| classify(server, what, error)),
