@@ -23,8 +23,8 @@ use rmcp::model::{
 };
 use rmcp::model::{
     CancelTaskParams, CancelTaskRequest, ClientCapabilities, GetTaskParams, GetTaskRequest,
-    InputResponses, ProgressToken, ProtocolVersion, Task, TaskPayload, UpdateTaskParams,
-    UpdateTaskRequest,
+    InputRequests, InputResponses, ProgressToken, ProtocolVersion, Task, TaskPayload,
+    UpdateTaskParams, UpdateTaskRequest,
 };
 use rmcp::service::{Peer, PeerRequestOptions, RoleServer, ServiceError};
 use tokio_util::sync::CancellationToken;
@@ -408,24 +408,22 @@ impl Router {
                 .await
                 .map(|_| ());
         }
-        let what = "subscriptions/listen".to_owned();
+        let what = "subscriptions/listen";
         match tokio::time::timeout(spec.call_timeout, connection.listen_for_resources()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(rmcp::ServiceError::McpError(error))) => Err(CallError::Downstream {
-                server: server.clone(),
-                error,
-            }),
-            Ok(Err(error)) => Err(CallError::Failed {
-                server: server.clone(),
-                what,
-                error: error.to_string(),
-            }),
+            Ok(listened) => listened.map_err(|error| classify(server, what, error)),
             Err(_) => Err(CallError::Timeout {
                 server: server.clone(),
-                what,
+                what: what.to_owned(),
                 after: spec.call_timeout,
             }),
         }
+    }
+
+    /// Whether the server's connections are shared by every session (not one child each).
+    fn shared(&self, server: &ServerName) -> bool {
+        self.registry
+            .spec(server)
+            .is_some_and(|spec| spec.supervision.isolation != Isolation::Session)
     }
 
     /// End a subscription; the resource's owner is told when no subscriber is left.
@@ -451,11 +449,7 @@ impl Router {
     /// session's own child stops with the session.
     pub async fn unsubscribe_abandoned(&self, abandoned: Vec<(ServerName, String)>) {
         for (server, uri) in abandoned {
-            let shared = self
-                .registry
-                .spec(&server)
-                .is_some_and(|spec| spec.supervision.isolation != Isolation::Session);
-            if !shared || self.registry.pick(&server).is_none() {
+            if !self.shared(&server) || self.registry.pick(&server).is_none() {
                 continue;
             }
             let params = UnsubscribeRequestParams::new(uri.clone());
@@ -474,11 +468,7 @@ impl Router {
     /// Subscribe a server that came back to every resource of it that has subscribers
     /// (a session's own child is new to its session, and subscribed through it).
     pub async fn resubscribe(&self, server: &ServerName) {
-        let shared = self
-            .registry
-            .spec(server)
-            .is_some_and(|spec| spec.supervision.isolation != Isolation::Session);
-        if !shared {
+        if !self.shared(server) {
             return;
         }
         let caller = Caller::detached(CancellationToken::new());
@@ -678,25 +668,8 @@ impl Router {
             else {
                 return outcome;
             };
-            let Some(client) = &caller.client else {
-                return Err(CallError::Failed {
-                    server: spec.name.clone(),
-                    what,
-                    error: "the server asks for input, and no client is there to give it"
-                        .to_owned(),
-                });
-            };
             let requests = input.input_requests.clone().unwrap_or_default();
-            let responses = Box::pin(bridge::fulfil(
-                client,
-                caller.capabilities.as_ref(),
-                requests,
-            ))
-            .await
-            .map_err(|error| CallError::Downstream {
-                server: spec.name.clone(),
-                error,
-            })?;
+            let responses = Box::pin(ask_for_input(spec, &what, requests, caller)).await?;
             request = with_input(again, responses, input.request_state.clone()).ok_or_else(|| {
                 CallError::Failed {
                     server: spec.name.clone(),
@@ -782,18 +755,7 @@ impl Router {
                     return Err(failed("the server cancelled the task".to_owned()));
                 }
                 TaskPayload::InputRequired { input_requests } => {
-                    let Some(client) = &caller.client else {
-                        return Err(failed(
-                            "the task asks for input, and no client is there to give it".to_owned(),
-                        ));
-                    };
-                    let responses =
-                        bridge::fulfil(client, caller.capabilities.as_ref(), input_requests)
-                            .await
-                            .map_err(|error| CallError::Downstream {
-                                server: spec.name.clone(),
-                                error,
-                            })?;
+                    let responses = ask_for_input(spec, what, input_requests, caller).await?;
                     let update = ClientRequest::UpdateTaskRequest(UpdateTaskRequest::new(
                         UpdateTaskParams::new(task_id.clone(), responses),
                     ));
@@ -862,6 +824,28 @@ impl Router {
         }
         outcome
     }
+}
+
+/// Ask the caller's client what a downstream (or its task) needs to go on.
+async fn ask_for_input(
+    spec: &ServerSpec,
+    what: &str,
+    requests: InputRequests,
+    caller: &Caller,
+) -> Result<InputResponses, CallError> {
+    let Some(client) = &caller.client else {
+        return Err(CallError::Failed {
+            server: spec.name.clone(),
+            what: what.to_owned(),
+            error: "the server asks for input, and no client is there to give it".to_owned(),
+        });
+    };
+    bridge::fulfil(client, caller.capabilities.as_ref(), requests)
+        .await
+        .map_err(|error| CallError::Downstream {
+            server: spec.name.clone(),
+            error,
+        })
 }
 
 /// `request` again, carrying a client's answers to the input it was asked for.
