@@ -1,6 +1,11 @@
 //! Resumable streams: every event rmcp sends on a Streamable HTTP stream is kept for a while,
 //! so a client whose connection dropped can reconnect with `Last-Event-ID` and get what it
 //! missed, then the rest of that stream as it happens.
+//!
+//! A session's own stream (its `GET`) also keeps what was sent while no `GET` was open: with
+//! an event store rmcp gives a new `GET` only what is sent after it opens, so a request or
+//! notification sent between `initialize` and the client's `GET` (conductor asks a new client
+//! for its roots then) would be lost. [`MemoryEventStore::open_session_stream`] hands it over.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -35,10 +40,29 @@ struct StreamLog {
     touched: Instant,
     /// Its final message (a request's answer) is in.
     answered: bool,
+    /// For a session's own stream: how many `GET`s are reading it.
+    readers: usize,
+    /// For a session's own stream: the first event sent while no `GET` was reading it, and not
+    /// handed to one since.
+    unread_from: Option<u64>,
 }
 
 impl StreamLog {
+    fn new() -> Self {
+        StreamLog {
+            events: Vec::new(),
+            live: None,
+            touched: Instant::now(),
+            answered: false,
+            readers: 0,
+            unread_from: None,
+        }
+    }
+
     fn expired(&self) -> bool {
+        if self.readers > 0 {
+            return false;
+        }
         let keep = if self.answered {
             KEEP_ANSWERED
         } else {
@@ -79,6 +103,50 @@ impl MemoryEventStore {
         drop(swept);
         self.streams.retain(|_, log| !log.expired());
     }
+
+    /// A `GET` opens `session`'s own stream: what was sent on it while no `GET` was reading,
+    /// for the new one to deliver before what rmcp sends it from now on. Pair with
+    /// [`MemoryEventStore::close_session_stream`].
+    pub fn open_session_stream(&self, session: &str) -> Vec<ServerSseMessage> {
+        let mut log = self
+            .streams
+            .entry(session_stream(session))
+            .or_insert_with(StreamLog::new);
+        log.readers += 1;
+        log.touched = Instant::now();
+        let Some(from) = log.unread_from.take() else {
+            return Vec::new();
+        };
+        log.events
+            .iter()
+            .filter(|(sequence, event)| *sequence >= from && event.message.is_some())
+            .map(|(_, event)| event.clone())
+            .collect()
+    }
+
+    /// A `GET` of `session`'s own stream ended.
+    pub fn close_session_stream(&self, session: &str) {
+        if let Some(mut log) = self.streams.get_mut(&session_stream(session)) {
+            log.readers = log.readers.saturating_sub(1);
+            log.touched = Instant::now();
+        }
+    }
+}
+
+/// An event as the SSE frame rmcp would write for it; `None` for one without a message.
+pub fn sse_frame(event: &ServerSseMessage) -> Option<axum::body::Bytes> {
+    let message = serde_json::to_string(event.message.as_deref()?).ok()?;
+    let id = event
+        .event_id
+        .as_deref()
+        .map(|id| format!("id: {id}\n"))
+        .unwrap_or_default();
+    Some(format!("{id}data: {message}\n\n").into())
+}
+
+/// rmcp's name for a session's own stream in the store.
+fn session_stream(session: &str) -> String {
+    format!("{session}:common")
 }
 
 /// Event ids are `<stream>#<sequence>`: the stream to replay, and where in it.
@@ -112,14 +180,12 @@ impl EventStore for MemoryEventStore {
         let mut log = self
             .streams
             .entry(stream_id.to_owned())
-            .or_insert_with(|| StreamLog {
-                events: Vec::new(),
-                live: None,
-                touched: Instant::now(),
-                answered: false,
-            });
+            .or_insert_with(StreamLog::new);
         if log.events.len() >= EVENTS_PER_STREAM {
             log.events.remove(0);
+        }
+        if log.readers == 0 && log.unread_from.is_none() && stream_id.ends_with(":common") {
+            log.unread_from = Some(sequence);
         }
         log.answered |= is_final(&kept);
         log.touched = Instant::now();
@@ -182,6 +248,42 @@ impl EventStore for MemoryEventStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ping(id: i64) -> ServerSseMessage {
+        let message: rmcp::model::ServerJsonRpcMessage = serde_json::from_value(
+            serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "ping"}),
+        )
+        .unwrap();
+        ServerSseMessage::from_message(message)
+    }
+
+    fn ids(events: &[ServerSseMessage]) -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|event| serde_json::to_value(event.message.as_deref()?).ok())
+            .map(|message| message["id"].to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn what_no_get_read_is_handed_to_the_next_get_once() {
+        let store = MemoryEventStore::default();
+        store.store_event("s:common", &ping(1)).await.unwrap();
+        store.store_event("s:common", &ping(2)).await.unwrap();
+        store.store_event("request", &ping(9)).await.unwrap();
+        assert_eq!(ids(&store.open_session_stream("s")), ["1", "2"]);
+        // Sent while a GET reads: rmcp delivers it, so it is not handed over again.
+        store.store_event("s:common", &ping(3)).await.unwrap();
+        assert!(store.open_session_stream("s").is_empty(), "a second GET");
+        store.close_session_stream("s");
+        store.close_session_stream("s");
+        store.store_event("s:common", &ping(4)).await.unwrap();
+        assert_eq!(ids(&store.open_session_stream("s")), ["4"]);
+        assert_eq!(
+            sse_frame(&ping(5)).unwrap(),
+            "data: {\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"ping\"}\n\n"
+        );
+    }
 
     #[test]
     fn event_ids_name_their_stream_and_place() {

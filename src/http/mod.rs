@@ -15,6 +15,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures::StreamExt;
 use rmcp::transport::streamable_http_server::session::local::{LocalSessionManager, SessionConfig};
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use serde_json::{Value, json};
@@ -47,6 +48,8 @@ struct Shared {
     registry: Arc<Registry>,
     settings: HttpSettings,
     sessions: Arc<LocalSessionManager>,
+    /// The sessions' kept events (also rmcp's event store).
+    events: Arc<events::MemoryEventStore>,
     legacy: Arc<sse::SseSessions>,
     /// `Host` and `Origin` values accepted on every MCP route (DNS rebinding, foreign pages).
     hosts: Vec<String>,
@@ -78,8 +81,8 @@ pub fn app(
     let settings = registry.config().http.clone();
     let mut session_config = SessionConfig::default();
     session_config.keep_alive = Some(settings.session_idle);
-    let mut sessions = LocalSessionManager::default()
-        .with_event_store(Arc::new(events::MemoryEventStore::default()));
+    let events = Arc::new(events::MemoryEventStore::default());
+    let mut sessions = LocalSessionManager::default().with_event_store(events.clone());
     sessions.session_config = session_config;
     let sessions = Arc::new(sessions);
 
@@ -119,6 +122,7 @@ pub fn app(
         registry,
         settings,
         sessions,
+        events,
         legacy: legacy.clone(),
         hosts,
         origins,
@@ -139,6 +143,10 @@ pub fn app(
             check_host_and_origin,
         ))
         .layer(middleware::from_fn_with_state(shared.clone(), check_post))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            deliver_unread,
+        ))
         .layer(middleware::from_fn_with_state(shared.clone(), authenticate));
     axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -239,6 +247,81 @@ async fn check_post(State(shared): State<Arc<Shared>>, request: Request, next: N
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
+}
+
+/// A session's `GET /mcp` delivers first what was sent on the session's own stream while no
+/// `GET` was reading it (see `events`), then what rmcp streams. A `GET` resuming that stream
+/// with `Last-Event-ID` gets it from the store instead, and only counts as reading.
+async fn deliver_unread(
+    State(shared): State<Arc<Shared>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let session = request
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let (true, Some(session)) = (
+        request.method() == axum::http::Method::GET && request.uri().path() == "/mcp",
+        session,
+    ) else {
+        return next.run(request).await;
+    };
+    let resumed = request
+        .headers()
+        .get("last-event-id")
+        .map(|value| value.to_str().unwrap_or_default().to_owned());
+    let resumes_own_stream = resumed
+        .as_deref()
+        .is_some_and(|id| id.starts_with(&format!("{session}:common#")));
+    if resumed.is_some() && !resumes_own_stream {
+        return next.run(request).await;
+    }
+    let unread = shared.events.open_session_stream(&session);
+    let reading = Reading {
+        events: shared.events.clone(),
+        session,
+    };
+    let response = next.run(request).await;
+    let streams = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"));
+    if !response.status().is_success() || !streams {
+        return response;
+    }
+    let unread = if resumes_own_stream {
+        Vec::new()
+    } else {
+        unread
+    };
+    let unread = futures::stream::iter(
+        unread
+            .iter()
+            .filter_map(events::sse_frame)
+            .map(Ok::<_, axum::Error>)
+            .collect::<Vec<_>>(),
+    );
+    let (parts, body) = response.into_parts();
+    let rest = body.into_data_stream().map(move |chunk| {
+        // Held as long as the stream is read: dropped with it, it ends the reading.
+        let _reading = &reading;
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(unread.chain(rest)))
+}
+
+/// A `GET` reading a session's own stream; dropped when it ends.
+struct Reading {
+    events: Arc<events::MemoryEventStore>,
+    session: String,
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.events.close_session_stream(&self.session);
+    }
 }
 
 pub(crate) fn json_rpc_error(code: i32, message: &str) -> Response {
