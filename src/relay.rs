@@ -5,11 +5,16 @@
 //! The router registers each request it sends on a client's behalf, before it goes out; the
 //! downstream's client handler (`downstream::client`) looks up where to send what arrives.
 
+#![allow(
+    deprecated,
+    reason = "roots are deprecated in 2026-07-28; older peers still use them"
+)]
+
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
-use rmcp::model::{ClientCapabilities, ProgressToken};
+use rmcp::model::{ClientCapabilities, ListRootsResult, ProgressToken};
 use rmcp::service::{Peer, RoleServer, SubscriptionSink};
 
 use crate::bridge::Asks;
@@ -59,8 +64,10 @@ pub struct Relay {
     subscriptions: DashMap<(ServerName, String), Vec<Subscriber>>,
     /// Guards subscribe/unsubscribe so a resource's first and last subscribers are counted right.
     subscribing: Mutex<()>,
-    /// The latest client that declared roots: a server's `roots/list` outside any call goes to it.
-    roots_client: Mutex<Option<Peer<RoleServer>>>,
+    /// The roots conductor last fetched from a client that declared them: a server's
+    /// `roots/list` outside any call is answered with these, since the client it would go to
+    /// may have left by the time a server asks.
+    known_roots: Mutex<Option<ListRootsResult>>,
     /// Counts `subscriptions/listen` streams, for their subscriber ids.
     listeners: AtomicU64,
 }
@@ -160,17 +167,16 @@ impl Relay {
             .and_then(|active| active.last().map(|entry| entry.origin.clone()))
     }
 
-    /// Make `client` the one a server's `roots/list` outside any call goes to.
-    pub fn set_roots_client(&self, client: &Peer<RoleServer>) {
-        if let Ok(mut latest) = self.roots_client.lock() {
-            *latest = Some(client.clone());
+    /// Remember the roots a client just gave: servers asking outside any call get these.
+    pub fn remember_roots(&self, roots: ListRootsResult) {
+        if let Ok(mut known) = self.known_roots.lock() {
+            *known = Some(roots);
         }
     }
 
-    /// The latest client that declared roots, if it is still connected.
-    pub fn roots_client(&self) -> Option<Peer<RoleServer>> {
-        let latest = self.roots_client.lock().ok()?.clone()?;
-        (!latest.is_transport_closed()).then_some(latest)
+    /// The roots last fetched from a client, if any client has given them.
+    pub fn known_roots(&self) -> Option<ListRootsResult> {
+        self.known_roots.lock().ok()?.clone()
     }
 
     /// Forget a connection that ended.

@@ -15,16 +15,16 @@ use std::time::Duration;
 use rmcp::ErrorData as McpError;
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResult, CancelledNotification,
-    CancelledNotificationParam, ClientRequest, CompleteRequest, CompleteRequestParams, ErrorCode,
-    GetPromptRequest, GetPromptRequestParams, JsonObject, ReadResourceRequest,
-    ReadResourceRequestParams, Reference, ResourceContents, ServerResult, SetLevelRequest,
-    SetLevelRequestParams, SubscribeRequest, SubscribeRequestParams, UnsubscribeRequest,
-    UnsubscribeRequestParams,
+    CancelledNotificationParam, ClientRequest, ClientResult, CompleteRequest,
+    CompleteRequestParams, ErrorCode, GetPromptRequest, GetPromptRequestParams, JsonObject,
+    ReadResourceRequest, ReadResourceRequestParams, Reference, ResourceContents, ServerResult,
+    SetLevelRequest, SetLevelRequestParams, SubscribeRequest, SubscribeRequestParams,
+    UnsubscribeRequest, UnsubscribeRequestParams,
 };
 use rmcp::model::{
     CancelTaskParams, CancelTaskRequest, ClientCapabilities, GetTaskParams, GetTaskRequest,
-    InputRequests, InputResponses, ProgressToken, ProtocolVersion, Task, TaskPayload,
-    UpdateTaskParams, UpdateTaskRequest,
+    InputRequests, InputResponses, ListRootsRequest, ProgressToken, ProtocolVersion, ServerRequest,
+    Task, TaskPayload, UpdateTaskParams, UpdateTaskRequest,
 };
 use rmcp::service::{Peer, PeerRequestOptions, RoleServer, ServiceError};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +36,10 @@ use crate::downstream::Connection;
 use crate::registry::{Registry, Session};
 use crate::relay::{Origin, UpdateTarget};
 use crate::retry::FailureKind;
+
+/// How long a client gets to give its roots when conductor fetches them; a client that went
+/// away without its transport noticing must not hold the fetch forever.
+const ROOTS_ANSWER: Duration = Duration::from_secs(10);
 
 /// Why a request did not get an answer from its downstream.
 #[derive(Debug, thiserror::Error)]
@@ -530,8 +534,25 @@ impl Router {
         }
     }
 
+    /// Fetch a client's roots, keep them for the servers' `roots/list` outside any call, and
+    /// tell every running server to ask again. A client that does not answer in time leaves
+    /// the roots known before it.
+    pub async fn learn_roots(&self, client: &Peer<RoleServer>) {
+        let request = ServerRequest::ListRootsRequest(ListRootsRequest::default());
+        let asked = bridge::ask(client, None, "roots/list", request);
+        match tokio::time::timeout(ROOTS_ANSWER, asked).await {
+            Ok(Ok(ClientResult::ListRootsResult(roots))) => {
+                self.registry.relay().remember_roots(roots);
+                self.roots_changed().await;
+            }
+            Ok(Ok(_)) => tracing::debug!("a client answered roots/list with something else"),
+            Ok(Err(error)) => tracing::debug!(error = %error, "a client did not give its roots"),
+            Err(_) => tracing::debug!("a client did not give its roots in time"),
+        }
+    }
+
     /// Tell every running server that the client's roots changed, so they ask again.
-    pub async fn roots_changed(&self) {
+    async fn roots_changed(&self) {
         let config = self.registry.config();
         let mut connections: Vec<Arc<Connection>> = config
             .servers

@@ -193,13 +193,11 @@ impl ServerHandler for ConductorServer {
         .await
     }
 
-    async fn on_roots_list_changed(&self, _context: NotificationContext<RoleServer>) {
-        // Boxed: rmcp moves every request's future into a task of its own, and the
-        // futures of these handlers are large (see docs/performance.md).
-        Box::pin(async move {
-            self.router.roots_changed().await;
-        })
-        .await
+    async fn on_roots_list_changed(&self, context: NotificationContext<RoleServer>) {
+        // In a task of its own: fetching the roots waits for this client's answer, which
+        // must not wait behind this notification.
+        let router = self.router.clone();
+        tokio::spawn(async move { router.learn_roots(&context.peer).await });
     }
 
     async fn list_tools(
@@ -465,15 +463,15 @@ impl ServerHandler for ConductorServer {
     /// Sessions that began with `initialize` get list-changed notifications pushed to them.
     async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
         let peer = context.peer;
-        // Servers asked for roots as they started, before this client was here: a client with
-        // roots becomes the one they get them from, and they are told to ask again.
+        // Servers asked for roots as they started, before this client was here: conductor
+        // fetches this client's roots, and the servers are told to ask again.
         if peer
             .peer_info()
             .is_some_and(|info| info.capabilities.roots.is_some())
         {
-            self.router.registry().relay().set_roots_client(&peer);
             let router = self.router.clone();
-            tokio::spawn(async move { router.roots_changed().await });
+            let client = peer.clone();
+            tokio::spawn(async move { router.learn_roots(&client).await });
         }
         let changes = self.router.registry().subscribe();
         tokio::spawn(async move {

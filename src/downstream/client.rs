@@ -23,10 +23,6 @@ use crate::bridge::{self, Ask};
 use crate::config::ServerName;
 use crate::relay::{Relay, UpdateTarget};
 
-/// How long a client gets to answer a `roots/list` asked outside any call; a client that went
-/// away without its transport noticing must not hold the server's request forever.
-const ROOTS_OUTSIDE_A_CALL: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Handles one downstream connection's notifications and requests: list changes and its end
 /// become [`Event`]s; progress, log messages and its requests to a client go, through the
 /// [`Relay`], to the client whose request caused them.
@@ -157,20 +153,14 @@ impl ClientHandler for DownstreamClient {
         &self,
         _context: RequestContext<RoleClient>,
     ) -> Result<ListRootsResult, McpError> {
-        // Outside any call the roots are the latest roots-declaring client's. Servers ask as
-        // soon as they start, before any client is here: no client, no roots (server-filesystem,
-        // for one, then keeps its configured folders).
-        let request = ServerRequest::ListRootsRequest(ListRootsRequest::default());
+        // Outside any call the roots are those conductor last fetched from a client (see
+        // `Router::learn_roots`): the client itself may be gone by now. Servers ask as soon as
+        // they start, before any client is here: no client, no roots (server-filesystem, for
+        // one, then keeps its configured folders).
         if self.relay.caller_of(self.connection).is_none() {
-            let Some(client) = self.relay.roots_client() else {
-                return Ok(ListRootsResult::default());
-            };
-            let asked = bridge::ask(&client, None, "roots/list", request);
-            return match tokio::time::timeout(ROOTS_OUTSIDE_A_CALL, asked).await {
-                Ok(Ok(ClientResult::ListRootsResult(result))) => Ok(result),
-                _ => Ok(ListRootsResult::default()),
-            };
+            return Ok(self.relay.known_roots().unwrap_or_default());
         }
+        let request = ServerRequest::ListRootsRequest(ListRootsRequest::default());
         match self.ask_client("roots/list", request).await? {
             ClientResult::ListRootsResult(result) => Ok(result),
             _ => Err(unexpected("roots/list")),

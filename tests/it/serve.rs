@@ -982,6 +982,29 @@ async fn a_restarted_server_is_subscribed_again() {
     }
 }
 
+/// Servers ask for roots as they start and when told the roots changed, outside any call:
+/// conductor answers with the roots it fetched from the client that declared them, and still
+/// does once that client has left (a one-call command-line client is gone before a server
+/// that restarts asks again).
+#[tokio::test]
+async fn servers_asking_outside_a_call_get_the_roots_a_client_gave() {
+    let config = content_config(
+        "restart_delay = \"50ms\"\n",
+        ", FIXTURE_CRASH_AFTER_MS = \"2000\"",
+    );
+    let server = super::support::HttpConductor::start(&config).await;
+    wait_for_event(&config, "roots []").await;
+    let client = super::support::TestClient {
+        answers: true,
+        ..super::support::TestClient::default()
+    };
+    let session = super::support::http_session_as(&server.mcp(), None, client).await;
+    wait_for_event(&config, "roots [file:///work]").await;
+    session.cancel().await.unwrap();
+    // The fixture restarts every 2 s and asks again as it starts.
+    wait_for_recorded(&config, "roots [file:///work]", 2).await;
+}
+
 /// A session that ends without unsubscribing: its server is told once no session is left
 /// watching the resource, not before.
 #[tokio::test]

@@ -384,13 +384,18 @@ impl HttpConductor {
 
 /// An rmcp client over Streamable HTTP, with an optional bearer token.
 pub async fn http_session(url: &str, token: Option<&str>) -> Session {
+    http_session_as(url, token, TestClient::default()).await
+}
+
+/// Like [`http_session`], as `client`.
+pub async fn http_session_as(url: &str, token: Option<&str>, client: TestClient) -> Session {
     use rmcp::transport::StreamableHttpClientTransport;
     use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
     let mut config = StreamableHttpClientTransportConfig::with_uri(url.to_owned());
     if let Some(token) = token {
         config = config.auth_header(token.to_owned());
     }
-    TestClient::default()
+    client
         .serve(StreamableHttpClientTransport::from_config(config))
         .await
         .expect("an MCP session over HTTP")
