@@ -9,6 +9,7 @@ mod naming;
 mod uri;
 
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use rmcp::model::{Prompt, Resource, ResourceTemplate, Tool, ToolAnnotations};
 
@@ -34,6 +35,38 @@ pub struct ToolEntry {
     pub server: ServerName,
     /// The downstream's own name for it.
     pub original: String,
+    /// Its `inputSchema`, compiled when a workflow first checks a step against it.
+    pub input_validator: InputValidator,
+}
+
+/// A tool's compiled `inputSchema`, kept with the catalog: compiling one takes longer than
+/// running a short workflow, and the schema changes only with the catalog.
+#[derive(Clone, Default)]
+pub struct InputValidator(OnceLock<Option<Arc<jsonschema::Validator>>>);
+
+impl InputValidator {
+    /// The compiled schema of `tool`; `None` when it does not compile.
+    pub fn get(&self, tool: &Tool) -> Option<&jsonschema::Validator> {
+        self.0
+            .get_or_init(|| {
+                let schema = serde_json::Value::Object((*tool.input_schema).clone());
+                jsonschema::validator_for(&schema).ok().map(Arc::new)
+            })
+            .as_deref()
+    }
+}
+
+impl std::fmt::Debug for InputValidator {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("InputValidator")
+    }
+}
+
+/// Derived from the schema, so it never makes two entries differ.
+impl PartialEq for InputValidator {
+    fn eq(&self, _other: &Self) -> bool {
+        true
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -217,6 +250,7 @@ impl Catalog {
                 tool: offered,
                 server: spec.name.clone(),
                 original,
+                input_validator: InputValidator::default(),
             });
         }
     }

@@ -276,9 +276,6 @@ struct Checker<'a> {
     ids: BTreeMap<&'a str, usize>,
     errors: Vec<Problem>,
     warnings: Vec<Problem>,
-    /// Each tool's compiled `inputSchema` (`None`: it does not compile), compiled once per
-    /// workflow however many steps call the tool.
-    validators: HashMap<String, Option<jsonschema::Validator>>,
 }
 
 impl<'a> Checker<'a> {
@@ -290,7 +287,6 @@ impl<'a> Checker<'a> {
             ids: BTreeMap::new(),
             errors: Vec::new(),
             warnings: Vec::new(),
-            validators: HashMap::new(),
         }
     }
 
@@ -552,11 +548,7 @@ impl<'a> Checker<'a> {
             ));
             return Safety::Unknown;
         };
-        let validator = self.validators.entry(tool.to_owned()).or_insert_with(|| {
-            let schema = Value::Object((*entry.tool.input_schema).clone());
-            jsonschema::validator_for(&schema).ok()
-        });
-        if let Some(validator) = validator {
+        if let Some(validator) = entry.input_validator.get(&entry.tool) {
             let instance = Value::Object(args.clone());
             for error in validator.iter_errors(&instance) {
                 let pointer = error.instance_path().to_string();
