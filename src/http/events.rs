@@ -5,7 +5,7 @@
 //! A session's own stream (its `GET`) also keeps what was sent while no `GET` was open: with
 //! an event store rmcp gives a new `GET` only what is sent after it opens, so a request or
 //! notification sent between `initialize` and the client's `GET` (conductor asks a new client
-//! for its roots then) would be lost. [`MemoryEventStore::open_session_stream`] hands it over.
+//! for its roots then) would be lost. [`MemoryEventStore::take_unread`] hands it over.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -104,16 +104,24 @@ impl MemoryEventStore {
         self.streams.retain(|_, log| !log.expired());
     }
 
-    /// A `GET` opens `session`'s own stream: what was sent on it while no `GET` was reading,
-    /// for the new one to deliver before what rmcp sends it from now on. Pair with
+    /// A `GET` starts reading `session`'s own stream: from now on what is sent there is
+    /// delivered by rmcp, not kept as unread. Pair with
     /// [`MemoryEventStore::close_session_stream`].
-    pub fn open_session_stream(&self, session: &str) -> Vec<ServerSseMessage> {
+    pub fn open_session_stream(&self, session: &str) {
         let mut log = self
             .streams
             .entry(session_stream(session))
             .or_insert_with(StreamLog::new);
         log.readers += 1;
         log.touched = Instant::now();
+    }
+
+    /// What was sent on `session`'s own stream while no `GET` was reading it, handed over
+    /// once: the `GET` that takes it delivers it before what rmcp streams.
+    pub fn take_unread(&self, session: &str) -> Vec<ServerSseMessage> {
+        let Some(mut log) = self.streams.get_mut(&session_stream(session)) else {
+            return Vec::new();
+        };
         let Some(from) = log.unread_from.take() else {
             return Vec::new();
         };
@@ -144,9 +152,17 @@ pub fn sse_frame(event: &ServerSseMessage) -> Option<axum::body::Bytes> {
     Some(format!("{id}data: {message}\n\n").into())
 }
 
+/// What rmcp appends to a session's id to name the session's own stream in the store.
+const SESSION_STREAM: &str = ":common";
+
 /// rmcp's name for a session's own stream in the store.
 fn session_stream(session: &str) -> String {
-    format!("{session}:common")
+    format!("{session}{SESSION_STREAM}")
+}
+
+/// Whether `last_event_id` is an event of `session`'s own stream.
+pub fn is_session_event(session: &str, last_event_id: &str) -> bool {
+    parse(last_event_id).is_some_and(|(stream, _)| stream == session_stream(session))
 }
 
 /// Event ids are `<stream>#<sequence>`: the stream to replay, and where in it.
@@ -184,7 +200,7 @@ impl EventStore for MemoryEventStore {
         if log.events.len() >= EVENTS_PER_STREAM {
             log.events.remove(0);
         }
-        if log.readers == 0 && log.unread_from.is_none() && stream_id.ends_with(":common") {
+        if log.readers == 0 && log.unread_from.is_none() && stream_id.ends_with(SESSION_STREAM) {
             log.unread_from = Some(sequence);
         }
         log.answered |= is_final(&kept);
@@ -271,14 +287,21 @@ mod tests {
         store.store_event("s:common", &ping(1)).await.unwrap();
         store.store_event("s:common", &ping(2)).await.unwrap();
         store.store_event("request", &ping(9)).await.unwrap();
-        assert_eq!(ids(&store.open_session_stream("s")), ["1", "2"]);
+        let get = |store: &MemoryEventStore| {
+            store.open_session_stream("s");
+            ids(&store.take_unread("s"))
+        };
+        assert_eq!(get(&store), ["1", "2"]);
         // Sent while a GET reads: rmcp delivers it, so it is not handed over again.
         store.store_event("s:common", &ping(3)).await.unwrap();
-        assert!(store.open_session_stream("s").is_empty(), "a second GET");
+        assert!(get(&store).is_empty(), "a second GET");
         store.close_session_stream("s");
         store.close_session_stream("s");
         store.store_event("s:common", &ping(4)).await.unwrap();
-        assert_eq!(ids(&store.open_session_stream("s")), ["4"]);
+        assert_eq!(get(&store), ["4"]);
+        assert!(is_session_event("s", "s:common#4"));
+        assert!(!is_session_event("s", "t:common#4"));
+        assert!(!is_session_event("s", "request#9"));
         assert_eq!(
             sse_frame(&ping(5)).unwrap(),
             "data: {\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"ping\"}\n\n"

@@ -257,28 +257,22 @@ async fn deliver_unread(
     request: Request,
     next: Next,
 ) -> Response {
-    let session = request
-        .headers()
-        .get("mcp-session-id")
-        .and_then(|value| value.to_str().ok())
-        .map(str::to_owned);
-    let (true, Some(session)) = (
-        request.method() == axum::http::Method::GET && request.uri().path() == "/mcp",
-        session,
-    ) else {
-        return next.run(request).await;
-    };
-    let resumed = request
-        .headers()
-        .get("last-event-id")
-        .map(|value| value.to_str().unwrap_or_default().to_owned());
-    let resumes_own_stream = resumed
-        .as_deref()
-        .is_some_and(|id| id.starts_with(&format!("{session}:common#")));
-    if resumed.is_some() && !resumes_own_stream {
+    if request.method() != axum::http::Method::GET || request.uri().path() != "/mcp" {
         return next.run(request).await;
     }
-    let unread = shared.events.open_session_stream(&session);
+    let resumes = header_text(&request, "last-event-id").map(str::to_owned);
+    let Some(session) = header_text(&request, "mcp-session-id").map(str::to_owned) else {
+        return next.run(request).await;
+    };
+    let resumes_own_stream = resumes
+        .as_deref()
+        .is_some_and(|id| events::is_session_event(&session, id));
+    if resumes.is_some() && !resumes_own_stream {
+        return next.run(request).await;
+    }
+    // Counted as reading before rmcp opens its stream, so nothing sent in between is kept as
+    // unread as well as delivered.
+    shared.events.open_session_stream(&session);
     let reading = Reading {
         events: shared.events.clone(),
         session,
@@ -291,25 +285,32 @@ async fn deliver_unread(
     if !response.status().is_success() || !streams {
         return response;
     }
-    let unread = if resumes_own_stream {
+    // A resumed stream replays from the store what it missed, the unread included.
+    let unread = shared.events.take_unread(&reading.session);
+    let first: Vec<Result<_, axum::Error>> = if resumes_own_stream {
         Vec::new()
     } else {
         unread
-    };
-    let unread = futures::stream::iter(
-        unread
             .iter()
             .filter_map(events::sse_frame)
-            .map(Ok::<_, axum::Error>)
-            .collect::<Vec<_>>(),
-    );
+            .map(Ok)
+            .collect()
+    };
     let (parts, body) = response.into_parts();
     let rest = body.into_data_stream().map(move |chunk| {
         // Held as long as the stream is read: dropped with it, it ends the reading.
         let _reading = &reading;
         chunk
     });
-    Response::from_parts(parts, Body::from_stream(unread.chain(rest)))
+    Response::from_parts(
+        parts,
+        Body::from_stream(futures::stream::iter(first).chain(rest)),
+    )
+}
+
+/// A header's value, if it is there and is text (as rmcp reads it).
+fn header_text(request: &Request, name: impl header::AsHeaderName) -> Option<&str> {
+    request.headers().get(name)?.to_str().ok()
 }
 
 /// A `GET` reading a session's own stream; dropped when it ends.
@@ -336,13 +337,10 @@ async fn check_host_and_origin(
     request: Request,
     next: Next,
 ) -> Response {
-    let allowed = {
-        let headers = request.headers();
-        let text =
-            |name: header::HeaderName| headers.get(name).and_then(|value| value.to_str().ok());
-        text(header::HOST).is_some_and(|host| host_allowed(host, &shared.hosts))
-            && text(header::ORIGIN).is_none_or(|origin| origin_allowed(origin, &shared.origins))
-    };
+    let allowed = header_text(&request, header::HOST)
+        .is_some_and(|host| host_allowed(host, &shared.hosts))
+        && header_text(&request, header::ORIGIN)
+            .is_none_or(|origin| origin_allowed(origin, &shared.origins));
     if !allowed {
         return (StatusCode::FORBIDDEN, "this Host or Origin is not allowed").into_response();
     }
