@@ -36,25 +36,27 @@ pub struct ToolEntry {
     /// The downstream's own name for it.
     pub original: String,
     /// Its `inputSchema`, compiled when a workflow first checks a step against it.
-    pub input_validator: InputValidator,
+    input_validator: InputValidator,
 }
 
-/// A tool's compiled `inputSchema`, kept with the catalog: compiling one takes longer than
-/// running a short workflow, and the schema changes only with the catalog.
-#[derive(Clone, Default)]
-pub struct InputValidator(OnceLock<Option<Arc<jsonschema::Validator>>>);
-
-impl InputValidator {
-    /// The compiled schema of `tool`; `None` when it does not compile.
-    pub fn get(&self, tool: &Tool) -> Option<&jsonschema::Validator> {
-        self.0
+impl ToolEntry {
+    /// The tool's compiled `inputSchema`; `None` when it does not compile. Kept with the
+    /// catalog: compiling one takes longer than running a short workflow, and the schema
+    /// changes only with the catalog.
+    pub fn input_validator(&self) -> Option<&jsonschema::Validator> {
+        self.input_validator
+            .0
             .get_or_init(|| {
-                let schema = serde_json::Value::Object((*tool.input_schema).clone());
+                let schema = serde_json::Value::Object((*self.tool.input_schema).clone());
                 jsonschema::validator_for(&schema).ok().map(Arc::new)
             })
             .as_deref()
     }
 }
+
+/// A tool's `inputSchema`, compiled on first use.
+#[derive(Clone, Default)]
+struct InputValidator(OnceLock<Option<Arc<jsonschema::Validator>>>);
 
 impl std::fmt::Debug for InputValidator {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -548,7 +548,7 @@ impl<'a> Checker<'a> {
             ));
             return Safety::Unknown;
         };
-        if let Some(validator) = entry.input_validator.get(&entry.tool) {
+        if let Some(validator) = entry.input_validator() {
             let instance = Value::Object(args.clone());
             for error in validator.iter_errors(&instance) {
                 let pointer = error.instance_path().to_string();
