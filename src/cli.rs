@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use rmcp::ServiceExt;
 use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock, JsonObject, ServerResult};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -22,7 +21,7 @@ use crate::orchestrate::execute::{ProgressSink, ProgressUpdate};
 use crate::orchestrate::report::RunStatus;
 use crate::orchestrate::{Orchestrator, Runs, saved};
 use crate::registry::{Registry, Status};
-use crate::router::{Caller, Router};
+use crate::router::{Caller, Router, ToolCall};
 use crate::server::ConductorServer;
 
 /// One MCP server in front of every MCP server you use.
@@ -185,10 +184,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         tools = registry.catalog().tools().len(),
         "serving over stdio"
     );
-    // When stdin and stdout are pipes (as MCP hosts start servers) they are read and written
-    // on the IO reactor; tokio's own stdin and stdout hand every read and write to a blocking
-    // thread, a thread switch per message. Anything else (a terminal) falls back to those.
-    let outcome = match server.serve(rmcp::transport::stdio_pipes()).await {
+    let outcome = match crate::server::serve_stdio(server).await {
         Ok(service) => {
             let stop = service.cancellation_token();
             let waiting = service.waiting();
@@ -437,8 +433,13 @@ async fn call(
     let router = Router::new(registry);
     let params = CallToolRequestParams::new(name).with_arguments(arguments);
     let result = match router
-        .call_tool(params, None, &Caller::detached(CancellationToken::new()))
+        .call_tool(
+            ToolCall::Params(params),
+            None,
+            &Caller::detached(CancellationToken::new()),
+        )
         .await?
+        .into_result()?
     {
         ServerResult::CallToolResult(result) => result,
         _ => bail!("the server answered with something other than a tool result"),

@@ -2,6 +2,7 @@
 //!
 //! The modules follow a request's path, and each layer only looks down:
 //! - [`config`]: `servers.toml` read and checked into typed values (knows nothing of MCP);
+//! - [`wire`]: JSON-RPC lines over pipes, with a tap that may take a message before rmcp parses it;
 //! - [`downstream`]: live connections to downstream servers (the only place transports are built);
 //! - [`catalog`]: the immutable, namespaced offer built from what the downstreams list;
 //! - [`registry`]: the set of downstreams, their state, and the current catalog;
@@ -26,3 +27,4 @@ pub mod relay;
 pub mod retry;
 pub mod router;
 pub mod server;
+pub mod wire;

@@ -26,15 +26,17 @@ use rmcp::model::{
     InputRequests, InputResponses, ListRootsRequest, ProgressToken, ProtocolVersion, ServerRequest,
     Task, TaskPayload, UpdateTaskParams, UpdateTaskRequest,
 };
-use rmcp::service::{Peer, PeerRequestOptions, RoleServer, ServiceError};
+use rmcp::model::{NumberOrString, RequestId};
+use rmcp::service::{Peer, PeerRequestOptions, RoleClient, RoleServer, ServiceError};
+use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::{self, Asks};
 use crate::catalog::ResourceRoute;
 use crate::config::{Isolation, ServerName, ServerSpec, format_duration};
-use crate::downstream::Connection;
+use crate::downstream::{Connection, Reply, TextLane};
 use crate::registry::{Registry, Session};
-use crate::relay::{Origin, UpdateTarget};
+use crate::relay::{InCall, Origin, UpdateTarget};
 use crate::retry::FailureKind;
 
 /// How long a client gets to give its roots when conductor fetches them; a client that went
@@ -75,6 +77,9 @@ pub enum CallError {
     /// The downstream answered with a JSON-RPC error: passed on as it is.
     #[error("server `{server}`: {error}")]
     Downstream { server: ServerName, error: McpError },
+    /// A downstream's answer that is not a JSON-RPC result.
+    #[error("the server's answer is not a result: {0}")]
+    Unreadable(String),
     #[error("server `{server}`: `{what}`: {error}")]
     Failed {
         server: ServerName,
@@ -99,7 +104,7 @@ impl CallError {
             CallError::Downstream { error, .. } if error.code == ErrorCode::INVALID_PARAMS => {
                 FailureKind::InvalidArgs
             }
-            CallError::Downstream { .. } => FailureKind::ProtocolError,
+            CallError::Downstream { .. } | CallError::Unreadable(_) => FailureKind::ProtocolError,
         }
     }
 }
@@ -134,7 +139,10 @@ impl crate::orchestrate::Tools for Router {
             client,
             ..Caller::default()
         };
-        match self.call_tool(params, timeout, &caller).await? {
+        let answer = self
+            .call_tool(ToolCall::Params(params), timeout, &caller)
+            .await?;
+        match answer.into_result()? {
             ServerResult::CallToolResult(result) => Ok(result),
             _ => Err(CallError::Failed {
                 server: self
@@ -148,6 +156,88 @@ impl crate::orchestrate::Tools for Router {
             }),
         }
     }
+}
+
+/// A `tools/call` on its way to its server.
+#[derive(Debug, Clone)]
+pub enum ToolCall {
+    /// As rmcp parsed it from a client.
+    Params(CallToolRequestParams),
+    /// As text: the public name and the arguments object as the client wrote it (the stdio
+    /// front forwards calls without parsing them, see `server::front`).
+    Text {
+        name: String,
+        arguments: Option<Arc<RawValue>>,
+    },
+}
+
+impl ToolCall {
+    pub fn name(&self) -> &str {
+        match self {
+            ToolCall::Params(params) => &params.name,
+            ToolCall::Text { name, .. } => name,
+        }
+    }
+}
+
+/// A server's answer: parsed by rmcp, or a tool's result as the server wrote it.
+#[derive(Debug)]
+pub enum Answer {
+    /// Boxed: a `ServerResult` is large, and answers travel up through every caller's future.
+    Parsed(Box<ServerResult>),
+    ToolResult(Box<RawValue>),
+}
+
+impl Answer {
+    /// The answer as rmcp's type. A tool result that is not one is read as whatever result
+    /// it is, as rmcp reads a result it did not expect.
+    pub fn into_result(self) -> Result<ServerResult, CallError> {
+        match self {
+            Answer::Parsed(result) => Ok(*result),
+            Answer::ToolResult(text) => serde_json::from_str(text.get())
+                .map(ServerResult::CallToolResult)
+                .or_else(|_| serde_json::from_str(text.get()))
+                .map_err(|error| CallError::Unreadable(error.to_string())),
+        }
+    }
+}
+
+/// A request on its way to one server.
+#[derive(Debug, Clone)]
+enum Outgoing {
+    /// Boxed: rmcp's requests are large, and tool calls as text are the common case.
+    Request(Box<ClientRequest>),
+    /// A `tools/call` of the server's own tool name: on the connection's text lane where it
+    /// has one, else parsed for rmcp.
+    ToolCall {
+        name: String,
+        arguments: Option<Arc<RawValue>>,
+    },
+}
+
+impl Outgoing {
+    fn request(request: ClientRequest) -> Self {
+        Outgoing::Request(Box::new(request))
+    }
+}
+
+/// A `tools/call` as rmcp's request, its arguments parsed.
+fn tool_request(name: &str, arguments: Option<&RawValue>) -> Result<ClientRequest, String> {
+    let mut params = CallToolRequestParams::new(name.to_owned());
+    if let Some(arguments) = arguments {
+        let arguments = serde_json::from_str(arguments.get())
+            .map_err(|error| format!("the arguments are not a JSON object: {error}"))?;
+        params = params.with_arguments(arguments);
+    }
+    Ok(ClientRequest::CallToolRequest(CallToolRequest::new(params)))
+}
+
+/// Whether a client's call carries nothing but its name and arguments, so it may travel as
+/// text (rmcp has already taken its `_meta` into the request's context).
+fn is_plain(params: &CallToolRequestParams) -> bool {
+    params.input_responses.is_none()
+        && params.request_state.is_none()
+        && params.meta.as_ref().is_none_or(|meta| meta.is_empty())
 }
 
 /// Who a request is made for: how it is cancelled, and the client (with its progress token)
@@ -226,15 +316,15 @@ impl Router {
     /// `timeout` replaces the server's call timeout for this call.
     pub async fn call_tool(
         &self,
-        mut params: CallToolRequestParams,
+        call: ToolCall,
         timeout: Option<Duration>,
         caller: &Caller,
-    ) -> Result<ServerResult, CallError> {
+    ) -> Result<Answer, CallError> {
         let catalog = self.registry.catalog();
-        let Some(entry) = catalog.tool(&params.name) else {
+        let Some(entry) = catalog.tool(call.name()) else {
             return Err(CallError::UnknownTool {
-                hint: catalog.nearest_tool(&params.name).map(str::to_owned),
-                name: params.name.to_string(),
+                hint: catalog.nearest_tool(call.name()).map(str::to_owned),
+                name: call.name().to_owned(),
             });
         };
         let what = format!("tools/call {}", entry.original);
@@ -243,9 +333,30 @@ impl Router {
                 .spec(&entry.server)
                 .map(|spec| spec.timeout_for(&entry.original))
         });
-        params.name = entry.original.clone().into();
-        let request = ClientRequest::CallToolRequest(CallToolRequest::new(params));
-        self.send(&entry.server, what, request, timeout, caller)
+        let name = entry.original.clone();
+        let outgoing = match call {
+            ToolCall::Text { arguments, .. } => Outgoing::ToolCall { name, arguments },
+            ToolCall::Params(params) if is_plain(&params) => Outgoing::ToolCall {
+                name,
+                arguments: match &params.arguments {
+                    Some(arguments) => Some(
+                        serde_json::value::to_raw_value(arguments)
+                            .map(Arc::from)
+                            .map_err(|error| CallError::Failed {
+                                server: entry.server.clone(),
+                                what: what.clone(),
+                                error: error.to_string(),
+                            })?,
+                    ),
+                    None => None,
+                },
+            },
+            ToolCall::Params(mut params) => {
+                params.name = name.into();
+                Outgoing::request(ClientRequest::CallToolRequest(CallToolRequest::new(params)))
+            }
+        };
+        self.send(&entry.server, what, outgoing, timeout, caller)
             .await
     }
 
@@ -264,7 +375,8 @@ impl Router {
         let what = format!("prompts/get {}", entry.original);
         params.name = entry.original.clone();
         let request = ClientRequest::GetPromptRequest(GetPromptRequest::new(params));
-        self.send(&entry.server, what, request, None, caller).await
+        self.request(&entry.server, what, request, None, caller)
+            .await
     }
 
     /// Read a resource; the owner sees the URI it listed, the client gets back the one it asked.
@@ -282,7 +394,7 @@ impl Router {
         let what = format!("resources/read {uri}");
         params.uri = uri.clone();
         let request = ClientRequest::ReadResourceRequest(ReadResourceRequest::new(params));
-        let mut result = self.send(&server, what, request, None, caller).await?;
+        let mut result = self.request(&server, what, request, None, caller).await?;
         if uri != public_uri
             && let ServerResult::ReadResourceResult(read) = &mut result
         {
@@ -333,7 +445,7 @@ impl Router {
             }
         };
         let request = ClientRequest::CompleteRequest(CompleteRequest::new(params));
-        self.send(
+        self.request(
             &server,
             "completion/complete".to_owned(),
             request,
@@ -408,7 +520,7 @@ impl Router {
         let connection = self.connection(&spec).await?;
         if !connection.listens_for_resources() {
             return self
-                .send(server, what, request, None, caller)
+                .request(server, what, request, None, caller)
                 .await
                 .map(|_| ());
         }
@@ -525,7 +637,7 @@ impl Router {
             .collect();
         let sends = servers.iter().map(|server| {
             let request = ClientRequest::SetLevelRequest(SetLevelRequest::new(params.clone()));
-            self.send(server, "logging/setLevel".to_owned(), request, None, caller)
+            self.request(server, "logging/setLevel".to_owned(), request, None, caller)
         });
         for (server, outcome) in servers.iter().zip(futures::future::join_all(sends).await) {
             if let Err(error) = outcome {
@@ -569,10 +681,8 @@ impl Router {
         }
     }
 
-    /// Send one request to a server: the single place every downstream request goes through.
-    /// A server that is down or whose circuit is open hands the request to its `fallback`, if
-    /// it has one: the request never reached it, so nothing can happen twice.
-    async fn send(
+    /// Send a request rmcp parses the answer of.
+    async fn request(
         &self,
         server: &ServerName,
         what: String,
@@ -580,6 +690,22 @@ impl Router {
         timeout: Option<Duration>,
         caller: &Caller,
     ) -> Result<ServerResult, CallError> {
+        self.send(server, what, Outgoing::request(request), timeout, caller)
+            .await?
+            .into_result()
+    }
+
+    /// Send one request to a server: the single place every downstream request goes through.
+    /// A server that is down or whose circuit is open hands the request to its `fallback`, if
+    /// it has one: the request never reached it, so nothing can happen twice.
+    async fn send(
+        &self,
+        server: &ServerName,
+        what: String,
+        request: Outgoing,
+        timeout: Option<Duration>,
+        caller: &Caller,
+    ) -> Result<Answer, CallError> {
         let _in_flight = self.registry.track();
         let spec = self.spec_of(server)?;
         let fallback = spec
@@ -598,7 +724,9 @@ impl Router {
             {
                 tracing::info!(server = %server, fallback = %fallback, reason = %error, "served by its fallback");
                 let fallback = self.spec_of(&fallback)?;
-                Box::pin(self.send_to(&fallback, what, request, timeout, caller)).await
+                // Boxed in a statement of its own, so this future does not keep room for it.
+                let sending = Box::pin(self.send_to(&fallback, what, request, timeout, caller));
+                sending.await
             }
             (outcome, _) => outcome,
         }
@@ -616,10 +744,10 @@ impl Router {
         &self,
         spec: &ServerSpec,
         what: String,
-        request: ClientRequest,
+        request: Outgoing,
         timeout: Option<Duration>,
         caller: &Caller,
-    ) -> Result<ServerResult, CallError> {
+    ) -> Result<Answer, CallError> {
         let server = &spec.name;
         if let Err(retry_in) = self.registry.admit(server) {
             return Err(CallError::CircuitOpen {
@@ -651,15 +779,71 @@ impl Router {
         &self,
         spec: &ServerSpec,
         what: String,
-        request: ClientRequest,
+        request: Outgoing,
         timeout: Option<Duration>,
         caller: &Caller,
-    ) -> Result<ServerResult, CallError> {
+    ) -> Result<Answer, CallError> {
         let connection = tokio::select! {
             connection = self.connection(spec) => connection?,
             () = caller.cancel.cancelled() => return Err(CallError::Cancelled),
         };
         let _busy = connection.busy();
+        let request = match request {
+            Outgoing::Request(request) => *request,
+            // rmcp's progress-reset timeouts need rmcp's own requests.
+            Outgoing::ToolCall { name, arguments } => match connection.text_lane() {
+                Some(lane) if !spec.timeout_resets_on_progress => {
+                    let call = TextCall {
+                        name: &name,
+                        arguments: arguments.as_deref(),
+                    };
+                    let answer = self
+                        .exchange_text(&connection, lane, spec, &what, call, timeout, caller)
+                        .await?;
+                    return match answer {
+                        // A server may make a task of any call (tasks extension): followed
+                        // to its result as on rmcp's path.
+                        Answer::ToolResult(text) if makes_task(&text) => {
+                            let following = Box::pin(self.follow_made_task(
+                                &connection,
+                                spec,
+                                &what,
+                                &text,
+                                timeout,
+                                caller,
+                            ));
+                            following.await
+                        }
+                        answer => Ok(answer),
+                    };
+                }
+                _ => tool_request(&name, arguments.as_deref()).map_err(|error| {
+                    CallError::Failed {
+                        server: spec.name.clone(),
+                        what: what.clone(),
+                        error,
+                    }
+                })?,
+            },
+        };
+        // Boxed: rmcp's request futures are large, and the text lane's calls should not
+        // carry their size (see docs/performance.md).
+        let sending = Box::pin(self.send_parsed(&connection, spec, what, request, timeout, caller));
+        sending.await.map(|result| Answer::Parsed(Box::new(result)))
+    }
+
+    /// Send a request through rmcp and read its answer: following a task the server makes of
+    /// it, and asking the client for the input a 2026-07-28 server needs, for a client that
+    /// cannot be asked itself.
+    async fn send_parsed(
+        &self,
+        connection: &Connection,
+        spec: &ServerSpec,
+        what: String,
+        request: ClientRequest,
+        timeout: Option<Duration>,
+        caller: &Caller,
+    ) -> Result<ServerResult, CallError> {
         // A 2026-07-28 downstream may answer `input_required`; a client that cannot take it
         // is asked by conductor, and the request goes again with the answers.
         let bridging = !caller.takes_input_required()
@@ -668,13 +852,13 @@ impl Router {
         for _ in 0..bridge::MAX_ROUNDS {
             let again = bridging.then(|| request.clone());
             let outcome = match self
-                .exchange(&connection, spec, &what, request, timeout, caller)
+                .exchange(connection, spec, &what, request, timeout, caller)
                 .await
             {
                 Ok(ServerResult::CreateTaskResult(created)) => {
                     // Boxed, as the bridging below: rare paths should not grow every call's future.
                     Box::pin(self.follow_task(
-                        &connection,
+                        connection,
                         spec,
                         &what,
                         created.task,
@@ -704,6 +888,27 @@ impl Router {
             what,
             error: format!("still asking for input after {} rounds", bridge::MAX_ROUNDS),
         })
+    }
+
+    /// Read a text lane's result that made a task, and follow the task.
+    async fn follow_made_task(
+        &self,
+        connection: &Connection,
+        spec: &ServerSpec,
+        what: &str,
+        result: &RawValue,
+        timeout: Option<Duration>,
+        caller: &Caller,
+    ) -> Result<Answer, CallError> {
+        let result = match serde_json::from_str(result.get()) {
+            Ok(ServerResult::CreateTaskResult(created)) => {
+                self.follow_task(connection, spec, what, created.task, timeout, caller)
+                    .await?
+            }
+            Ok(other) => other,
+            Err(error) => return Err(CallError::Unreadable(error.to_string())),
+        };
+        Ok(Answer::Parsed(Box::new(result)))
     }
 
     /// Follow a task the downstream made of a call (tasks extension) until it ends, and
@@ -788,6 +993,20 @@ impl Router {
         }
     }
 
+    /// Register a request about to go out on `connection` for the caller's client: what the
+    /// downstream sends back during it goes there.
+    fn register(&self, connection: &Connection, caller: &Caller) -> Option<InCall<'_>> {
+        caller.client.clone().map(|client| {
+            let origin = Origin {
+                peer: client,
+                progress_token: caller.progress_token.clone(),
+                capabilities: caller.capabilities.clone(),
+                asks: caller.asks.clone(),
+            };
+            self.registry.relay().register(connection.id, origin)
+        })
+    }
+
     /// One request and its answer on `connection`, cancelled downstream if the caller goes.
     async fn exchange(
         &self,
@@ -800,16 +1019,7 @@ impl Router {
     ) -> Result<ServerResult, CallError> {
         let server = &spec.name;
         let options = request_options(spec, timeout);
-        // What the downstream sends back during the request goes to this caller's client.
-        let in_call = caller.client.clone().map(|client| {
-            let origin = Origin {
-                peer: client,
-                progress_token: caller.progress_token.clone(),
-                capabilities: caller.capabilities.clone(),
-                asks: caller.asks.clone(),
-            };
-            self.registry.relay().register(connection.id, origin)
-        });
+        let in_call = self.register(connection, caller);
         let handle = connection
             .peer
             .send_request_with_option(request, options)
@@ -827,23 +1037,117 @@ impl Router {
             // the end itself fails it.
             () = connection.ended() => Err(CallError::Closed { server: server.clone(), what: what.to_owned() }),
             () = caller.cancel.cancelled() => {
-                let cancelled = CancelledNotification::new(
-                    CancelledNotificationParam::new(Some(id), Some("cancelled by the client".to_owned())),
-                );
-                if let Err(error) = peer.send_notification(cancelled.into()).await {
-                    tracing::debug!(server = %server, error = %error, "could not pass on a cancellation");
-                }
+                tell_cancelled(&peer, server, id).await;
                 Err(CallError::Cancelled)
             }
         };
         if caller.progress_token.is_some() {
-            // rmcp hands each notification to a task of its own: let those that arrived
-            // before the answer pass their progress on before the answer goes out.
-            for _ in 0..3 {
-                tokio::task::yield_now().await;
-            }
+            let_progress_pass().await;
         }
         outcome
+    }
+
+    /// A tool call and its answer on a connection's text lane: as [`Router::exchange`], with
+    /// the request written and the result kept as text.
+    #[allow(clippy::too_many_arguments, reason = "exchange's, and the lane")]
+    async fn exchange_text(
+        &self,
+        connection: &Connection,
+        lane: &TextLane,
+        spec: &ServerSpec,
+        what: &str,
+        call: TextCall<'_>,
+        timeout: Option<Duration>,
+        caller: &Caller,
+    ) -> Result<Answer, CallError> {
+        let server = &spec.name;
+        let closed = || CallError::Closed {
+            server: server.clone(),
+            what: what.to_owned(),
+        };
+        let timeout = timeout.unwrap_or(spec.call_timeout);
+        let progress = caller.progress_token.is_some();
+        let in_call = self.register(connection, caller);
+        let mut sent = lane
+            .call(call.name, call.arguments, progress)
+            .await
+            .map_err(|_| closed())?;
+        let id = RequestId::String(sent.id().into());
+        if let (Some(in_call), true) = (&in_call, progress) {
+            in_call.sent(ProgressToken(NumberOrString::String(sent.id().into())));
+        }
+        let outcome = tokio::select! {
+            biased;
+            reply = tokio::time::timeout(timeout, sent.answer()) => match reply {
+                Ok(Some(Reply::Result(result))) => Ok(Answer::ToolResult(result)),
+                Ok(Some(Reply::Error(error))) => Err(CallError::Downstream { server: server.clone(), error }),
+                Ok(None) => Err(closed()),
+                Err(_) => {
+                    let telling = Box::pin(tell_cancelled(&connection.peer, server, id));
+                    telling.await;
+                    Err(CallError::Timeout { server: server.clone(), what: what.to_owned(), after: timeout })
+                }
+            },
+            () = connection.ended() => Err(closed()),
+            () = caller.cancel.cancelled() => {
+                let telling = Box::pin(tell_cancelled(&connection.peer, server, id));
+                telling.await;
+                Err(CallError::Cancelled)
+            }
+        };
+        if progress {
+            let_progress_pass().await;
+        }
+        outcome
+    }
+}
+
+/// Whether a tool call's result (as text) is something other than the call's result: a task
+/// the server made of the call (tasks extension), which says so with a `resultType` other
+/// than `complete` (or, in its first form, with a `task` member).
+fn makes_task(result: &RawValue) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Members<'a> {
+        #[serde(borrow, default)]
+        task: Option<&'a RawValue>,
+        #[serde(rename = "resultType", borrow, default)]
+        result_type: Option<std::borrow::Cow<'a, str>>,
+    }
+    let text = result.get().as_bytes();
+    // Most results have neither: skip the parse for them.
+    if memchr::memmem::find(text, b"\"resultType\"").is_none()
+        && memchr::memmem::find(text, b"\"task\"").is_none()
+    {
+        return false;
+    }
+    serde_json::from_str::<Members>(result.get()).is_ok_and(|members| {
+        members.task.is_some() || members.result_type.is_some_and(|kind| kind != "complete")
+    })
+}
+
+/// A tool call for a text lane: the server's own tool name and the arguments' text.
+#[derive(Debug, Clone, Copy)]
+struct TextCall<'a> {
+    name: &'a str,
+    arguments: Option<&'a RawValue>,
+}
+
+/// Tell a server that a request it was sent is no longer awaited.
+async fn tell_cancelled(peer: &Peer<RoleClient>, server: &ServerName, id: RequestId) {
+    let cancelled = CancelledNotification::new(CancelledNotificationParam::new(
+        Some(id),
+        Some("cancelled by the client".to_owned()),
+    ));
+    if let Err(error) = peer.send_notification(cancelled.into()).await {
+        tracing::debug!(server = %server, error = %error, "could not pass on a cancellation");
+    }
+}
+
+/// rmcp hands each notification to a task of its own: let those that arrived before an
+/// answer pass their progress on before the answer goes out.
+async fn let_progress_pass() {
+    for _ in 0..3 {
+        tokio::task::yield_now().await;
     }
 }
 

@@ -5,6 +5,7 @@
 //! service in a background task; dropping or closing it stops the child process.
 
 mod client;
+mod lane;
 mod sse;
 mod stdio;
 
@@ -29,6 +30,7 @@ use crate::catalog::Listing;
 use crate::config::{Handshake, HttpSpec, ServerName, ServerSpec, Transport};
 use crate::relay::Relay;
 pub use client::DownstreamClient;
+pub use lane::{Reply, SentCall, TextLane};
 pub use stdio::{LAUNCHER_ARG, run_launcher, use_launcher};
 
 /// Which of a server's lists changed.
@@ -102,6 +104,8 @@ pub struct Connection {
     pub info: ServerPeerInfo,
     /// The child process, for stdio servers.
     pub pid: Option<u32>,
+    /// Tool calls as text, for stdio servers (see [`TextLane`]).
+    lane: Option<Arc<TextLane>>,
     /// When it was established.
     pub opened: Instant,
     /// Requests sent on it and not yet answered, to pick the least busy replica.
@@ -164,8 +168,11 @@ impl Connection {
             match &spec.transport {
                 Transport::Stdio(stdio) => {
                     let child = stdio::spawn(&spec.name, stdio)?;
-                    let pid = child.id();
-                    serve(spec, child, pid, events, relay, client).await
+                    let opened = Opened {
+                        pid: child.pid,
+                        lane: Some(child.lane),
+                    };
+                    serve(spec, child.transport, opened, events, relay, client).await
                 }
                 Transport::Sse(http) | Transport::StreamableHttp(http) => {
                     // Each endpoint in turn: the first that answers serves (failover).
@@ -203,10 +210,10 @@ impl Connection {
     ) -> Result<Connection, ConnectError> {
         if matches!(spec.transport, Transport::Sse(_)) {
             let transport = sse::connect(url, header_map(http)?).await?;
-            serve(spec, transport, None, events, relay, None).await
+            serve(spec, transport, Opened::default(), events, relay, None).await
         } else {
             let transport = StreamableHttpClientTransport::from_config(http_config(url, http)?);
-            serve(spec, transport, None, events, relay, None).await
+            serve(spec, transport, Opened::default(), events, relay, None).await
         }
     }
 
@@ -225,6 +232,15 @@ impl Connection {
     pub fn idle_for(&self) -> Duration {
         let last = Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed));
         self.opened.elapsed().saturating_sub(last)
+    }
+
+    /// The lane tool calls may take as text: a stdio server's, if its protocol has no
+    /// answers conductor must read (2026-07-28 servers may answer `input_required`).
+    pub fn text_lane(&self) -> Option<&TextLane> {
+        if self.info.protocol_version >= ProtocolVersion::V_2026_07_28 {
+            return None;
+        }
+        self.lane.as_deref()
     }
 
     /// Whether the connection is still open.
@@ -431,11 +447,18 @@ impl Drop for Connection {
     }
 }
 
+/// What a transport's opening gave besides the transport: a child's pid and text lane.
+#[derive(Default)]
+struct Opened {
+    pid: Option<u32>,
+    lane: Option<Arc<TextLane>>,
+}
+
 /// Complete the handshake over `transport` and run the connection in the background.
 async fn serve<T, E, A>(
     spec: &ServerSpec,
     transport: T,
-    pid: Option<u32>,
+    opened: Opened,
     events: mpsc::UnboundedSender<Event>,
     relay: Arc<Relay>,
     client: Option<ClientCapabilities>,
@@ -490,7 +513,8 @@ where
         server: spec.name.clone(),
         peer,
         info,
-        pid,
+        pid: opened.pid,
+        lane: opened.lane,
         opened: Instant::now(),
         in_flight: AtomicUsize::new(0),
         last_used_ms: AtomicU64::new(0),

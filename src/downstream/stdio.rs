@@ -6,21 +6,32 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::OnceLock;
 
-use process_wrap::tokio::{CommandWrap, KillOnDrop, ProcessGroup};
-use rmcp::transport::TokioChildProcess;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use process_wrap::tokio::{ChildWrapper, CommandWrap, KillOnDrop, ProcessGroup};
+use rmcp::service::{RoleClient, RxJsonRpcMessage, TxJsonRpcMessage};
+use rmcp::transport::Transport;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::ChildStderr;
+use tokio::process::{ChildStderr, ChildStdout};
 
 use super::ConnectError;
+use super::lane::TextLane;
 use crate::config::{ServerName, StdioSpec};
+use crate::wire::{LineTransport, Writer};
+
+/// A child's pipes as rmcp's transport, and the text lane for its tool calls.
+pub(super) struct Child {
+    pub transport: ChildTransport,
+    pub lane: Arc<TextLane>,
+    pub pid: Option<u32>,
+}
 
 /// Spawn the child. It leads its own process group, so stopping it also stops whatever it
 /// started (an `npx` wrapper's node process, a shell's children), and it is killed if the
 /// handle is dropped.
-pub(super) fn spawn(
-    server: &ServerName,
-    spec: &StdioSpec,
-) -> Result<TokioChildProcess, ConnectError> {
+pub(super) fn spawn(server: &ServerName, spec: &StdioSpec) -> Result<Child, ConnectError> {
     if !spec.cwd.is_dir() {
         return Err(ConnectError::Spawn {
             command: spec.command.clone(),
@@ -55,20 +66,101 @@ pub(super) fn spawn(
     command
         .args(&spec.args)
         .envs(spec.env.iter().map(|(key, value)| (key, value)))
-        .current_dir(&spec.cwd);
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut wrapped = CommandWrap::from(command);
     wrapped.wrap(ProcessGroup::leader()).wrap(KillOnDrop);
-    let (child, stderr) = TokioChildProcess::builder(wrapped)
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| ConnectError::Spawn {
-            command: spec.command.clone(),
-            source,
-        })?;
+    let spawn_error = |source| ConnectError::Spawn {
+        command: spec.command.clone(),
+        source,
+    };
+    let mut child = wrapped.spawn().map_err(spawn_error)?;
+    let pipes = (
+        child.stdin().take(),
+        child.stdout().take(),
+        child.stderr().take(),
+    );
+    let (Some(stdin), Some(stdout), stderr) = pipes else {
+        return Err(spawn_error(std::io::Error::other(
+            "the child's pipes were not opened",
+        )));
+    };
     if let Some(stderr) = stderr {
         tokio::spawn(forward_stderr(server.clone(), stderr));
     }
-    Ok(child)
+    let pid = child.id();
+    let writer = Writer::new(stdin);
+    let lane = Arc::new(TextLane::new(writer.clone()));
+    let transport = ChildTransport {
+        lines: LineTransport::new(stdout, writer, lane.clone()),
+        child: Some(child),
+        server: server.clone(),
+    };
+    Ok(Child {
+        transport,
+        lane,
+        pid,
+    })
+}
+
+/// rmcp's transport to a child: its pipes, and the child, stopped when the transport closes
+/// and killed if it is dropped.
+pub(super) struct ChildTransport {
+    lines: LineTransport<RoleClient, ChildStdout>,
+    child: Option<Box<dyn ChildWrapper>>,
+    server: ServerName,
+}
+
+/// How long a child gets to exit after its stdin closes, and again after SIGTERM.
+const EXIT_WAIT: Duration = Duration::from_secs(3);
+
+impl Transport<RoleClient> for ChildTransport {
+    type Error = std::io::Error;
+
+    fn send(
+        &mut self,
+        item: TxJsonRpcMessage<RoleClient>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
+        self.lines.send(item)
+    }
+
+    fn receive(&mut self) -> impl Future<Output = Option<RxJsonRpcMessage<RoleClient>>> + Send {
+        self.lines.receive()
+    }
+
+    /// As the MCP specification's stdio shutdown: close its stdin, wait; SIGTERM, wait; kill.
+    /// (`Connection::close` signals the whole group on its own schedule meanwhile.)
+    async fn close(&mut self) -> Result<(), Self::Error> {
+        self.lines.writer().close().await;
+        let Some(child) = self.child.as_mut() else {
+            return Ok(());
+        };
+        if tokio::time::timeout(EXIT_WAIT, child.wait()).await.is_err() {
+            if let Some(pid) = child.id() {
+                signal_group(&self.server, pid, nix::sys::signal::Signal::SIGTERM);
+            }
+            if tokio::time::timeout(EXIT_WAIT, child.wait()).await.is_err() {
+                Box::into_pin(child.kill()).await?;
+            }
+        }
+        self.child = None;
+        Ok(())
+    }
+}
+
+impl Drop for ChildTransport {
+    fn drop(&mut self) {
+        // Killed and reaped, so no zombie is left behind.
+        if let Some(mut child) = self.child.take() {
+            tokio::spawn(async move {
+                if let Err(error) = Box::into_pin(child.kill()).await {
+                    tracing::debug!(error = %error, "could not kill a child");
+                }
+            });
+        }
+    }
 }
 
 /// Each line the child writes to stderr becomes a log event under its server's name: stdout

@@ -35,7 +35,10 @@ use crate::orchestrate::execute::{ProgressSink, ProgressUpdate};
 use crate::orchestrate::{self, Orchestrator, saved};
 use crate::relay::UpdateTarget;
 use crate::retry::Retry;
-use crate::router::{CallError, Caller, Router};
+use crate::router::{Answer, CallError, Caller, Router, ToolCall};
+
+mod front;
+pub use front::serve_stdio;
 
 /// One client session's view of conductor.
 #[derive(Debug, Clone)]
@@ -58,6 +61,13 @@ impl ConductorServer {
 
     fn catalog(&self) -> Arc<Catalog> {
         self.router.registry().catalog()
+    }
+
+    /// Whether a call of `name` goes to a downstream as it is (not a workflow conductor runs).
+    fn proxies(&self, name: &str) -> bool {
+        name != orchestrate::TOOL_NAME
+            && self.catalog().tool(name).is_some()
+            && saved::find(&self.router.registry().config(), name).is_none()
     }
 
     /// The caller a client request makes: its cancellation, its client and progress token.
@@ -270,45 +280,17 @@ impl ServerHandler for ConductorServer {
                     &report,
                 )));
             }
-            // The same annotation-aware policy as workflow steps: read-only and idempotent tools
-            // are tried again after transient failures, others only if the call never went out.
-            let annotations = self
-                .catalog()
-                .tool(&request.name)
-                .and_then(|entry| entry.tool.annotations.clone());
-            let retry = Retry::for_tool(annotations.as_ref(), None);
             let mut request = request;
             let resume = bridged_retry(&mut request.request_state, &mut request.input_responses);
             let router = self.router.clone();
             let outcome = self
                 .bridged(resume, &caller, |caller| async move {
-                    let (outcome, _) = retry
-                        .run(&caller.cancel, CallError::kind, || {
-                            router.call_tool(request.clone(), None, &caller)
-                        })
-                        .await;
-                    outcome
+                    forward_call(&router, ToolCall::Params(request), &caller)
+                        .await?
+                        .into_result()
                 })
                 .await;
-            match outcome {
-                Ok(ServerResult::CallToolResult(mut result)) => {
-                    mark_complete(&mut result.result_type);
-                    Ok(CallToolResponse::Complete(result))
-                }
-                Ok(ServerResult::InputRequiredResult(result)) => {
-                    Ok(CallToolResponse::InputRequired(result))
-                }
-                Ok(ServerResult::CreateTaskResult(result)) => Ok(CallToolResponse::Task(result)),
-                Ok(other) => Err(unexpected("tools/call", &other)),
-                Err(error @ CallError::UnknownTool { .. }) => {
-                    Err(McpError::invalid_params(error.to_string(), None))
-                }
-                Err(CallError::Downstream { error, .. }) => Err(error),
-                // A tool that fails still answers, with a message the model can act on.
-                Err(error) => Ok(CallToolResponse::Complete(CallToolResult::error(vec![
-                    ContentBlock::text(error.to_string()),
-                ]))),
-            }
+            tool_response(outcome)
         })
         .await
     }
@@ -565,6 +547,51 @@ impl ServerHandler for ConductorServer {
             Ok(())
         })
         .await
+    }
+}
+
+/// A proxied tool call, through the router, tried again as the tool's annotations allow: the
+/// same policy as workflow steps (read-only and idempotent tools are tried again after
+/// transient failures, others only if the call never went out).
+pub(crate) async fn forward_call(
+    router: &Router,
+    call: ToolCall,
+    caller: &Caller,
+) -> Result<Answer, CallError> {
+    let annotations = router
+        .registry()
+        .catalog()
+        .tool(call.name())
+        .and_then(|entry| entry.tool.annotations.clone());
+    let retry = Retry::for_tool(annotations.as_ref(), None);
+    let (outcome, _) = retry
+        .run(&caller.cancel, CallError::kind, || {
+            router.call_tool(call.clone(), None, caller)
+        })
+        .await;
+    outcome
+}
+
+/// What the client gets for a proxied tool call.
+fn tool_response(outcome: Result<ServerResult, CallError>) -> Result<CallToolResponse, McpError> {
+    match outcome {
+        Ok(ServerResult::CallToolResult(mut result)) => {
+            mark_complete(&mut result.result_type);
+            Ok(CallToolResponse::Complete(result))
+        }
+        Ok(ServerResult::InputRequiredResult(result)) => {
+            Ok(CallToolResponse::InputRequired(result))
+        }
+        Ok(ServerResult::CreateTaskResult(result)) => Ok(CallToolResponse::Task(result)),
+        Ok(other) => Err(unexpected("tools/call", &other)),
+        Err(error @ CallError::UnknownTool { .. }) => {
+            Err(McpError::invalid_params(error.to_string(), None))
+        }
+        Err(CallError::Downstream { error, .. }) => Err(error),
+        // A tool that fails still answers, with a message the model can act on.
+        Err(error) => Ok(CallToolResponse::Complete(CallToolResult::error(vec![
+            ContentBlock::text(error.to_string()),
+        ]))),
     }
 }
 

@@ -1,0 +1,344 @@
+//! JSON-RPC messages as lines of text over a pipe: stdio on both sides of conductor.
+//!
+//! rmcp reads and writes through [`LineTransport`] as through its own stdio transport, but a
+//! [`Tap`] sees every line first and may take it. That is how a `tools/call` crosses conductor
+//! as the text it came as: parsing a message into rmcp's types and writing it out again was
+//! half of conductor's work per call (docs/performance.md). [`Peek`] reads just the parts a
+//! message is routed by, borrowing the rest as unparsed JSON.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use rmcp::model::{ErrorData, NumberOrString};
+use rmcp::service::{RxJsonRpcMessage, ServiceRole, TxJsonRpcMessage};
+use rmcp::transport::Transport;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+
+/// The largest message read, as rmcp's own stdio transport allows: a peer that never ends
+/// a line must not grow the buffer without bound.
+const MAX_LINE: usize = 16 * 1024 * 1024;
+
+/// The routing parts of a JSON-RPC message, borrowed from its text; the rest stays unparsed.
+#[derive(Debug, Deserialize)]
+pub struct Peek<'a> {
+    #[serde(borrow, default)]
+    pub id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub method: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub params: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub result: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub error: Option<&'a RawValue>,
+}
+
+impl<'a> Peek<'a> {
+    /// The message's parts, or `None` if the line is not one JSON object.
+    pub fn of(line: &'a [u8]) -> Option<Peek<'a>> {
+        serde_json::from_slice(line).ok()
+    }
+
+    /// The id as rmcp's type, if it is a number or a string.
+    pub fn request_id(&self) -> Option<NumberOrString> {
+        self.id.and_then(|id| serde_json::from_str(id.get()).ok())
+    }
+}
+
+/// Whether `text` (unparsed JSON) is an object: the only shape tool arguments may have.
+pub fn is_object(text: &RawValue) -> bool {
+    text.get().trim_start().starts_with('{')
+}
+
+/// A line of a response, `{"jsonrpc":"2.0","id":ID,"result":RESULT}`, from their texts.
+pub fn response_line(id: &RawValue, result: &RawValue) -> Vec<u8> {
+    let (id, result) = (id.get(), result.get());
+    let mut line = Vec::with_capacity(36 + id.len() + result.len());
+    line.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    line.extend_from_slice(id.as_bytes());
+    line.extend_from_slice(b",\"result\":");
+    line.extend_from_slice(result.as_bytes());
+    line.push(b'}');
+    line
+}
+
+pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Sees each line a [`LineTransport`] reads before rmcp does.
+pub trait Tap: Send + Sync + 'static {
+    /// Take the message (one line, without its newline), or leave it to rmcp (`false`).
+    fn take(&self, line: &[u8]) -> bool;
+
+    /// The stream ended: what must finish before the transport says so (answers the tap
+    /// still owes, say).
+    fn ended(&self) -> BoxFuture {
+        Box::pin(async {})
+    }
+}
+
+/// A tap that takes nothing.
+#[derive(Debug)]
+pub struct NoTap;
+
+impl Tap for NoTap {
+    fn take(&self, _line: &[u8]) -> bool {
+        false
+    }
+}
+
+type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// The writing end of a pipe, shared by rmcp and the tap; each line goes out whole.
+#[derive(Clone)]
+pub struct Writer {
+    inner: Arc<tokio::sync::Mutex<Option<BoxWrite>>>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    pub fn new(write: impl AsyncWrite + Send + Unpin + 'static) -> Self {
+        Writer {
+            inner: Arc::new(tokio::sync::Mutex::new(Some(Box::new(write)))),
+        }
+    }
+
+    /// Write one message and its newline, with one write where the pipe takes it.
+    pub async fn write_line(&self, mut line: Vec<u8>) -> std::io::Result<()> {
+        line.push(b'\n');
+        let mut write = self.inner.lock().await;
+        let Some(write) = write.as_mut() else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "the pipe is closed",
+            ));
+        };
+        write.write_all(&line).await?;
+        write.flush().await
+    }
+
+    /// Close the pipe: for a child, its stdin, which tells it to exit.
+    pub async fn close(&self) {
+        let taken = self.inner.lock().await.take();
+        if let Some(mut write) = taken {
+            let _ = write.shutdown().await;
+        }
+    }
+}
+
+/// rmcp's transport over a pipe's two ends, one message per line, with a [`Tap`].
+pub struct LineTransport<Role, R> {
+    read: BufReader<R>,
+    /// The line being read: a read cancelled mid-line (rmcp polls `receive` in a `select!`)
+    /// leaves its part here for the next call.
+    line: Vec<u8>,
+    /// Skipping the rest of a line over [`MAX_LINE`].
+    discarding: bool,
+    writer: Writer,
+    tap: Arc<dyn Tap>,
+    _role: PhantomData<fn() -> Role>,
+}
+
+impl<Role: ServiceRole, R: AsyncRead + Send + Unpin + 'static> LineTransport<Role, R> {
+    pub fn new(read: R, writer: Writer, tap: Arc<dyn Tap>) -> Self {
+        LineTransport {
+            read: BufReader::new(read),
+            line: Vec::new(),
+            discarding: false,
+            writer,
+            tap,
+            _role: PhantomData,
+        }
+    }
+
+    pub fn writer(&self) -> &Writer {
+        &self.writer
+    }
+
+    /// The next whole line into `self.line` (`false` at the end of the stream). Cancel-safe:
+    /// bytes are moved from the reader's buffer to the line with no await in between.
+    async fn read_line(&mut self) -> bool {
+        loop {
+            let (consumed, done) = {
+                let available = match self.read.fill_buf().await {
+                    Ok(available) => available,
+                    Err(error) => {
+                        tracing::debug!(error = %error, "stopped reading a pipe");
+                        return false;
+                    }
+                };
+                if available.is_empty() {
+                    return false;
+                }
+                let newline = available.iter().position(|byte| *byte == b'\n');
+                let take = newline.map_or(available.len(), |at| at + 1);
+                if self.discarding {
+                    self.discarding = newline.is_none();
+                } else if self.line.len() + take > MAX_LINE {
+                    tracing::error!(
+                        max = MAX_LINE,
+                        "a message longer than the most conductor reads was dropped"
+                    );
+                    self.line.clear();
+                    self.discarding = newline.is_none();
+                } else {
+                    self.line.extend_from_slice(&available[..take]);
+                }
+                (take, newline.is_some() && !self.line.is_empty())
+            };
+            self.read.consume(consumed);
+            if done {
+                return true;
+            }
+        }
+    }
+}
+
+impl<Role: ServiceRole, R: AsyncRead + Send + Unpin + 'static> Transport<Role>
+    for LineTransport<Role, R>
+{
+    type Error = std::io::Error;
+
+    fn send(
+        &mut self,
+        item: TxJsonRpcMessage<Role>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
+        let writer = self.writer.clone();
+        async move {
+            let line = serde_json::to_vec(&item).map_err(std::io::Error::other)?;
+            writer.write_line(line).await
+        }
+    }
+
+    async fn receive(&mut self) -> Option<RxJsonRpcMessage<Role>> {
+        loop {
+            if !self.read_line().await {
+                self.tap.ended().await;
+                return None;
+            }
+            let line = std::mem::take(&mut self.line);
+            let message = self.message(&line);
+            // Keep the buffer's capacity for the next line.
+            self.line = line;
+            self.line.clear();
+            if let Some(message) = message {
+                return Some(message);
+            }
+        }
+    }
+
+    async fn close(&mut self) -> Result<(), Self::Error> {
+        self.writer.close().await;
+        Ok(())
+    }
+}
+
+impl<Role: ServiceRole, R> LineTransport<Role, R> {
+    /// The message a line holds for rmcp, or `None` when the tap took it or there is none.
+    fn message(&self, line: &[u8]) -> Option<RxJsonRpcMessage<Role>> {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) || self.tap.take(line) {
+            return None;
+        }
+        match serde_json::from_slice(line) {
+            Ok(message) => Some(message),
+            Err(error) => {
+                self.refuse(line, error);
+                None
+            }
+        }
+    }
+
+    /// A line rmcp's types do not take. As rmcp's own transport does: text that is not JSON
+    /// and notifications outside MCP are ignored; well-formed JSON that is no MCP message
+    /// gets an "Invalid request" error.
+    fn refuse(&self, line: &[u8], error: serde_json::Error) {
+        use serde_json::error::Category;
+        if matches!(error.classify(), Category::Syntax | Category::Eof) {
+            tracing::debug!(error = %error, "ignoring a line that is not JSON");
+            return;
+        }
+        if let Some(peek) = Peek::of(line)
+            && peek.id.is_none()
+            && let Some(method) = &peek.method
+            && !is_mcp_notification(method)
+        {
+            tracing::trace!(method = %method, "ignoring a notification outside MCP");
+            return;
+        }
+        tracing::debug!(error = %error, "refusing a message that is not MCP");
+        let refusal = TxJsonRpcMessage::<Role>::error(
+            ErrorData::invalid_request("Invalid request", None),
+            None,
+        );
+        let writer = self.writer.clone();
+        // Written apart: `receive` may be cancelled at any await.
+        tokio::spawn(async move {
+            if let Ok(line) = serde_json::to_vec(&refusal) {
+                let _ = writer.write_line(line).await;
+            }
+        });
+    }
+}
+
+fn is_mcp_notification(method: &str) -> bool {
+    matches!(
+        method,
+        "notifications/cancelled"
+            | "notifications/initialized"
+            | "notifications/message"
+            | "notifications/progress"
+            | "notifications/prompts/list_changed"
+            | "notifications/resources/list_changed"
+            | "notifications/resources/updated"
+            | "notifications/roots/list_changed"
+            | "notifications/subscriptions/acknowledged"
+            | "notifications/tools/list_changed"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peek_borrows_what_it_does_not_route_by() {
+        let line = br#"{"result":{"content":[{"type":"text","text":"a\nb"}]},"jsonrpc":"2.0","id":"cd-7"}"#;
+        let peek = Peek::of(line).unwrap();
+        assert_eq!(peek.id.unwrap().get(), r#""cd-7""#);
+        assert_eq!(
+            peek.result.unwrap().get(),
+            r#"{"content":[{"type":"text","text":"a\nb"}]}"#
+        );
+        assert!(peek.method.is_none() && peek.error.is_none());
+        assert_eq!(
+            peek.request_id(),
+            Some(NumberOrString::String("cd-7".into()))
+        );
+        assert!(Peek::of(b"[1,2]").is_none());
+        assert!(Peek::of(b"{\"id\":").is_none());
+    }
+
+    #[test]
+    fn a_response_line_is_the_two_texts_joined() {
+        let id = RawValue::from_string("12".to_owned()).unwrap();
+        let result = RawValue::from_string(r#"{"content":[]}"#.to_owned()).unwrap();
+        let line = response_line(&id, &result);
+        let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"jsonrpc": "2.0", "id": 12, "result": {"content": []}})
+        );
+    }
+}
