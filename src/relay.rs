@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
-use rmcp::model::{ClientCapabilities, ListRootsResult, ProgressToken};
+use rmcp::model::{ClientCapabilities, ListRootsResult, ProgressNotificationParam, ProgressToken};
 use rmcp::service::{Peer, RoleServer, SubscriptionSink};
 
 use crate::bridge::Asks;
@@ -30,7 +30,13 @@ pub struct Origin {
     pub capabilities: Option<ClientCapabilities>,
     /// For a 2026-07-28 client's call: where the downstream's requests go instead.
     pub asks: Option<Asks>,
+    /// Where the call's progress goes instead of to the client's session (the HTTP front's
+    /// stream of the call).
+    pub progress_to: Option<ProgressTo>,
 }
+
+/// Where a call's progress goes, under the client's token.
+pub type ProgressTo = tokio::sync::mpsc::UnboundedSender<ProgressNotificationParam>;
 
 /// Where a resource's updates go: a session's client (`resources/subscribe`, up to
 /// 2025-11-25), or one `subscriptions/listen` stream (2026-07-28).
@@ -157,6 +163,7 @@ impl Relay {
             peer,
             progress_token: None,
             asks: None,
+            progress_to: None,
         })
     }
 

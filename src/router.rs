@@ -36,7 +36,7 @@ use crate::catalog::ResourceRoute;
 use crate::config::{Isolation, ServerName, ServerSpec, format_duration};
 use crate::downstream::{Connection, Reply, TextLane};
 use crate::registry::{Registry, Session};
-use crate::relay::{InCall, Origin, UpdateTarget};
+use crate::relay::{InCall, Origin, ProgressTo, UpdateTarget};
 use crate::retry::FailureKind;
 
 /// How long a client gets to give its roots when conductor fetches them; a client that went
@@ -254,6 +254,8 @@ pub struct Caller {
     /// Set while a 2026-07-28 client's call runs under the [`Bridge`](crate::bridge::Bridge):
     /// where the downstream's own requests go, to come back as `input_required`.
     pub asks: Option<Asks>,
+    /// Where the call's progress goes instead of the client's session.
+    pub progress_to: Option<ProgressTo>,
 }
 
 impl Caller {
@@ -1002,6 +1004,7 @@ impl Router {
                 progress_token: caller.progress_token.clone(),
                 capabilities: caller.capabilities.clone(),
                 asks: caller.asks.clone(),
+                progress_to: caller.progress_to.clone(),
             };
             self.registry.relay().register(connection.id, origin)
         })

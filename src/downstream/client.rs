@@ -181,6 +181,10 @@ impl ClientHandler for DownstreamClient {
             return;
         };
         params.progress_token = token;
+        if let Some(progress_to) = &origin.progress_to {
+            let _ = progress_to.send(params);
+            return;
+        }
         if let Err(error) = origin.peer.notify_progress(params).await {
             tracing::debug!(server = %self.server, error = %error, "could not pass progress on");
         }

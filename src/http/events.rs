@@ -7,6 +7,7 @@
 //! notification sent between `initialize` and the client's `GET` (conductor asks a new client
 //! for its roots then) would be lost. [`MemoryEventStore::take_unread`] hands it over.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -32,9 +33,46 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Events a reconnected client may fall behind the live stream before it loses some.
 const LIVE_CAPACITY: usize = 256;
 
+/// An event as kept: rmcp's, or an answer the front wrote as text, parsed only if a client
+/// resumes its stream.
+#[derive(Clone)]
+enum Kept {
+    Event(ServerSseMessage),
+    Answer(Arc<str>),
+}
+
+impl Kept {
+    /// The event as rmcp streams it, with its id.
+    fn to_event(&self, stream_id: &str, sequence: u64) -> ServerSseMessage {
+        match self {
+            Kept::Event(event) => event.clone(),
+            Kept::Answer(text) => {
+                let id = format!("{stream_id}#{sequence}");
+                match serde_json::from_str(text) {
+                    Ok(message) => ServerSseMessage::new(id, message),
+                    Err(error) => {
+                        tracing::warn!(error = %error, "a kept answer is not a message");
+                        let mut empty = ServerSseMessage::priming(id, Duration::ZERO);
+                        empty.retry = None;
+                        empty
+                    }
+                }
+            }
+        }
+    }
+
+    /// A response or error is the last message of a request's stream.
+    fn is_final(&self) -> bool {
+        match self {
+            Kept::Event(event) => is_final(event),
+            Kept::Answer(_) => true,
+        }
+    }
+}
+
 /// One stream's recent events, and a way to follow new ones.
 struct StreamLog {
-    events: Vec<(u64, ServerSseMessage)>,
+    events: Vec<(u64, Kept)>,
     /// Made when a client first resumes the stream: most streams are never resumed.
     live: Option<broadcast::Sender<(u64, ServerSseMessage)>>,
     touched: Instant,
@@ -127,9 +165,43 @@ impl MemoryEventStore {
         };
         log.events
             .iter()
-            .filter(|(sequence, event)| *sequence >= from && event.message.is_some())
-            .map(|(_, event)| event.clone())
+            .filter_map(|(sequence, kept)| match kept {
+                Kept::Event(event) if *sequence >= from && event.message.is_some() => {
+                    Some(event.clone())
+                }
+                _ => None,
+            })
             .collect()
+    }
+
+    /// Keep the answer to a request the front answered, on the stream it opened for it.
+    pub fn store_answer(&self, stream_id: &str, text: Arc<str>) -> String {
+        self.keep(stream_id, |_| Kept::Answer(text))
+    }
+
+    /// Keep an event on its stream, made knowing its id; the id.
+    fn keep(&self, stream_id: &str, make: impl FnOnce(&str) -> Kept) -> String {
+        let sequence = self.next.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{stream_id}#{sequence}");
+        let kept = make(&id);
+        self.sweep();
+        let mut log = self
+            .streams
+            .entry(stream_id.to_owned())
+            .or_insert_with(StreamLog::new);
+        if log.events.len() >= EVENTS_PER_STREAM {
+            log.events.remove(0);
+        }
+        if log.readers == 0 && log.unread_from.is_none() && stream_id.ends_with(SESSION_STREAM) {
+            log.unread_from = Some(sequence);
+        }
+        log.answered |= kept.is_final();
+        log.touched = Instant::now();
+        if let Some(live) = &log.live {
+            let _ = live.send((sequence, kept.to_event(stream_id, sequence)));
+        }
+        log.events.push((sequence, kept));
+        id
     }
 
     /// A `GET` of `session`'s own stream ended.
@@ -188,28 +260,11 @@ impl EventStore for MemoryEventStore {
         stream_id: &str,
         event: &ServerSseMessage,
     ) -> Result<EventId, EventStoreError> {
-        let sequence = self.next.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{stream_id}#{sequence}");
-        let mut kept = event.clone();
-        kept.event_id = Some(id.clone());
-        self.sweep();
-        let mut log = self
-            .streams
-            .entry(stream_id.to_owned())
-            .or_insert_with(StreamLog::new);
-        if log.events.len() >= EVENTS_PER_STREAM {
-            log.events.remove(0);
-        }
-        if log.readers == 0 && log.unread_from.is_none() && stream_id.ends_with(SESSION_STREAM) {
-            log.unread_from = Some(sequence);
-        }
-        log.answered |= is_final(&kept);
-        log.touched = Instant::now();
-        if let Some(live) = &log.live {
-            let _ = live.send((sequence, kept.clone()));
-        }
-        log.events.push((sequence, kept));
-        Ok(id)
+        Ok(self.keep(stream_id, |id| {
+            let mut event = event.clone();
+            event.event_id = Some(id.to_owned());
+            Kept::Event(event)
+        }))
     }
 
     async fn replay_events_after(
@@ -230,7 +285,7 @@ impl EventStore for MemoryEventStore {
             .events
             .iter()
             .filter(|(sequence, _)| *sequence > after)
-            .cloned()
+            .map(|(sequence, kept)| (*sequence, kept.to_event(stream_id, *sequence)))
             .collect();
         drop(log);
         let finished = missed.iter().any(|(_, event)| is_final(event));

@@ -16,9 +16,16 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::StreamExt;
+use rmcp::model::{
+    ProgressNotification, ProgressNotificationParam, ServerJsonRpcMessage, ServerNotification,
+};
+use rmcp::transport::common::server_side_http::ServerSseMessage;
 use rmcp::transport::streamable_http_server::session::local::{LocalSessionManager, SessionConfig};
+use rmcp::transport::streamable_http_server::session::store::EventStore;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use sse_stream::Sse;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
@@ -29,7 +36,7 @@ use crate::config::HttpSettings;
 use crate::orchestrate::Orchestrator;
 use crate::registry::{Registry, Status};
 use crate::router::Router;
-use crate::server::ConductorServer;
+use crate::server::{ConductorServer, Front, Fronts};
 
 /// Why conductor will not serve on an address.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +58,14 @@ struct Shared {
     /// The sessions' kept events (also rmcp's event store).
     events: Arc<events::MemoryEventStore>,
     legacy: Arc<sse::SseSessions>,
+    /// The sessions' fronts, which answer plain tool calls without rmcp parsing them.
+    fronts: Arc<Fronts>,
+    /// As rmcp's streams have them: the reconnection hint, and how often an idle stream gets
+    /// a comment.
+    sse_retry: std::time::Duration,
+    sse_keep_alive: std::time::Duration,
+    /// Ends every stream at shutdown.
+    shutdown: CancellationToken,
     /// `Host` and `Origin` values accepted on every MCP route (DNS rebinding, foreign pages).
     hosts: Vec<String>,
     origins: Vec<String>,
@@ -81,6 +96,9 @@ pub fn app(
     let settings = registry.config().http.clone();
     let mut session_config = SessionConfig::default();
     session_config.keep_alive = Some(settings.session_idle);
+    let sse_retry = session_config
+        .sse_retry
+        .unwrap_or(SessionConfig::DEFAULT_SSE_RETRY);
     let events = Arc::new(events::MemoryEventStore::default());
     let mut sessions = LocalSessionManager::default().with_event_store(events.clone());
     sessions.session_config = session_config;
@@ -110,10 +128,16 @@ pub fn app(
         // it, and SSE when progress or notifications come first.
         .with_json_response(true)
         .with_cancellation_token(shutdown.clone());
+    let sse_keep_alive = config
+        .sse_keep_alive
+        .unwrap_or(std::time::Duration::from_secs(15));
 
     let router = Router::new(registry.clone());
-    let make_server: Arc<dyn Fn() -> ConductorServer + Send + Sync> =
-        Arc::new(move || ConductorServer::new(&router, &orchestrator));
+    let fronts = Arc::new(Fronts::default());
+    let session_fronts = fronts.clone();
+    let make_server: Arc<dyn Fn() -> ConductorServer + Send + Sync> = Arc::new(move || {
+        ConductorServer::new(&router, &orchestrator).with_fronts(session_fronts.clone())
+    });
     let factory = make_server.clone();
     let service: StreamableHttpService<ConductorServer, LocalSessionManager> =
         StreamableHttpService::new(move || Ok(factory()), sessions.clone(), config);
@@ -124,6 +148,10 @@ pub fn app(
         sessions,
         events,
         legacy: legacy.clone(),
+        fronts,
+        sse_retry,
+        sse_keep_alive,
+        shutdown: shutdown.clone(),
         hosts,
         origins,
     });
@@ -138,11 +166,11 @@ pub fn app(
     let mcp = axum::Router::new()
         .nest_service("/mcp", service)
         .merge(legacy_routes)
+        .layer(middleware::from_fn_with_state(shared.clone(), check_post))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             check_host_and_origin,
         ))
-        .layer(middleware::from_fn_with_state(shared.clone(), check_post))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             deliver_unread,
@@ -161,7 +189,10 @@ pub async fn serve(
     app: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app)
+    // Routes made into services once: axum would otherwise rebuild the router for every
+    // connection (docs/performance.md).
+    let app = app.with_state::<()>(());
+    axum::serve(listener, app.into_make_service())
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -204,7 +235,8 @@ async fn authenticate(State(shared): State<Arc<Shared>>, request: Request, next:
 
 /// Every POST body, before rmcp sees it: too large is 413; not JSON, or not JSON-RPC, is a
 /// JSON-RPC error (what a client library can report); and a new `initialize` beyond
-/// `max_sessions` sessions is 503.
+/// `max_sessions` sessions is 503. A session's plain tool call is answered here, by its
+/// [`Front`].
 async fn check_post(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
     if request.method() != axum::http::Method::POST {
         return next.run(request).await;
@@ -220,21 +252,18 @@ async fn check_post(State(shared): State<Arc<Shared>>, request: Request, next: N
         )
             .into_response();
     };
-    let message: Value = match serde_json::from_slice(&bytes) {
-        Ok(message) => message,
-        Err(error) => return json_rpc_error(-32700, &format!("parse error: {error}")),
+    let initialize = match opens_session(&bytes) {
+        Ok(initialize) => initialize,
+        Err(refused) => return refused.into_response(),
     };
-    let is_message = |item: &Value| item.get("jsonrpc").and_then(Value::as_str) == Some("2.0");
-    let well_formed = match &message {
-        Value::Array(batch) => !batch.is_empty() && batch.iter().all(is_message),
-        single => is_message(single),
-    };
-    if !well_formed {
-        return json_rpc_error(-32600, "invalid request: not a JSON-RPC 2.0 message");
-    }
-    let opens_session = !parts.headers.contains_key("mcp-session-id")
-        && message.get("method").and_then(Value::as_str) == Some("initialize");
-    if opens_session && shared.session_count().await >= shared.settings.max_sessions {
+    let session = parts
+        .headers
+        .get("mcp-session-id")
+        .and_then(|id| id.to_str().ok());
+    if session.is_none()
+        && initialize
+        && shared.session_count().await >= shared.settings.max_sessions
+    {
         let mut response = (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"error": format!("too many sessions (at most {}); try again later", shared.settings.max_sessions)})),
@@ -245,8 +274,248 @@ async fn check_post(State(shared): State<Arc<Shared>>, request: Request, next: N
             .insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
         return response;
     }
+    if parts.uri.path() == "/mcp"
+        && let Some(session) = session
+        && let Some(answered) = answer_plain(&shared, session, &parts.headers, &bytes).await
+    {
+        return answered;
+    }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
+}
+
+/// Why a POST body is refused.
+enum BadBody {
+    NotJson(serde_json::Error),
+    NotJsonRpc,
+}
+
+impl BadBody {
+    fn into_response(self) -> Response {
+        match self {
+            BadBody::NotJson(error) => json_rpc_error(-32700, &format!("parse error: {error}")),
+            BadBody::NotJsonRpc => {
+                json_rpc_error(-32600, "invalid request: not a JSON-RPC 2.0 message")
+            }
+        }
+    }
+}
+
+/// Whether a POST body, which must be JSON-RPC 2.0, is an `initialize`.
+fn opens_session(body: &[u8]) -> Result<bool, BadBody> {
+    /// What is checked of a message; the rest is skipped, not parsed.
+    #[derive(serde::Deserialize)]
+    struct Message<'a> {
+        #[serde(borrow, default)]
+        jsonrpc: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        method: Option<&'a RawValue>,
+    }
+    let is_message = |message: &Message| message.jsonrpc.map(RawValue::get) == Some("\"2.0\"");
+    let parsed = if body.trim_ascii_start().starts_with(b"[") {
+        serde_json::from_slice::<Vec<Message>>(body)
+            .map(|batch| (!batch.is_empty() && batch.iter().all(is_message), false))
+    } else {
+        serde_json::from_slice::<Message>(body).map(|message| {
+            let initialize = message.method.map(RawValue::get) == Some("\"initialize\"");
+            (is_message(&message), initialize)
+        })
+    };
+    match parsed {
+        Ok((true, initialize)) => Ok(initialize),
+        // Valid JSON of another shape (a string, an array of numbers) is no message either.
+        Ok((false, _)) => Err(BadBody::NotJsonRpc),
+        Err(error) if error.classify() == serde_json::error::Category::Data => {
+            Err(BadBody::NotJsonRpc)
+        }
+        Err(error) => Err(BadBody::NotJson(error)),
+    }
+}
+
+/// Answer a session's plain tool call (or its cancellation) here, as its front does, if the
+/// request is one rmcp would take as it is: the session's own version in the header, and
+/// none of the headers (SEP-2243) rmcp checks against the body. The answer is plain JSON if it comes first, within [`ANSWER_AT_ONCE`]; else the
+/// call's progress and answer are a resumable stream, as rmcp's.
+async fn answer_plain(
+    shared: &Shared,
+    session: &str,
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+) -> Option<Response> {
+    if !Front::may_take(body)
+        || headers.contains_key("mcp-method")
+        || headers.contains_key("mcp-name")
+    {
+        return None;
+    }
+    let front = shared.fronts.get(session)?;
+    let version = headers
+        .get("mcp-protocol-version")
+        .map(|version| version.to_str().ok());
+    if let Some(version) = version
+        && version != front.protocol().map(|protocol| protocol.as_str())
+    {
+        return None;
+    }
+    let (progress_to, mut progress) = tokio::sync::mpsc::unbounded_channel();
+    let Some(answering) = front.take_call(body, Some(progress_to)) else {
+        return front
+            .take_cancel(body)
+            .then(|| StatusCode::ACCEPTED.into_response());
+    };
+    // rmcp closes a session it sees no traffic on: these calls are traffic.
+    let every = (shared.settings.session_idle / 4).min(std::time::Duration::from_secs(1));
+    if shared.fronts.due(session, every) {
+        let handle = shared.sessions.sessions.read().await.get(session).cloned();
+        if let Some(handle) = handle {
+            // Closing a request stream that never was: a no-op rmcp counts as activity.
+            let _ = handle.close_request_wise_channel(u64::MAX).await;
+        }
+    }
+    // The call runs on its own: it goes on if the client's connection drops.
+    let (answered, mut answer) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        if let Some(text) = answering.await {
+            let _ = answered.send(text);
+        }
+    });
+    // Plain JSON if the answer comes first, and soon; a stream if progress comes first (it
+    // must reach the client before the answer) or the call takes a while.
+    let deadline = tokio::time::Instant::now() + ANSWER_AT_ONCE;
+    let mut progressing = true;
+    let first = loop {
+        tokio::select! {
+            biased;
+            update = progress.recv(), if progressing => match update {
+                Some(update) => break Some(update),
+                None => progressing = false,
+            },
+            text = &mut answer => {
+                return Some(match text {
+                    Ok(text) => (
+                        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+                        text,
+                    )
+                        .into_response(),
+                    // Cancelled by the client, which expects no answer.
+                    Err(_) => StatusCode::ACCEPTED.into_response(),
+                });
+            }
+            () = tokio::time::sleep_until(deadline) => break None,
+        }
+    };
+    Some(stream_answer(shared, first, progress, answer).await)
+}
+
+/// A call's progress and answer, streamed as rmcp streams them and resumable the same way: a
+/// first event with an id and a retry hint, then each event as it comes, kept in the event
+/// store whether or not the client is still there to read it.
+async fn stream_answer(
+    shared: &Shared,
+    first: Option<ProgressNotificationParam>,
+    mut progress: tokio::sync::mpsc::UnboundedReceiver<ProgressNotificationParam>,
+    mut answer: tokio::sync::oneshot::Receiver<Vec<u8>>,
+) -> Response {
+    let stream_id = uuid::Uuid::new_v4().to_string();
+    let retry = shared.sse_retry;
+    let priming = shared
+        .events
+        .store_event(&stream_id, &ServerSseMessage::retry(retry))
+        .await
+        .map(|id| Sse::default().data("").id(id).retry_duration(retry))
+        .ok();
+    let (to_client, events) = futures::channel::mpsc::unbounded();
+    let store = shared.events.clone();
+    tokio::spawn(async move {
+        let mut next = first;
+        let mut progressing = true;
+        loop {
+            if let Some(update) = next.take() {
+                let notification = ServerJsonRpcMessage::notification(
+                    ServerNotification::ProgressNotification(ProgressNotification::new(update)),
+                );
+                let Ok(data) = serde_json::to_string(&notification) else {
+                    continue;
+                };
+                let event = ServerSseMessage::from_message(notification);
+                if let Ok(id) = store.store_event(&stream_id, &event).await {
+                    let _ = to_client.unbounded_send(Sse::default().data(data).id(id));
+                }
+            }
+            tokio::select! {
+                biased;
+                update = progress.recv(), if progressing => match update {
+                    Some(update) => next = Some(update),
+                    None => progressing = false,
+                },
+                text = &mut answer => {
+                    let Ok(text) = text else {
+                        return;
+                    };
+                    match String::from_utf8(text) {
+                        Ok(text) => {
+                            let id = store.store_answer(&stream_id, text.as_str().into());
+                            let _ = to_client.unbounded_send(Sse::default().data(text).id(id));
+                        }
+                        Err(error) => tracing::error!(error = %error, "an answer that is not text"),
+                    }
+                    return;
+                }
+            }
+        }
+    });
+    let shutdown = shared.shutdown.clone();
+    let events = futures::stream::iter(priming)
+        .chain(events)
+        .map(Ok::<_, std::convert::Infallible>)
+        .take_until(async move { shutdown.cancelled().await });
+    let body = sse_stream::SseBody::new(events)
+        .with_keep_alive::<Tick>(sse_stream::KeepAlive::new().interval(shared.sse_keep_alive));
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            (
+                header::HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ],
+        Body::new(body),
+    )
+        .into_response()
+}
+
+/// How long a front's call may take to be answered with plain JSON. A call answered at once is
+/// best sent whole: clients read a JSON body to its end and keep the connection, while a
+/// stream dropped after its answer costs them a new connection (docs/performance.md). A
+/// longer call is streamed, so that a client whose connection drops can resume it.
+const ANSWER_AT_ONCE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The timer of an SSE stream's keep-alive comments.
+struct Tick(std::pin::Pin<Box<tokio::time::Sleep>>);
+
+impl Future for Tick {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        self.0.as_mut().poll(context)
+    }
+}
+
+impl sse_stream::Timer for Tick {
+    fn reset(mut self: std::pin::Pin<&mut Self>, instant: std::time::Instant) {
+        self.0.as_mut().reset(instant.into());
+    }
+
+    fn from_duration(duration: std::time::Duration) -> Self {
+        Tick(Box::pin(tokio::time::sleep(duration)))
+    }
 }
 
 /// A session's `GET /mcp` delivers first what was sent on the session's own stream while no

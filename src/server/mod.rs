@@ -38,13 +38,18 @@ use crate::retry::Retry;
 use crate::router::{Answer, CallError, Caller, Router, ToolCall};
 
 mod front;
-pub use front::serve_stdio;
+pub use front::{Front, Fronts, serve_stdio};
 
 /// One client session's view of conductor.
 #[derive(Debug, Clone)]
 pub struct ConductorServer {
     router: Router,
     orchestrator: Arc<Orchestrator>,
+    /// Where an HTTP session's front is registered for the HTTP layer, by session id.
+    fronts: Option<Arc<Fronts>>,
+    /// The session's front, once it began (held here: the registry keeps a weak reference,
+    /// so the front goes with the session).
+    front: Arc<std::sync::OnceLock<Arc<Front>>>,
 }
 
 impl ConductorServer {
@@ -56,18 +61,20 @@ impl ConductorServer {
         ConductorServer {
             router,
             orchestrator,
+            fronts: None,
+            front: Arc::default(),
         }
+    }
+
+    /// Register each HTTP session's front in `fronts`, so the HTTP layer answers its plain
+    /// tool calls itself (see [`Front`]).
+    pub fn with_fronts(mut self, fronts: Arc<Fronts>) -> Self {
+        self.fronts = Some(fronts);
+        self
     }
 
     fn catalog(&self) -> Arc<Catalog> {
         self.router.registry().catalog()
-    }
-
-    /// Whether a call of `name` goes to a downstream as it is (not a workflow conductor runs).
-    fn proxies(&self, name: &str) -> bool {
-        name != orchestrate::TOOL_NAME
-            && self.catalog().tool(name).is_some()
-            && saved::find(&self.router.registry().config(), name).is_none()
     }
 
     /// The caller a client request makes: its cancellation, its client and progress token.
@@ -80,6 +87,7 @@ impl ConductorServer {
             protocol: context.protocol_version(),
             capabilities: context.client_capabilities(),
             asks: None,
+            progress_to: None,
         }
     }
 }
@@ -444,6 +452,19 @@ impl ServerHandler for ConductorServer {
 
     /// Sessions that began with `initialize` get list-changed notifications pushed to them.
     async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        // rmcp gives an HTTP session's messages their request's parts, its session id too.
+        if let Some(fronts) = &self.fronts
+            && let Some(parts) = context.extensions.get::<http::request::Parts>()
+            && let Some(session) = parts
+                .headers
+                .get("mcp-session-id")
+                .and_then(|id| id.to_str().ok())
+            && let Some(front) = Front::for_client(self, &context.peer)
+        {
+            let front = Arc::new(front);
+            fronts.register(session, &front);
+            let _ = self.front.set(front);
+        }
         let peer = context.peer;
         // Servers asked for roots as they started, before this client was here: conductor
         // fetches this client's roots, and the servers are told to ask again.

@@ -687,3 +687,119 @@ async fn server_everything_asks_the_typescript_clients_through_conductor() {
         }
     }
 }
+
+/// `initialize` and `notifications/initialized` by hand; the session's headers.
+async fn raw_session(server: &HttpConductor) -> [(&'static str, String); 2] {
+    let (_, headers, _) = post(&server.mcp(), &initialize().to_string(), &[]).await;
+    let session = [
+        (
+            "mcp-session-id",
+            headers["mcp-session-id"].to_str().unwrap().to_owned(),
+        ),
+        ("mcp-protocol-version", "2025-06-18".to_owned()),
+    ];
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    post(&server.mcp(), &initialized.to_string(), &borrowed(&session)).await;
+    session
+}
+
+fn borrowed<'a>(headers: &'a [(&'static str, String); 2]) -> [(&'static str, &'a str); 2] {
+    [(headers[0].0, &headers[0].1), (headers[1].0, &headers[1].1)]
+}
+
+/// The JSON messages of an SSE body, in order.
+fn sse_messages(body: &str) -> Vec<Value> {
+    body.lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .map(str::trim)
+        .filter(|data| !data.is_empty())
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect()
+}
+
+/// A plain tool call is answered by conductor's front without rmcp: whole, as JSON, when the
+/// answer comes at once; as a stream when progress comes first (all of it before the answer)
+/// or the call takes a while.
+#[tokio::test]
+async fn plain_calls_are_answered_whole_or_streamed_with_their_progress() {
+    let config = TestConfig::slow_fixture("", "");
+    let server = HttpConductor::start(&config).await;
+    let session = raw_session(&server).await;
+    let session = borrowed(&session);
+
+    let quick = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                       "params": {"name": "slow__sleep", "arguments": {"ms": 1}}});
+    let (status, headers, body) = post(&server.mcp(), &quick.to_string(), &session).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "application/json");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["id"], 7);
+    assert_eq!(
+        answer["result"]["content"][0]["text"], "slept 1 ms",
+        "{answer}"
+    );
+
+    let progressing = json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call",
+                             "params": {"name": "slow__sleep", "arguments": {"ms": 400, "progress_every": 100},
+                                        "_meta": {"progressToken": "mine"}}});
+    let (status, headers, body) = post(&server.mcp(), &progressing.to_string(), &session).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "text/event-stream");
+    assert!(body.starts_with("id:") || body.contains("\nid:"), "{body}");
+    let messages = sse_messages(&body);
+    let (answer, progress) = messages.split_last().expect("messages");
+    assert_eq!(answer["id"], 8, "the answer comes last: {messages:?}");
+    assert_eq!(answer["result"]["content"][0]["text"], "slept 400 ms");
+    assert!(progress.len() >= 2, "{messages:?}");
+    for update in progress {
+        assert_eq!(update["method"], "notifications/progress");
+        assert_eq!(update["params"]["progressToken"], "mine");
+    }
+
+    let slow = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+                      "params": {"name": "slow__sleep", "arguments": {"ms": 300}}});
+    let (status, headers, body) = post(&server.mcp(), &slow.to_string(), &session).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "text/event-stream");
+    let messages = sse_messages(&body);
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert_eq!(messages[0]["result"]["content"][0]["text"], "slept 300 ms");
+}
+
+/// The client's `notifications/cancelled` for a call the front is answering cancels it
+/// downstream, and a session kept busy by such calls outlives `session_idle`.
+#[tokio::test]
+async fn front_calls_are_cancelled_and_keep_their_session_alive() {
+    let config = TestConfig::slow_fixture("[http]\nsession_idle = \"1s\"\n", "");
+    let server = HttpConductor::start(&config).await;
+    let headers = raw_session(&server).await;
+
+    let url = server.mcp();
+    let long = json!({"jsonrpc": "2.0", "id": 21, "method": "tools/call",
+                      "params": {"name": "slow__sleep", "arguments": {"ms": 20000}}});
+    let calling = {
+        let headers = headers.clone();
+        tokio::spawn(async move { post(&url, &long.to_string(), &borrowed(&headers)).await })
+    };
+    config.wait_for_recorded("started sleep 20000", 1).await;
+    let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                        "params": {"requestId": 21, "reason": "changed my mind"}});
+    let (status, _, _) = post(&server.mcp(), &cancel.to_string(), &borrowed(&headers)).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    config.wait_for_recorded("cancelled sleep 20000", 1).await;
+    calling.abort();
+
+    // Calls for three times `session_idle`, each well within it: the session stays.
+    for i in 0..15 {
+        let call = json!({"jsonrpc": "2.0", "id": 100 + i, "method": "tools/call",
+                          "params": {"name": "slow__sleep", "arguments": {"ms": 200}}});
+        let (status, _, body) = post(&server.mcp(), &call.to_string(), &borrowed(&headers)).await;
+        assert_eq!(status, StatusCode::OK, "call {i}: {body}");
+        assert!(body.contains("slept 200 ms"), "call {i}: {body}");
+    }
+    // And a session left alone is closed after it.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let ping = json!({"jsonrpc": "2.0", "id": 200, "method": "ping"});
+    let (status, _, _) = post(&server.mcp(), &ping.to_string(), &borrowed(&headers)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

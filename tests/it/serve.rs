@@ -267,41 +267,11 @@ async fn list_changes_downstream_reach_the_client() {
 /// A config with the `slow` fixture as server `slow`, recording its events to the config's
 /// events file, with `extra` lines added to its table.
 fn slow_fixture(extra: &str) -> TestConfig {
-    let config = TestConfig::new("");
-    let events = config.events_file().display().to_string();
-    let text = format!(
-        "[servers.slow]\ncommand = \"{}\"\nargs = [\"slow\"]\nenv = {{ FIXTURE_EVENTS = \"{events}\" }}\n{extra}",
-        super::support::FIXTURE
-    );
-    std::fs::write(&config.path, text).unwrap();
-    config
+    TestConfig::slow_fixture("", extra)
 }
 
 async fn wait_for_event(config: &TestConfig, event: &str) {
-    wait_for_recorded(config, event, 1).await;
-}
-
-/// Wait (up to 10 s) until the fixture has recorded `event` at least `times` times.
-async fn wait_for_recorded(config: &TestConfig, event: &str, times: usize) {
-    for _ in 0..100 {
-        if recorded(config, event) >= times {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "the fixture never recorded `{event}` {times} times; it recorded: {:?}",
-        std::fs::read_to_string(config.events_file()).unwrap_or_default()
-    );
-}
-
-/// How many times the fixture recorded `event`.
-fn recorded(config: &TestConfig, event: &str) -> usize {
-    std::fs::read_to_string(config.events_file())
-        .unwrap_or_default()
-        .lines()
-        .filter(|line| *line == event)
-        .count()
+    config.wait_for_recorded(event, 1).await;
 }
 
 /// Have the content fixture say `uri` changed, and wait until `session` hears of it.
@@ -911,9 +881,11 @@ async fn a_2026_server_gets_subscriptions_as_one_listen_stream() {
         .unsubscribe(UnsubscribeRequestParams::new("fixture://items/7"))
         .await
         .unwrap();
-    wait_for_recorded(&config, "listening fixture://readme", 2).await;
+    config
+        .wait_for_recorded("listening fixture://readme", 2)
+        .await;
     assert_eq!(
-        recorded(&config, "listening fixture://readme"),
+        config.recorded("listening fixture://readme"),
         2,
         "listening again for the one left"
     );
@@ -927,7 +899,9 @@ async fn a_2026_server_gets_subscriptions_as_one_listen_stream() {
         .unsubscribe(UnsubscribeRequestParams::new("fixture://readme"))
         .await
         .unwrap();
-    wait_for_recorded(&config, "stopped listening fixture://readme", 2).await;
+    config
+        .wait_for_recorded("stopped listening fixture://readme", 2)
+        .await;
     let text = std::fs::read_to_string(config.events_file()).unwrap_or_default();
     assert_eq!(
         text.lines()
@@ -972,9 +946,9 @@ async fn a_restarted_server_is_subscribed_again() {
             .subscribe(SubscribeRequestParams::new("fixture://readme"))
             .await
             .unwrap();
-        wait_for_recorded(&config, event, 2).await;
+        config.wait_for_recorded(event, 2).await;
         assert_eq!(
-            recorded(&config, event),
+            config.recorded(event),
             2,
             "{event}, again after the restart"
         );
@@ -1002,7 +976,7 @@ async fn servers_asking_outside_a_call_get_the_roots_a_client_gave() {
     wait_for_event(&config, "roots [file:///work]").await;
     session.cancel().await.unwrap();
     // The fixture restarts every 2 s and asks again as it starts.
-    wait_for_recorded(&config, "roots [file:///work]", 2).await;
+    config.wait_for_recorded("roots [file:///work]", 2).await;
 }
 
 /// A session that ends without unsubscribing: its server is told once no session is left
@@ -1025,7 +999,7 @@ async fn a_session_that_ends_unsubscribes_what_only_it_watched() {
             .unwrap();
     }
     wait_for_event(&config, "subscribed fixture://readme").await;
-    let unsubscribed = || recorded(&config, "unsubscribed fixture://readme");
+    let unsubscribed = || config.recorded("unsubscribed fixture://readme");
     first.cancel().await.unwrap();
     // The second session still watches it: given time to (wrongly) unsubscribe, none comes.
     tokio::time::sleep(Duration::from_millis(500)).await;

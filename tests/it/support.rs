@@ -76,8 +76,44 @@ impl TestConfig {
         TestConfig::new(&text)
     }
 
+    /// The `slow` fixture as server `slow`, recording its events to the events file; `top`
+    /// goes before its table (`[http]` settings, say), `extra` into it.
+    pub fn slow_fixture(top: &str, extra: &str) -> Self {
+        let config = TestConfig::new("");
+        let events = config.events_file().display().to_string();
+        let text = format!(
+            "{top}\n[servers.slow]\ncommand = \"{FIXTURE}\"\nargs = [\"slow\"]\nenv = {{ FIXTURE_EVENTS = \"{events}\" }}\n{extra}"
+        );
+        std::fs::write(&config.path, text).unwrap();
+        config
+    }
+
     pub fn events_file(&self) -> PathBuf {
         self.dir.path().join("events.log")
+    }
+
+    /// How many times the fixture recorded `event` (fixtures record to `events_file`, given
+    /// as their `FIXTURE_EVENTS`).
+    pub fn recorded(&self, event: &str) -> usize {
+        std::fs::read_to_string(self.events_file())
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| *line == event)
+            .count()
+    }
+
+    /// Wait (up to 10 s) until the fixture has recorded `event` at least `times` times.
+    pub async fn wait_for_recorded(&self, event: &str, times: usize) {
+        for _ in 0..100 {
+            if self.recorded(event) >= times {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "the fixture never recorded `{event}` {times} times; it recorded: {:?}",
+            std::fs::read_to_string(self.events_file()).unwrap_or_default()
+        );
     }
 }
 
