@@ -13,9 +13,12 @@ fn main() -> ExitCode {
     {
         return downstream::run_launcher(&args[2..]);
     }
-    // Children are started through this executable, so they die with conductor.
+    // Children are started through a launcher, so they die with conductor: the small one
+    // installed beside this executable, else this executable itself.
     if let Ok(executable) = std::env::current_exe() {
-        downstream::use_launcher(executable);
+        let small =
+            executable.with_file_name(format!("conductor-launch{}", std::env::consts::EXE_SUFFIX));
+        downstream::use_launcher(if small.is_file() { small } else { executable });
     }
     let cli = mcp_conductor::cli::Cli::parse_from(args);
     let runtime = match tokio::runtime::Runtime::new() {

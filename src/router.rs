@@ -9,8 +9,10 @@
     reason = "logging and resources/subscribe are deprecated in 2026-07-28; older peers still use them"
 )]
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
+
+use memchr::memmem::Finder;
 
 use rmcp::ErrorData as McpError;
 use rmcp::model::{
@@ -1118,9 +1120,10 @@ fn makes_task(result: &RawValue) -> bool {
     }
     let text = result.get().as_bytes();
     // Most results have neither: skip the parse for them.
-    if memchr::memmem::find(text, b"\"resultType\"").is_none()
-        && memchr::memmem::find(text, b"\"task\"").is_none()
-    {
+    // Built once: a finder's set-up costs more than searching a short result.
+    static RESULT_TYPE: LazyLock<Finder> = LazyLock::new(|| Finder::new(b"\"resultType\""));
+    static TASK: LazyLock<Finder> = LazyLock::new(|| Finder::new(b"\"task\""));
+    if RESULT_TYPE.find(text).is_none() && TASK.find(text).is_none() {
         return false;
     }
     serde_json::from_str::<Members>(result.get()).is_ok_and(|members| {

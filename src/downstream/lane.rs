@@ -5,10 +5,10 @@
 //! numbers its own, never uses.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
 
-use memchr::memmem;
+use memchr::memmem::Finder;
 use rmcp::model::ErrorData;
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
@@ -123,7 +123,9 @@ impl TextLane {
 impl Tap for TextLane {
     fn take(&self, line: &[u8]) -> bool {
         // Most lines are not the lane's: skip the parse for them.
-        if memmem::find(line, ID_PREFIX.as_bytes()).is_none() {
+        // Built once: a finder's set-up costs more than searching a short line.
+        static LANE_ID: LazyLock<Finder> = LazyLock::new(|| Finder::new(ID_PREFIX.as_bytes()));
+        if LANE_ID.find(line).is_none() {
             return false;
         }
         let Some(peek) = Peek::of(line) else {

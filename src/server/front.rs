@@ -7,10 +7,10 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
-use memchr::memmem;
+use memchr::memmem::Finder;
 use rmcp::ServiceExt;
 use rmcp::model::{ProgressToken, ProtocolVersion, RequestId, ServerJsonRpcMessage, ServerResult};
 use rmcp::service::{Peer, RoleServer, RunningService, ServerInitializeError};
@@ -145,8 +145,11 @@ impl Front {
     /// Whether a message may be a plain call or a cancellation of one (a cheap look at its
     /// text, for the many messages that are neither).
     pub fn may_take(message: &[u8]) -> bool {
-        memmem::find(message, b"\"tools/call\"").is_some()
-            || memmem::find(message, b"\"notifications/cancelled\"").is_some()
+        // Built once: a finder's set-up costs more than searching a short message.
+        static CALL: LazyLock<Finder> = LazyLock::new(|| Finder::new(b"\"tools/call\""));
+        static CANCEL: LazyLock<Finder> =
+            LazyLock::new(|| Finder::new(b"\"notifications/cancelled\""));
+        CALL.find(message).is_some() || CANCEL.find(message).is_some()
     }
 
     /// Take a plain call of a downstream tool: the returned future answers it, with the
