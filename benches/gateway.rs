@@ -10,7 +10,9 @@
 //! same client and the same echo server, one after the other.
 //!
 //! The binary is also its own echo server: `gateway --echo-server [--tools N]
-//! [--init-delay-ms N] [--http]`, a minimal rmcp server whose `echo` tool answers its text.
+//! [--init-delay-ms N] [--http]`, a minimal rmcp server whose `echo` tool answers its text;
+//! and the floor of any gateway process: `gateway --relay PROGRAM ARGS...` copies bytes between
+//! its stdio and a child's, reading nothing.
 
 #![allow(
     clippy::expect_used,
@@ -133,6 +135,28 @@ async fn echo_server(args: &[String]) {
         let service = echo.serve(rmcp::transport::stdio()).await.unwrap();
         let _ = service.waiting().await;
     }
+}
+
+/// Copy bytes both ways between this process's stdio and a child's, as tokio does it: what
+/// one more process in the path costs when it does no work at all.
+async fn relay(args: &[String]) {
+    let mut child = tokio::process::Command::new(&args[0])
+        .args(&args[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (mut to_child, mut from_child) =
+        (child.stdin.take().unwrap(), child.stdout.take().unwrap());
+    let (mut stdin, mut stdout) = rmcp::transport::stdio_pipes();
+    let back = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut from_child, &mut stdout).await;
+    });
+    let _ = tokio::io::copy(&mut stdin, &mut to_child).await;
+    drop(to_child);
+    let _ = back.await;
 }
 
 // ---- processes and clients ---------------------------------------------------------------
@@ -362,34 +386,56 @@ impl Bench {
         }
     }
 
-    /// Direct and through conductor, at concurrency 1, 16 and 64, `reps` times each.
+    /// Direct and through conductor (and, if given, through the bare relay), at concurrency 1,
+    /// 16 and 64, `reps` times each.
     async fn compare_calls(
         &self,
         title: &str,
         direct: &Peer<RoleClient>,
         through: &Peer<RoleClient>,
+        relay: Option<&Peer<RoleClient>>,
         http: bool,
     ) {
         println!("\n### {title}\n");
+        let (relay_head, relay_rule) = match relay {
+            Some(_) => (" relay added p50 µs | relay calls/s |", " ---: | ---: |"),
+            None => ("", ""),
+        };
         println!(
-            "| concurrency | direct p50 µs | conductor p50 µs | added p50 µs | direct p99 µs | conductor p99 µs | direct calls/s | conductor calls/s | ratio |"
+            "| concurrency | direct p50 µs | conductor p50 µs | added p50 µs | direct p99 µs | conductor p99 µs | direct calls/s | conductor calls/s | ratio |{relay_head}"
         );
-        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |{relay_rule}");
         for concurrency in [1, 16, 64] {
             let total = self.calls(concurrency, http);
-            // Warm both paths up: connections, allocators, caches.
+            // Warm every path up: connections, allocators, caches.
             load(direct, "echo", concurrency, total / 10 + 1).await;
             load(through, "echo__echo", concurrency, total / 10 + 1).await;
-            let (mut direct_runs, mut through_runs) = (Vec::new(), Vec::new());
+            if let Some(relay) = relay {
+                load(relay, "echo", concurrency, total / 10 + 1).await;
+            }
+            let (mut direct_runs, mut through_runs, mut relay_runs) =
+                (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..self.reps {
                 direct_runs.push(load(direct, "echo", concurrency, total).await);
                 through_runs.push(load(through, "echo__echo", concurrency, total).await);
+                if let Some(relay) = relay {
+                    relay_runs.push(load(relay, "echo", concurrency, total).await);
+                }
             }
             let p50 = |runs: &[Load]| median_by(runs, |run| micros(run.p50));
             let p99 = |runs: &[Load]| median_by(runs, |run| micros(run.p99));
             let rate = |runs: &[Load]| median_by(runs, |run| run.per_second);
+            let relay_cells = if relay_runs.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " {:.0} | {:.0} |",
+                    p50(&relay_runs) - p50(&direct_runs),
+                    rate(&relay_runs)
+                )
+            };
             println!(
-                "| {concurrency} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}x |",
+                "| {concurrency} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}x |{relay_cells}",
                 p50(&direct_runs),
                 p50(&through_runs),
                 p50(&through_runs) - p50(&direct_runs),
@@ -405,10 +451,13 @@ impl Bench {
     async fn calls_over_stdio(&self) {
         let (direct, _) = direct_stdio(&[]).await;
         let (through, pid) = conductor_stdio(&config(self.dir.path(), "one", 1, &[])).await;
+        let echo = me();
+        let (relay, _) = stdio_client(&me(), &["--relay", &echo, "--echo-server"]).await;
         self.compare_calls(
-            "`tools/call`, stdio client to stdio server (direct) and through conductor over stdio",
+            "`tools/call`, stdio client to stdio server (direct), through conductor over stdio, and through a bare relay",
             direct.peer(),
             through.peer(),
+            Some(relay.peer()),
             false,
         )
         .await;
@@ -426,6 +475,7 @@ impl Bench {
             "`tools/call` over Streamable HTTP: the echo server serving HTTP (direct), and conductor serving HTTP in front of it over stdio",
             direct.peer(),
             through.peer(),
+            None,
             true,
         )
         .await;
@@ -655,6 +705,14 @@ impl Bench {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--relay") {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(relay(&args[1..]));
+        return;
+    }
     if args.first().map(String::as_str) == Some("--echo-server") {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
