@@ -15,6 +15,7 @@ use std::time::Duration;
 use memchr::memmem::Finder;
 
 use rmcp::ErrorData as McpError;
+use rmcp::model::RequestId;
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResult, CancelledNotification,
     CancelledNotificationParam, ClientRequest, ClientResult, CompleteRequest,
@@ -28,7 +29,6 @@ use rmcp::model::{
     InputRequests, InputResponses, ListRootsRequest, ProgressToken, ProtocolVersion, ServerRequest,
     Task, TaskPayload, UpdateTaskParams, UpdateTaskRequest,
 };
-use rmcp::model::{NumberOrString, RequestId};
 use rmcp::service::{Peer, PeerRequestOptions, RoleClient, RoleServer, ServiceError};
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
@@ -224,9 +224,9 @@ impl Outgoing {
 }
 
 /// A `tools/call` as rmcp's request, its arguments parsed.
-fn tool_request(name: &str, arguments: Option<&RawValue>) -> Result<ClientRequest, String> {
-    let mut params = CallToolRequestParams::new(name.to_owned());
-    if let Some(arguments) = arguments {
+fn tool_request(call: TextCall<'_>) -> Result<ClientRequest, String> {
+    let mut params = CallToolRequestParams::new(call.name.to_owned());
+    if let Some(arguments) = call.arguments {
         let arguments = serde_json::from_str(arguments.get())
             .map_err(|error| format!("the arguments are not a JSON object: {error}"))?;
         params = params.with_arguments(arguments);
@@ -728,9 +728,7 @@ impl Router {
             {
                 tracing::info!(server = %server, fallback = %fallback, reason = %error, "served by its fallback");
                 let fallback = self.spec_of(&fallback)?;
-                // Boxed in a statement of its own, so this future does not keep room for it.
-                let sending = Box::pin(self.send_to(&fallback, what, request, timeout, caller));
-                sending.await
+                Box::pin(self.send_to(&fallback, what, request, timeout, caller)).await
             }
             (outcome, _) => outcome,
         }
@@ -795,45 +793,56 @@ impl Router {
         let request = match request {
             Outgoing::Request(request) => *request,
             // rmcp's progress-reset timeouts need rmcp's own requests.
-            Outgoing::ToolCall { name, arguments } => match connection.text_lane() {
-                Some(lane) if !spec.timeout_resets_on_progress => {
-                    let call = TextCall {
-                        name: &name,
-                        arguments: arguments.as_deref(),
-                    };
-                    let answer = self
-                        .exchange_text(&connection, lane, spec, &what, call, timeout, caller)
-                        .await?;
-                    return match answer {
-                        // A server may make a task of any call (tasks extension): followed
-                        // to its result as on rmcp's path.
-                        Answer::ToolResult(text) if makes_task(&text) => {
-                            let following = Box::pin(self.follow_made_task(
-                                &connection,
-                                spec,
-                                &what,
-                                &text,
-                                timeout,
-                                caller,
-                            ));
-                            following.await
-                        }
-                        answer => Ok(answer),
-                    };
+            Outgoing::ToolCall { name, arguments } => {
+                let call = TextCall {
+                    name: &name,
+                    arguments: arguments.as_deref(),
+                };
+                // rmcp's progress-reset timeouts need rmcp's own requests.
+                if let Some(lane) = connection.text_lane()
+                    && !spec.timeout_resets_on_progress
+                {
+                    return self
+                        .send_text(&connection, lane, spec, &what, call, timeout, caller)
+                        .await;
                 }
-                _ => tool_request(&name, arguments.as_deref()).map_err(|error| {
-                    CallError::Failed {
-                        server: spec.name.clone(),
-                        what: what.clone(),
-                        error,
-                    }
-                })?,
-            },
+                tool_request(call).map_err(|error| CallError::Failed {
+                    server: spec.name.clone(),
+                    what: what.clone(),
+                    error,
+                })?
+            }
         };
         // Boxed: rmcp's request futures are large, and the text lane's calls should not
         // carry their size (see docs/performance.md).
-        let sending = Box::pin(self.send_parsed(&connection, spec, what, request, timeout, caller));
-        sending.await.map(|result| Answer::Parsed(Box::new(result)))
+        Box::pin(self.send_parsed(&connection, spec, what, request, timeout, caller))
+            .await
+            .map(|result| Answer::Parsed(Box::new(result)))
+    }
+
+    /// Send a tool call on a connection's text lane. A server may make a task of any call
+    /// (tasks extension): that answer is read, and the task followed as on rmcp's path.
+    #[allow(clippy::too_many_arguments, reason = "exchange's, and the lane")]
+    async fn send_text(
+        &self,
+        connection: &Connection,
+        lane: &TextLane,
+        spec: &ServerSpec,
+        what: &str,
+        call: TextCall<'_>,
+        timeout: Option<Duration>,
+        caller: &Caller,
+    ) -> Result<Answer, CallError> {
+        match self
+            .exchange_text(connection, lane, spec, what, call, timeout, caller)
+            .await?
+        {
+            Answer::ToolResult(text) if makes_task(&text) => {
+                Box::pin(self.follow_made_task(connection, spec, what, &text, timeout, caller))
+                    .await
+            }
+            answer => Ok(answer),
+        }
     }
 
     /// Send a request through rmcp and read its answer: following a task the server makes of
@@ -1079,7 +1088,7 @@ impl Router {
             .map_err(|_| closed())?;
         let id = RequestId::String(sent.id().into());
         if let (Some(in_call), true) = (&in_call, progress) {
-            in_call.sent(ProgressToken(NumberOrString::String(sent.id().into())));
+            in_call.sent(ProgressToken(id.clone()));
         }
         let outcome = tokio::select! {
             biased;
@@ -1088,15 +1097,14 @@ impl Router {
                 Ok(Some(Reply::Error(error))) => Err(CallError::Downstream { server: server.clone(), error }),
                 Ok(None) => Err(closed()),
                 Err(_) => {
-                    let telling = Box::pin(tell_cancelled(&connection.peer, server, id));
-                    telling.await;
+                    // Boxed: rare, and rmcp's notification future would grow every call's.
+                    Box::pin(tell_cancelled(&connection.peer, server, id)).await;
                     Err(CallError::Timeout { server: server.clone(), what: what.to_owned(), after: timeout })
                 }
             },
             () = connection.ended() => Err(closed()),
             () = caller.cancel.cancelled() => {
-                let telling = Box::pin(tell_cancelled(&connection.peer, server, id));
-                telling.await;
+                Box::pin(tell_cancelled(&connection.peer, server, id)).await;
                 Err(CallError::Cancelled)
             }
         };

@@ -58,7 +58,8 @@ pub fn is_object(text: &RawValue) -> bool {
 /// A line of a response, `{"jsonrpc":"2.0","id":ID,"result":RESULT}`, from their texts.
 pub fn response_line(id: &RawValue, result: &RawValue) -> Vec<u8> {
     let (id, result) = (id.get(), result.get());
-    let mut line = Vec::with_capacity(36 + id.len() + result.len());
+    // With room for the newline the writer adds.
+    let mut line = Vec::with_capacity(37 + id.len() + result.len());
     line.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
     line.extend_from_slice(id.as_bytes());
     line.extend_from_slice(b",\"result\":");

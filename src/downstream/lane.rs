@@ -40,13 +40,15 @@ pub struct TextLane {
 pub struct SentCall<'a> {
     lane: &'a TextLane,
     number: u64,
+    /// `cd-N`.
+    id: String,
     answer: oneshot::Receiver<Reply>,
 }
 
 impl SentCall<'_> {
     /// The request's id as rmcp names it, for `notifications/cancelled` and progress tokens.
-    pub fn id(&self) -> String {
-        format!("cd-{}", self.number)
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// The answer; `None` if the connection ended first.
@@ -89,20 +91,21 @@ impl TextLane {
         let sent = SentCall {
             lane: self,
             number,
+            id: format!("cd-{number}"),
             answer,
         };
         let name = serde_json::to_string(name).map_err(std::io::Error::other)?;
         let arguments = arguments.map_or("{}", RawValue::get);
-        let mut line = Vec::with_capacity(96 + name.len() + arguments.len());
-        line.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":\"cd-");
-        line.extend_from_slice(number.to_string().as_bytes());
+        let mut line = Vec::with_capacity(112 + name.len() + arguments.len());
+        line.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":\"");
+        line.extend_from_slice(sent.id.as_bytes());
         line.extend_from_slice(b"\",\"method\":\"tools/call\",\"params\":{\"name\":");
         line.extend_from_slice(name.as_bytes());
         line.extend_from_slice(b",\"arguments\":");
         line.extend_from_slice(arguments.as_bytes());
         if progress {
-            line.extend_from_slice(b",\"_meta\":{\"progressToken\":\"cd-");
-            line.extend_from_slice(number.to_string().as_bytes());
+            line.extend_from_slice(b",\"_meta\":{\"progressToken\":\"");
+            line.extend_from_slice(sent.id.as_bytes());
             line.extend_from_slice(b"\"}");
         }
         line.extend_from_slice(b"}}");

@@ -5,11 +5,12 @@
 //! other string with delimiters renders as text. `{"$literal": x}` is `x`, never evaluated.
 //! Undefined values are errors, and every evaluation has a fuel bound.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use minijinja::syntax::SyntaxConfig;
 use minijinja::value::Serde;
-use minijinja::{Environment, UndefinedBehavior};
+use minijinja::{Environment, Expression, UndefinedBehavior};
 use serde_json::Value;
 
 /// Enough for real reshaping work, small enough to stop a runaway loop within milliseconds.
@@ -47,8 +48,36 @@ impl ExprErrorKind {
 /// The expression engine, configured once.
 #[derive(Debug)]
 pub struct Expressions {
-    env: Environment<'static>,
+    env: &'static Environment<'static>,
+    /// Expressions compiled, by their text: a workflow's expressions are compiled when it is
+    /// checked and again for every step and item they are evaluated for.
+    compiled: Mutex<HashMap<String, Arc<Expression<'static, 'static>>>>,
 }
+
+/// How many compiled expressions are kept; past that the cache starts again.
+const COMPILED_KEPT: usize = 4096;
+
+/// The one environment: its configuration never changes, and compiled expressions borrow it.
+static ENVIRONMENT: LazyLock<Environment<'static>> = LazyLock::new(|| {
+    let mut env = Environment::new();
+    match SyntaxConfig::builder()
+        .block_delimiters("${%", "%}")
+        .variable_delimiters("${{", "}}")
+        .comment_delimiters("${#", "#}")
+        // A message that ends in a newline keeps it.
+        .keep_trailing_newline(true)
+        .build()
+    {
+        Ok(syntax) => env.set_syntax(syntax),
+        Err(error) => tracing::error!(error = %error, "workflow expression syntax rejected"),
+    }
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_fuel(Some(FUEL));
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_filter("fromjson", fromjson);
+    env
+});
 
 impl Default for Expressions {
     fn default() -> Self {
@@ -90,24 +119,31 @@ fn bare_expression(text: &str) -> &str {
 
 impl Expressions {
     pub fn new() -> Self {
-        let mut env = Environment::new();
-        match SyntaxConfig::builder()
-            .block_delimiters("${%", "%}")
-            .variable_delimiters("${{", "}}")
-            .comment_delimiters("${#", "#}")
-            // A message that ends in a newline keeps it.
-            .keep_trailing_newline(true)
-            .build()
-        {
-            Ok(syntax) => env.set_syntax(syntax),
-            Err(error) => tracing::error!(error = %error, "workflow expression syntax rejected"),
+        Expressions {
+            env: &ENVIRONMENT,
+            compiled: Mutex::default(),
         }
-        env.set_undefined_behavior(UndefinedBehavior::Strict);
-        env.set_fuel(Some(FUEL));
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_filter("fromjson", fromjson);
-        Expressions { env }
+    }
+
+    /// An expression compiled, from the cache when it was compiled before.
+    fn compile(
+        &self,
+        expression: &str,
+    ) -> Result<Arc<Expression<'static, 'static>>, minijinja::Error> {
+        if let Ok(compiled) = self.compiled.lock()
+            && let Some(expression) = compiled.get(expression)
+        {
+            return Ok(expression.clone());
+        }
+        let env: &'static Environment<'static> = self.env;
+        let fresh = Arc::new(env.compile_expression_owned(expression.to_owned())?);
+        if let Ok(mut compiled) = self.compiled.lock() {
+            if compiled.len() >= COMPILED_KEPT {
+                compiled.clear();
+            }
+            compiled.insert(expression.to_owned(), fresh.clone());
+        }
+        Ok(fresh)
     }
 
     /// Check every expression in `value` and collect the variables it reads, as dotted paths
@@ -134,8 +170,7 @@ impl Expressions {
         let variables = match form(text) {
             Form::Plain => return,
             Form::Whole(expression) => self
-                .env
-                .compile_expression(expression)
+                .compile(expression)
                 .map(|compiled| compiled.undeclared_variables(true)),
             Form::Template => self
                 .env
@@ -150,7 +185,7 @@ impl Expressions {
 
     /// References of a condition or `for_each` expression (`${{ }}` optional).
     pub fn expression_references(&self, text: &str, pointer: &str, found: &mut References) {
-        match self.env.compile_expression(bare_expression(text)) {
+        match self.compile(bare_expression(text)) {
             Ok(compiled) => found.add(compiled.undeclared_variables(true), pointer),
             Err(error) => found.errors.push((pointer.to_owned(), describe(&error))),
         }
@@ -200,8 +235,7 @@ impl Expressions {
     pub fn condition(&self, text: &str, scope: &Scope) -> Result<bool, ExprError> {
         let context = scope.0.clone();
         let compiled = self
-            .env
-            .compile_expression(bare_expression(text))
+            .compile(bare_expression(text))
             .map_err(|error| classify(&error))?;
         let value = compiled.eval(context).map_err(|error| classify(&error))?;
         if value.is_undefined() {
@@ -211,10 +245,7 @@ impl Expressions {
     }
 
     fn eval(&self, expression: &str, context: &minijinja::Value) -> Result<Value, ExprError> {
-        let compiled = self
-            .env
-            .compile_expression(expression)
-            .map_err(|error| classify(&error))?;
+        let compiled = self.compile(expression).map_err(|error| classify(&error))?;
         let value = compiled
             .eval(context.clone())
             .map_err(|error| classify(&error))?;

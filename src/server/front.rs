@@ -87,6 +87,17 @@ pub struct Front {
     calls: Mutex<HashMap<RequestId, CancellationToken>>,
 }
 
+/// A request with the params of a plain `tools/call`.
+#[derive(Deserialize)]
+struct PlainCall<'a> {
+    #[serde(borrow)]
+    id: &'a RawValue,
+    #[serde(borrow)]
+    method: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    params: PlainParams<'a>,
+}
+
 /// A `tools/call`'s params, if they are only what this path forwards; anything else (a
 /// retry with `requestState`, say) fails to parse and stays rmcp's.
 #[derive(Deserialize)]
@@ -161,17 +172,14 @@ impl Front {
         message: &[u8],
         progress_to: Option<ProgressTo>,
     ) -> Option<impl Future<Output = Option<Vec<u8>>> + Send + 'static> {
-        let peek = Peek::of(message)?;
-        let (Some("tools/call"), Some(id_text), Some(id), Some(params)) = (
-            peek.method.as_deref(),
-            peek.id,
-            peek.request_id(),
-            peek.params,
-        ) else {
-            return None;
-        };
-        let params = serde_json::from_str::<PlainParams>(params.get()).ok()?;
-        if !params.arguments.is_none_or(wire::is_object) || !self.proxies(&params.name) {
+        // One pass over the message: anything but a plain call fails to parse.
+        let PlainCall { id, method, params } = serde_json::from_slice(message).ok()?;
+        let id_text = id;
+        let id: RequestId = serde_json::from_str(id.get()).ok()?;
+        if method != "tools/call"
+            || !params.arguments.is_none_or(wire::is_object)
+            || !self.proxies(&params.name)
+        {
             return None;
         }
         let cancel = CancellationToken::new();
