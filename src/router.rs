@@ -803,7 +803,7 @@ impl Router {
                     && !spec.timeout_resets_on_progress
                 {
                     return self
-                        .send_text(&connection, lane, spec, &what, call, timeout, caller)
+                        .exchange_text(&connection, lane, spec, &what, call, timeout, caller)
                         .await;
                 }
                 tool_request(call).map_err(|error| CallError::Failed {
@@ -818,31 +818,6 @@ impl Router {
         Box::pin(self.send_parsed(&connection, spec, what, request, timeout, caller))
             .await
             .map(|result| Answer::Parsed(Box::new(result)))
-    }
-
-    /// Send a tool call on a connection's text lane. A server may make a task of any call
-    /// (tasks extension): that answer is read, and the task followed as on rmcp's path.
-    #[allow(clippy::too_many_arguments, reason = "exchange's, and the lane")]
-    async fn send_text(
-        &self,
-        connection: &Connection,
-        lane: &TextLane,
-        spec: &ServerSpec,
-        what: &str,
-        call: TextCall<'_>,
-        timeout: Option<Duration>,
-        caller: &Caller,
-    ) -> Result<Answer, CallError> {
-        match self
-            .exchange_text(connection, lane, spec, what, call, timeout, caller)
-            .await?
-        {
-            Answer::ToolResult(text) if makes_task(&text) => {
-                Box::pin(self.follow_made_task(connection, spec, what, &text, timeout, caller))
-                    .await
-            }
-            answer => Ok(answer),
-        }
     }
 
     /// Send a request through rmcp and read its answer: following a task the server makes of
@@ -1062,7 +1037,8 @@ impl Router {
     }
 
     /// A tool call and its answer on a connection's text lane: as [`Router::exchange`], with
-    /// the request written and the result kept as text.
+    /// the request written and the result kept as text. A server may make a task of any call
+    /// (tasks extension): that answer is read, and the task followed as on rmcp's path.
     #[allow(clippy::too_many_arguments, reason = "exchange's, and the lane")]
     async fn exchange_text(
         &self,
@@ -1111,7 +1087,20 @@ impl Router {
         if progress {
             let_progress_pass().await;
         }
-        outcome
+        match outcome? {
+            Answer::ToolResult(text) if makes_task(&text) => {
+                Box::pin(self.follow_made_task(
+                    connection,
+                    spec,
+                    what,
+                    &text,
+                    Some(timeout),
+                    caller,
+                ))
+                .await
+            }
+            answer => Ok(answer),
+        }
     }
 }
 
