@@ -332,10 +332,33 @@ fn opens_session(body: &[u8]) -> Result<bool, BadBody> {
     }
 }
 
+/// A body sent as JSON by a client that takes both kinds of answer, in the plain form every
+/// client sends. Anything else (weights, parameters, a missing type) goes to rmcp, which
+/// answers it or refuses it (406, 415) with its own words.
+fn rmcp_would_read(headers: &axum::http::HeaderMap) -> bool {
+    let values = |name| {
+        headers
+            .get_all(name)
+            .into_iter()
+            .filter_map(|value| value.to_str().ok())
+    };
+    let accepts = |wanted: &str| {
+        values(header::ACCEPT)
+            .flat_map(|value| value.split(','))
+            .any(|kind| kind.trim().eq_ignore_ascii_case(wanted))
+    };
+    let sent_as_json = values(header::CONTENT_TYPE).any(|value| {
+        let essence = value.split(';').next().unwrap_or(value);
+        essence.trim().eq_ignore_ascii_case("application/json")
+    });
+    sent_as_json && accepts("application/json") && accepts("text/event-stream")
+}
+
 /// Answer a session's plain tool call (or its cancellation) here, as its front does, if the
 /// request is one rmcp would take as it is: the session's own version in the header, and
-/// none of the headers (SEP-2243) rmcp checks against the body. The answer is plain JSON if it comes first, within [`ANSWER_AT_ONCE`]; else the
-/// call's progress and answer are a resumable stream, as rmcp's.
+/// none of the headers (SEP-2243) rmcp checks against the body. The answer is plain JSON if
+/// it comes first, within [`ANSWER_AT_ONCE`]; else the call's progress and answer are a
+/// resumable stream, as rmcp's.
 async fn answer_plain(
     shared: &Shared,
     session: &str,
@@ -345,6 +368,7 @@ async fn answer_plain(
     if !Front::may_take(body)
         || headers.contains_key("mcp-method")
         || headers.contains_key("mcp-name")
+        || !rmcp_would_read(headers)
     {
         return None;
     }

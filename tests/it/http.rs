@@ -766,6 +766,54 @@ async fn plain_calls_are_answered_whole_or_streamed_with_their_progress() {
     assert_eq!(messages[0]["result"]["content"][0]["text"], "slept 300 ms");
 }
 
+/// The front takes only what rmcp would read: a call sent as something else than JSON, or by
+/// a client that does not take both kinds of answer, is refused as rmcp refuses it, and the
+/// session goes on.
+#[tokio::test]
+async fn plain_calls_rmcp_would_refuse_are_refused() {
+    let config = TestConfig::slow_fixture("", "");
+    let server = HttpConductor::start(&config).await;
+    let session = raw_session(&server).await;
+    let call = |id: u32| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+               "params": {"name": "slow__sleep", "arguments": {"ms": 1}}})
+        .to_string()
+    };
+    let send = |content_type: &'static str, accept: &'static str, body: String| {
+        let mut request = reqwest::Client::new()
+            .post(server.mcp())
+            .header("content-type", content_type)
+            .header("accept", accept)
+            .body(body);
+        for (name, value) in &session {
+            request = request.header(*name, value);
+        }
+        async move { request.send().await.expect("an HTTP answer").status() }
+    };
+    let both = "application/json, text/event-stream";
+    assert_eq!(
+        send("application/json", "application/json", call(1)).await,
+        StatusCode::NOT_ACCEPTABLE,
+        "a client that takes no stream"
+    );
+    assert_eq!(
+        send("text/plain", both, call(2)).await,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "a body not sent as JSON"
+    );
+    assert_eq!(
+        send("application/json; charset=utf-8", both, call(3)).await,
+        StatusCode::OK,
+        "a parameter on the type is still JSON"
+    );
+    let (status, _, body) = post(&server.mcp(), &call(4), &borrowed(&session)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["result"]["content"][0]["text"],
+        "slept 1 ms"
+    );
+}
+
 /// The client's `notifications/cancelled` for a call the front is answering cancels it
 /// downstream, and a session kept busy by such calls outlives `session_idle`.
 #[tokio::test]
