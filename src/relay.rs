@@ -27,7 +27,7 @@ pub struct Origin {
     pub peer: Peer<RoleServer>,
     pub progress_token: Option<ProgressToken>,
     /// What the client can answer; `None` when it did not say.
-    pub capabilities: Option<ClientCapabilities>,
+    pub capabilities: Option<std::sync::Arc<ClientCapabilities>>,
     /// For a 2026-07-28 client's call: where the downstream's requests go instead.
     pub asks: Option<Asks>,
     /// Where the call's progress goes instead of to the client's session (the HTTP front's
@@ -159,7 +159,9 @@ impl Relay {
             return None;
         }
         Some(Origin {
-            capabilities: peer.peer_info().map(|info| info.capabilities.clone()),
+            capabilities: peer
+                .peer_info()
+                .map(|info| std::sync::Arc::new(info.capabilities.clone())),
             peer,
             progress_token: None,
             asks: None,

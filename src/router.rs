@@ -135,9 +135,11 @@ impl crate::orchestrate::Tools for Router {
         let client = self.session.as_ref().and_then(|session| session.client());
         let caller = Caller {
             cancel: cancel.clone(),
-            capabilities: client
-                .as_ref()
-                .and_then(|client| client.peer_info().map(|info| info.capabilities.clone())),
+            capabilities: client.as_ref().and_then(|client| {
+                client
+                    .peer_info()
+                    .map(|info| Arc::new(info.capabilities.clone()))
+            }),
             client,
             ..Caller::default()
         };
@@ -252,7 +254,8 @@ pub struct Caller {
     /// The protocol version of the client's request.
     pub protocol: Option<ProtocolVersion>,
     /// What the client can answer, as it declared for this request or its session.
-    pub capabilities: Option<ClientCapabilities>,
+    /// Shared: every request the caller makes carries it, and a relay entry per request too.
+    pub capabilities: Option<Arc<ClientCapabilities>>,
     /// Set while a 2026-07-28 client's call runs under the [`Bridge`](crate::bridge::Bridge):
     /// where the downstream's own requests go, to come back as `input_required`.
     pub asks: Option<Asks>,
@@ -1168,7 +1171,7 @@ async fn ask_for_input(
             error: "the server asks for input, and no client is there to give it".to_owned(),
         });
     };
-    bridge::fulfil(client, caller.capabilities.as_ref(), requests)
+    bridge::fulfil(client, caller.capabilities.as_deref(), requests)
         .await
         .map_err(|error| CallError::Downstream {
             server: spec.name.clone(),

@@ -70,7 +70,7 @@ impl DownstreamClient {
                 None,
             ));
         };
-        let capabilities = origin.capabilities.as_ref();
+        let capabilities = origin.capabilities.as_deref();
         if let Some(asks) = &origin.asks
             && bridge::capable(capabilities, &request)
             && let Some(input) = bridge::as_input_request(request.clone())

@@ -141,7 +141,7 @@ impl Front {
             caller: Caller {
                 client: Some(peer.clone()),
                 protocol: Some(info.protocol_version.clone()),
-                capabilities: Some(info.capabilities.clone()),
+                capabilities: Some(Arc::new(info.capabilities.clone())),
                 ..Caller::default()
             },
             calls: Mutex::default(),

@@ -85,7 +85,7 @@ impl ConductorServer {
             client: Some(context.peer.clone()),
             progress_token: context.meta.get_progress_token(),
             protocol: context.protocol_version(),
-            capabilities: context.client_capabilities(),
+            capabilities: context.client_capabilities().map(Arc::new),
             asks: None,
             progress_to: None,
         }
