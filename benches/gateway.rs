@@ -706,7 +706,9 @@ impl Bench {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--relay") {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
+        // One thread, as conductor serves stdio: tokio's multi-threaded scheduler alone adds
+        // about 20 µs to a round trip here (docs/performance.md).
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();

@@ -53,6 +53,11 @@ enum Command {
         /// Serve Streamable HTTP at `http://ADDR/mcp` instead of stdio, e.g. `127.0.0.1:8080`.
         #[arg(long, value_name = "ADDR")]
         http: Option<std::net::SocketAddr>,
+        /// Threads for conductor's own work (default: one over stdio, which serves one
+        /// client; over HTTP half the cores, at least one, leaving the rest to the servers
+        /// conductor starts).
+        #[arg(long, env = "CONDUCTOR_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
     },
     /// List the unified catalog of tools.
     Tools {
@@ -93,6 +98,23 @@ enum Command {
 }
 
 impl Cli {
+    /// How many threads the async runtime gets. Conductor's own work per call is small and
+    /// the servers it starts are processes of their own: on 2 cores one thread served both
+    /// stdio and HTTP faster than two (docs/performance.md), since the client and servers
+    /// need the other core. One thread means tokio's single-threaded scheduler.
+    pub fn threads(&self) -> usize {
+        match &self.command {
+            Command::Serve {
+                threads: Some(threads),
+                ..
+            } => usize::from(*threads),
+            Command::Serve { http: Some(_), .. } => {
+                std::thread::available_parallelism().map_or(1, |cores| (cores.get() / 2).max(1))
+            }
+            _ => 1,
+        }
+    }
+
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         let default_log = if matches!(self.command, Command::Serve { .. }) {
             "info"
@@ -100,6 +122,9 @@ impl Cli {
             "warn"
         };
         init_logging(self.log.as_deref(), default_log);
+        if matches!(self.command, Command::Serve { .. }) {
+            tracing::debug!(threads = self.threads(), "the async runtime's threads");
+        }
         let config = Config::load(&self.config)?;
         let workflow_problems = saved::check_at_load(&config);
         if !workflow_problems.is_empty() {
@@ -116,9 +141,10 @@ impl Cli {
             );
         }
         match self.command {
-            Command::Serve { http: None } => serve(config).await,
+            Command::Serve { http: None, .. } => serve(config).await,
             Command::Serve {
                 http: Some(address),
+                ..
             } => serve_http(config, address).await,
             Command::Tools { json, server } => {
                 with_registry(config, |registry| async move {

@@ -21,7 +21,16 @@ fn main() -> ExitCode {
         downstream::use_launcher(if small.is_file() { small } else { executable });
     }
     let cli = mcp_conductor::cli::Cli::parse_from(args);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match cli.threads() {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        threads => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");

