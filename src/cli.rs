@@ -122,9 +122,6 @@ impl Cli {
             "warn"
         };
         init_logging(self.log.as_deref(), default_log);
-        if matches!(self.command, Command::Serve { .. }) {
-            tracing::debug!(threads = self.threads(), "the async runtime's threads");
-        }
         let config = Config::load(&self.config)?;
         let workflow_problems = saved::check_at_load(&config);
         if !workflow_problems.is_empty() {

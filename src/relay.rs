@@ -159,9 +159,7 @@ impl Relay {
             return None;
         }
         Some(Origin {
-            capabilities: peer
-                .peer_info()
-                .map(|info| std::sync::Arc::new(info.capabilities.clone())),
+            capabilities: declared_capabilities(&peer),
             peer,
             progress_token: None,
             asks: None,
@@ -283,4 +281,12 @@ impl Relay {
             })
             .unwrap_or_default()
     }
+}
+
+/// What a client declared it can answer, to be shared by every request made for it.
+pub fn declared_capabilities(
+    peer: &Peer<RoleServer>,
+) -> Option<std::sync::Arc<ClientCapabilities>> {
+    peer.peer_info()
+        .map(|info| std::sync::Arc::new(info.capabilities.clone()))
 }

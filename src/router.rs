@@ -135,11 +135,9 @@ impl crate::orchestrate::Tools for Router {
         let client = self.session.as_ref().and_then(|session| session.client());
         let caller = Caller {
             cancel: cancel.clone(),
-            capabilities: client.as_ref().and_then(|client| {
-                client
-                    .peer_info()
-                    .map(|info| Arc::new(info.capabilities.clone()))
-            }),
+            capabilities: client
+                .as_ref()
+                .and_then(crate::relay::declared_capabilities),
             client,
             ..Caller::default()
         };
