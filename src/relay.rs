@@ -283,6 +283,26 @@ impl Relay {
     }
 }
 
+/// Pass a downstream's progress on under the client's own token: to the call's stream when
+/// it has one, else to the client's session. Returns once it has gone out, so what the
+/// caller sends after it comes after it.
+pub async fn pass_progress(
+    peer: &Peer<RoleServer>,
+    token: ProgressToken,
+    progress_to: Option<&ProgressTo>,
+    mut params: ProgressNotificationParam,
+    server: &ServerName,
+) {
+    params.progress_token = token;
+    if let Some(progress_to) = progress_to {
+        let _ = progress_to.send(params);
+        return;
+    }
+    if let Err(error) = peer.notify_progress(params).await {
+        tracing::debug!(server = %server, error = %error, "could not pass progress on");
+    }
+}
+
 /// What a client declared it can answer, to be shared by every request made for it.
 pub fn declared_capabilities(
     peer: &Peer<RoleServer>,

@@ -36,9 +36,9 @@ use tokio_util::sync::CancellationToken;
 use crate::bridge::{self, Asks};
 use crate::catalog::ResourceRoute;
 use crate::config::{Isolation, ServerName, ServerSpec, format_duration};
-use crate::downstream::{Connection, Reply, TextLane};
+use crate::downstream::{Connection, Heard, Reply, TextLane};
 use crate::registry::{Registry, Session};
-use crate::relay::{InCall, Origin, ProgressTo, UpdateTarget};
+use crate::relay::{self, InCall, Origin, ProgressTo, UpdateTarget};
 use crate::retry::FailureKind;
 
 /// How long a client gets to give its roots when conductor fetches them; a client that went
@@ -1058,36 +1058,50 @@ impl Router {
         };
         let timeout = timeout.unwrap_or(spec.call_timeout);
         let progress = caller.progress_token.is_some();
-        let in_call = self.register(connection, caller);
+        // Registered before it goes out, for the server's own requests and log messages; its
+        // progress comes back on the lane, in order, and goes out here before the answer.
+        let _in_call = self.register(connection, caller);
         let mut sent = lane
             .call(call.name, call.arguments, progress)
             .await
             .map_err(|_| closed())?;
         let id = RequestId::String(sent.id().into());
-        if let (Some(in_call), true) = (&in_call, progress) {
-            in_call.sent(ProgressToken(id.clone()));
-        }
-        let outcome = tokio::select! {
-            biased;
-            reply = tokio::time::timeout(timeout, sent.answer()) => match reply {
-                Ok(Some(Reply::Result(result))) => Ok(Answer::ToolResult(result)),
-                Ok(Some(Reply::Error(error))) => Err(CallError::Downstream { server: server.clone(), error }),
-                Ok(None) => Err(closed()),
-                Err(_) => {
+        let deadline = tokio::time::sleep(timeout);
+        let ended = connection.ended();
+        let cancelled = caller.cancel.cancelled();
+        tokio::pin!(deadline, ended, cancelled);
+        let outcome = loop {
+            let heard = tokio::select! {
+                biased;
+                heard = sent.next() => heard,
+                () = &mut deadline => {
                     // Boxed: rare, and rmcp's notification future would grow every call's.
                     Box::pin(tell_cancelled(&connection.peer, server, id)).await;
-                    Err(CallError::Timeout { server: server.clone(), what: what.to_owned(), after: timeout })
+                    break Err(CallError::Timeout { server: server.clone(), what: what.to_owned(), after: timeout });
                 }
-            },
-            () = connection.ended() => Err(closed()),
-            () = caller.cancel.cancelled() => {
-                Box::pin(tell_cancelled(&connection.peer, server, id)).await;
-                Err(CallError::Cancelled)
-            }
+                () = &mut ended => break Err(closed()),
+                () = &mut cancelled => {
+                    Box::pin(tell_cancelled(&connection.peer, server, id)).await;
+                    break Err(CallError::Cancelled);
+                }
+            };
+            break match heard {
+                Heard::Progress(params) => {
+                    if let (Some(client), Some(token)) = (&caller.client, &caller.progress_token) {
+                        let progress_to = caller.progress_to.as_ref();
+                        relay::pass_progress(client, token.clone(), progress_to, params, server)
+                            .await;
+                    }
+                    continue;
+                }
+                Heard::Reply(Some(Reply::Result(result))) => Ok(Answer::ToolResult(result)),
+                Heard::Reply(Some(Reply::Error(error))) => Err(CallError::Downstream {
+                    server: server.clone(),
+                    error,
+                }),
+                Heard::Reply(None) => Err(closed()),
+            };
         };
-        if progress {
-            let_progress_pass().await;
-        }
         match outcome? {
             Answer::ToolResult(text) if makes_task(&text) => {
                 Box::pin(self.follow_made_task(

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{ConnectionId, Event, ListKind};
 use crate::bridge::{self, Ask};
 use crate::config::ServerName;
-use crate::relay::{Relay, UpdateTarget};
+use crate::relay::{self, Relay, UpdateTarget};
 
 /// Handles one downstream connection's notifications and requests: list changes and its end
 /// become [`Event`]s; progress, log messages and its requests to a client go, through the
@@ -169,25 +169,18 @@ impl ClientHandler for DownstreamClient {
 
     async fn on_progress(
         &self,
-        mut params: ProgressNotificationParam,
+        params: ProgressNotificationParam,
         _context: NotificationContext<RoleClient>,
     ) {
-        // Under the client's own token; progress on a request the client did not ask
-        // progress for stays here.
+        // Progress on a request the client did not ask progress for stays here.
         let Some(origin) = self.relay.origin(self.connection, &params.progress_token) else {
             return;
         };
         let Some(token) = origin.progress_token else {
             return;
         };
-        params.progress_token = token;
-        if let Some(progress_to) = &origin.progress_to {
-            let _ = progress_to.send(params);
-            return;
-        }
-        if let Err(error) = origin.peer.notify_progress(params).await {
-            tracing::debug!(server = %self.server, error = %error, "could not pass progress on");
-        }
+        let progress_to = origin.progress_to.as_ref();
+        relay::pass_progress(&origin.peer, token, progress_to, params, &self.server).await;
     }
 
     async fn on_resource_updated(

@@ -2,20 +2,23 @@
 //! and their answers taken from its output before rmcp would parse them. Everything else on
 //! the connection (the handshake, lists, notifications, the child's own requests) goes
 //! through rmcp as before; the lane's requests carry string ids (`cd-N`) that rmcp, which
-//! numbers its own, never uses.
+//! numbers its own, never uses. Progress on a lane call (its token is its id) is taken too,
+//! and handed to the call in the order it came, ahead of the answer that follows it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
 
 use memchr::memmem::Finder;
-use rmcp::model::ErrorData;
+use rmcp::model::{ErrorData, NumberOrString, ProgressNotificationParam};
 use serde_json::value::RawValue;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::wire::{BoxFuture, Peek, Tap, Writer};
 
-/// What the lane's ids start with, as they appear in the text (quoted).
+/// What the lane's ids start with.
+const ID_START: &str = "cd-";
+/// The same, as they appear in the text (quoted).
 const ID_PREFIX: &str = "\"cd-";
 
 /// The answer to a call on the lane.
@@ -27,12 +30,27 @@ pub enum Reply {
     Error(ErrorData),
 }
 
+/// What a call on the lane hears next: progress, then its answer.
+#[derive(Debug)]
+pub enum Heard {
+    Progress(ProgressNotificationParam),
+    /// `None` if the connection ended first.
+    Reply(Option<Reply>),
+}
+
 /// Tool calls in flight on one child's pipes, by number.
 #[derive(Debug)]
 pub struct TextLane {
     writer: Writer,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+    pending: Mutex<HashMap<u64, Pending>>,
     next: AtomicU64,
+}
+
+/// Where a call's answer goes, and its progress if it asked for progress.
+#[derive(Debug)]
+struct Pending {
+    reply: oneshot::Sender<Reply>,
+    progress: Option<mpsc::UnboundedSender<ProgressNotificationParam>>,
 }
 
 /// A call sent on the lane; dropping it forgets the call (its answer, if it comes, is dropped).
@@ -43,6 +61,7 @@ pub struct SentCall<'a> {
     /// `cd-N`.
     id: String,
     answer: oneshot::Receiver<Reply>,
+    progress: Option<mpsc::UnboundedReceiver<ProgressNotificationParam>>,
 }
 
 impl SentCall<'_> {
@@ -54,6 +73,19 @@ impl SentCall<'_> {
     /// The answer; `None` if the connection ended first.
     pub async fn answer(&mut self) -> Option<Reply> {
         (&mut self.answer).await.ok()
+    }
+
+    /// The call's next progress, or else its answer. The tap hands progress over before the
+    /// answer that follows it, so progress looked at first is never overtaken.
+    pub async fn next(&mut self) -> Heard {
+        if let Some(progress) = &mut self.progress {
+            tokio::select! {
+                biased;
+                Some(params) = progress.recv() => return Heard::Progress(params),
+                reply = &mut self.answer => return Heard::Reply(reply.ok()),
+            }
+        }
+        Heard::Reply(self.answer().await)
     }
 }
 
@@ -84,15 +116,24 @@ impl TextLane {
     ) -> std::io::Result<SentCall<'_>> {
         let number = self.next.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
+        let (progress_sender, progress_receiver) = match progress {
+            true => {
+                let (sender, receiver) = mpsc::unbounded_channel();
+                (Some(sender), Some(receiver))
+            }
+            false => (None, None),
+        };
         if let Ok(mut pending) = self.pending.lock() {
-            pending.insert(number, reply);
+            let progress = progress_sender;
+            pending.insert(number, Pending { reply, progress });
         }
         // Registered before it is written: the answer may come before the write returns.
         let sent = SentCall {
             lane: self,
             number,
-            id: format!("cd-{number}"),
+            id: format!("{ID_START}{number}"),
             answer,
+            progress: progress_receiver,
         };
         let name = serde_json::to_string(name).map_err(std::io::Error::other)?;
         let arguments = arguments.map_or("{}", RawValue::get);
@@ -121,6 +162,30 @@ impl TextLane {
             .parse()
             .ok()
     }
+
+    /// Hand progress on a lane call to the call; say whether it was one of the lane's.
+    /// Progress on a call that ended, or that asked for none, has nobody to go to.
+    fn take_progress(&self, params: &RawValue) -> bool {
+        let Ok(params) = serde_json::from_str::<ProgressNotificationParam>(params.get()) else {
+            // rmcp's to judge.
+            return false;
+        };
+        let NumberOrString::String(token) = &params.progress_token.0 else {
+            return false;
+        };
+        let Some(number) = token.strip_prefix(ID_START).and_then(|n| n.parse().ok()) else {
+            return false;
+        };
+        if let Ok(pending) = self.pending.lock()
+            && let Some(Pending {
+                progress: Some(progress),
+                ..
+            }) = pending.get(&number)
+        {
+            let _ = progress.send(params);
+        }
+        true
+    }
 }
 
 impl Tap for TextLane {
@@ -134,6 +199,9 @@ impl Tap for TextLane {
         let Some(peek) = Peek::of(line) else {
             return false;
         };
+        if peek.id.is_none() && peek.method.as_deref() == Some("notifications/progress") {
+            return peek.params.is_some_and(|params| self.take_progress(params));
+        }
         let Some(number) = peek.id.and_then(TextLane::number_of) else {
             return false;
         };
@@ -163,7 +231,8 @@ impl Tap for TextLane {
             .and_then(|mut pending| pending.remove(&number));
         match waiting {
             Some(waiting) => {
-                let _ = waiting.send(reply);
+                // Its progress has all been handed over: the sender goes with the entry.
+                let _ = waiting.reply.send(reply);
             }
             // Timed out or cancelled meanwhile: nobody waits for it any more.
             None => tracing::debug!(id = number, "dropping the answer to a call nobody awaits"),
@@ -221,6 +290,50 @@ mod tests {
             Some(Reply::Result(result)) => assert_eq!(result.get(), r#"{"content":[]}"#),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn progress_taken_before_the_answer_is_heard_before_it() {
+        let (ours, _theirs) = tokio::io::duplex(4096);
+        let (_, write) = tokio::io::split(ours);
+        let lane = TextLane::new(Writer::new(write));
+        let mut quiet = lane.call("echo", None, false).await.unwrap();
+        let mut sent = lane.call("echo", None, true).await.unwrap();
+        let progress = |id: &str, n: u32| {
+            format!(
+                r#"{{"jsonrpc":"2.0","method":"notifications/progress","params":{{"progressToken":"{id}","progress":{n}}}}}"#
+            )
+        };
+        // All of it is read before the call looks: the answer must not overtake.
+        for n in 1..=5 {
+            assert!(lane.take(progress(sent.id(), n).as_bytes()));
+        }
+        assert!(
+            lane.take(progress(quiet.id(), 1).as_bytes()),
+            "the lane's, dropped"
+        );
+        assert!(
+            !lane.take(progress("cd", 1).as_bytes()),
+            "not a lane id: rmcp's"
+        );
+        assert!(!lane.take(br#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":3,"progress":1}}"#));
+        let answer = format!(r#"{{"jsonrpc":"2.0","id":"{}","result":{{}}}}"#, sent.id());
+        assert!(lane.take(answer.as_bytes()));
+        let mut heard = Vec::new();
+        loop {
+            match sent.next().await {
+                Heard::Progress(params) => heard.push(params.progress),
+                Heard::Reply(Some(Reply::Result(_))) => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(heard, [1.0, 2.0, 3.0, 4.0, 5.0]);
+        let answer = format!(r#"{{"jsonrpc":"2.0","id":"{}","result":{{}}}}"#, quiet.id());
+        assert!(lane.take(answer.as_bytes()));
+        assert!(matches!(
+            quiet.next().await,
+            Heard::Reply(Some(Reply::Result(_)))
+        ));
     }
 
     #[tokio::test]

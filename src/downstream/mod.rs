@@ -30,7 +30,7 @@ use crate::catalog::Listing;
 use crate::config::{Handshake, HttpSpec, ServerName, ServerSpec, Transport};
 use crate::relay::Relay;
 pub use client::DownstreamClient;
-pub use lane::{Reply, SentCall, TextLane};
+pub use lane::{Heard, Reply, SentCall, TextLane};
 pub use stdio::{LAUNCHER_ARG, run_launcher, use_launcher};
 
 /// Which of a server's lists changed.

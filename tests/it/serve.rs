@@ -452,33 +452,60 @@ async fn a_task_made_of_a_call_is_followed_to_its_result_or_cancelled() {
     wait_for_event(&config, "cancelled task task-1").await;
 }
 
+/// Conductor serving stdio to a test that writes and reads the raw lines itself.
+struct RawSession {
+    _child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl RawSession {
+    fn start(config: &TestConfig) -> RawSession {
+        let mut child = tokio::process::Command::new(super::support::CONDUCTOR)
+            .args(["serve", "--config"])
+            .arg(&config.path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        RawSession {
+            _child: child,
+            stdin,
+            lines,
+        }
+    }
+
+    async fn send(&mut self, message: &Value) {
+        self.stdin
+            .write_all(format!("{message}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+
+    /// The next line conductor writes, within 10 s.
+    async fn next(&mut self) -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(10), self.lines.next_line())
+            .await
+            .expect("a line in time")
+            .unwrap()
+            .expect("a line, not a closed connection");
+        serde_json::from_str(&line).unwrap()
+    }
+}
+
 /// A 2026-07-28 client in auto mode sends `server/discover` before anything else; it must get
 /// an answer, and the connection must stay usable.
 #[tokio::test]
 async fn server_discover_before_initialize_gets_an_answer() {
     let config = TestConfig::fixtures(&[("math", "math")]);
-    let mut child = tokio::process::Command::new(super::support::CONDUCTOR)
-        .args(["serve", "--config"])
-        .arg(&config.path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut raw = RawSession::start(&config);
     let mut exchange = async |message: Value| -> Value {
-        stdin
-            .write_all(format!("{message}\n").as_bytes())
-            .await
-            .unwrap();
-        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-            .await
-            .expect("an answer in time")
-            .unwrap()
-            .expect("a line, not a closed connection");
-        serde_json::from_str(&line).unwrap()
+        raw.send(&message).await;
+        raw.next().await
     };
 
     let meta = json!({
@@ -686,6 +713,45 @@ async fn a_downstreams_progress_reaches_the_client_before_the_result() {
     assert_eq!(text_of(&result), "slept 600 ms");
     let seen = recorder.count("notifications/progress");
     assert!(seen >= 5, "{seen} progress notifications before the result");
+}
+
+/// Progress the downstream writes right before its answer reaches the client before the
+/// answer too, all of it and in order: read off conductor's stdout as the client gets it.
+#[tokio::test]
+async fn a_burst_of_progress_right_before_the_result_comes_first_and_in_order() {
+    let config = slow_fixture("");
+    let mut raw = RawSession::start(&config);
+    let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"}}});
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    raw.send(&initialize).await;
+    raw.send(&initialized).await;
+    assert_eq!(raw.next().await["id"], 0);
+
+    for (id, token) in [(1, json!("mine")), (2, json!(7))] {
+        let call = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+            "name": "slow__sleep", "arguments": {"ms": 0, "progress_burst": 20},
+            "_meta": {"progressToken": token}}});
+        raw.send(&call).await;
+        let mut progress = Vec::new();
+        let answer = loop {
+            let message = raw.next().await;
+            if message["method"] == "notifications/progress" {
+                assert_eq!(message["params"]["progressToken"], token, "{message}");
+                progress.push(message["params"]["progress"].as_f64().unwrap());
+            } else if message.get("id").is_some() {
+                break message;
+            }
+        };
+        assert_eq!(answer["id"], id, "{answer}");
+        assert_eq!(answer["result"]["content"][0]["text"], "slept 0 ms");
+        let expected: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert_eq!(
+            progress, expected,
+            "all the progress, in order, before the answer"
+        );
+    }
 }
 
 #[tokio::test]
