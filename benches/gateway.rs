@@ -3,7 +3,8 @@
 //! `cargo test --bench gateway -- --quick`, as CI does) runs every measurement once, small, as
 //! a smoke test. `-- --only NAME` runs one group (`calls`, `http`, `catalog`, `startup`,
 //! `memory`, `orchestrate`). For profiling, `GATEWAY_CALLS=N` sets the calls per load run and
-//! `GATEWAY_WRAP="valgrind --tool=callgrind ..."` runs conductor (over stdio) under a tool.
+//! `GATEWAY_WRAP="valgrind --tool=callgrind ..."` runs conductor (over stdio) under a tool;
+//! `GATEWAY_CONCURRENCY=1` (or `1,16`) runs the load comparisons at those concurrencies only.
 //!
 //! Every figure is the median of `REPS` repetitions, each measuring the direct path (this
 //! benchmark's client talking to its echo server) and the path through conductor with the
@@ -386,6 +387,18 @@ impl Bench {
         }
     }
 
+    /// The concurrencies a load comparison runs at: 1, 16 and 64, or for profiling only those in
+    /// `GATEWAY_CONCURRENCY` (comma-separated).
+    fn concurrencies(&self) -> Vec<usize> {
+        match std::env::var("GATEWAY_CONCURRENCY") {
+            Ok(list) => list
+                .split(',')
+                .map(|level| level.trim().parse().expect("GATEWAY_CONCURRENCY: numbers"))
+                .collect(),
+            Err(_) => vec![1, 16, 64],
+        }
+    }
+
     /// Direct and through conductor (and, if given, through the bare relay), at concurrency 1,
     /// 16 and 64, `reps` times each.
     async fn compare_calls(
@@ -405,7 +418,7 @@ impl Bench {
             "| concurrency | direct p50 µs | conductor p50 µs | added p50 µs | direct p99 µs | conductor p99 µs | direct calls/s | conductor calls/s | ratio |{relay_head}"
         );
         println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |{relay_rule}");
-        for concurrency in [1, 16, 64] {
+        for concurrency in self.concurrencies() {
             let total = self.calls(concurrency, http);
             // Warm every path up: connections, allocators, caches.
             load(direct, "echo", concurrency, total / 10 + 1).await;
