@@ -40,14 +40,31 @@ pub struct Peek<'a> {
 
 impl<'a> Peek<'a> {
     /// The message's parts, or `None` if the line is not one JSON object.
-    pub fn of(line: &'a [u8]) -> Option<Peek<'a>> {
-        serde_json::from_slice(line).ok()
+    pub fn of(line: &'a str) -> Option<Peek<'a>> {
+        serde_json::from_str(line).ok()
     }
 
     /// The id as rmcp's type, if it is a number or a string.
     pub fn request_id(&self) -> Option<NumberOrString> {
-        self.id.and_then(|id| serde_json::from_str(id.get()).ok())
+        self.id.and_then(request_id)
     }
+}
+
+/// A JSON-RPC id (unparsed JSON) as rmcp's type, if it is a number or a string. The usual
+/// ids, small integers and strings without escapes, are read off the text as they are.
+pub fn request_id(id: &RawValue) -> Option<NumberOrString> {
+    let text = id.get();
+    if let Ok(number) = text.parse::<i64>() {
+        return Some(NumberOrString::Number(number));
+    }
+    if let Some(inner) = text
+        .strip_prefix('"')
+        .and_then(|rest| rest.strip_suffix('"'))
+        && !inner.contains(['\\', '"'])
+    {
+        return Some(NumberOrString::String(inner.into()));
+    }
+    serde_json::from_str(text).ok()
 }
 
 /// Whether `text` (unparsed JSON) is an object: the only shape tool arguments may have.
@@ -73,7 +90,7 @@ pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// Sees each line a [`LineTransport`] reads before rmcp does.
 pub trait Tap: Send + Sync + 'static {
     /// Take the message (one line, without its newline), or leave it to rmcp (`false`).
-    fn take(&self, line: &[u8]) -> bool;
+    fn take(&self, line: &str) -> bool;
 
     /// The stream ended: what must finish before the transport says so (answers the tap
     /// still owes, say).
@@ -87,7 +104,7 @@ pub trait Tap: Send + Sync + 'static {
 pub struct NoTap;
 
 impl Tap for NoTap {
-    fn take(&self, _line: &[u8]) -> bool {
+    fn take(&self, _line: &str) -> bool {
         false
     }
 }
@@ -180,7 +197,7 @@ impl<Role: ServiceRole, R: AsyncRead + Send + Unpin + 'static> LineTransport<Rol
                 if available.is_empty() {
                     return false;
                 }
-                let newline = available.iter().position(|byte| *byte == b'\n');
+                let newline = memchr::memchr(b'\n', available);
                 let take = newline.map_or(available.len(), |at| at + 1);
                 if self.discarding {
                     self.discarding = newline.is_none();
@@ -249,10 +266,16 @@ impl<Role: ServiceRole, R> LineTransport<Role, R> {
         let line = line.strip_suffix(b"\n").unwrap_or(line);
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
-        if line.iter().all(u8::is_ascii_whitespace) || self.tap.take(line) {
+        if line.iter().all(u8::is_ascii_whitespace) {
             return None;
         }
-        match serde_json::from_slice(line) {
+        // Checked as UTF-8 once here, not string by string in every parse.
+        let parsed = match std::str::from_utf8(line) {
+            Ok(text) if self.tap.take(text) => return None,
+            Ok(text) => serde_json::from_str(text),
+            Err(_) => serde_json::from_slice(line),
+        };
+        match parsed {
             Ok(message) => Some(message),
             Err(error) => {
                 self.refuse(line, error);
@@ -270,7 +293,7 @@ impl<Role: ServiceRole, R> LineTransport<Role, R> {
             tracing::debug!(error = %error, "ignoring a line that is not JSON");
             return;
         }
-        if let Some(peek) = Peek::of(line)
+        if let Some(peek) = std::str::from_utf8(line).ok().and_then(Peek::of)
             && peek.id.is_none()
             && let Some(method) = &peek.method
             && !is_mcp_notification(method)
@@ -315,7 +338,8 @@ mod tests {
 
     #[test]
     fn a_peek_borrows_what_it_does_not_route_by() {
-        let line = br#"{"result":{"content":[{"type":"text","text":"a\nb"}]},"jsonrpc":"2.0","id":"cd-7"}"#;
+        let line =
+            r#"{"result":{"content":[{"type":"text","text":"a\nb"}]},"jsonrpc":"2.0","id":"cd-7"}"#;
         let peek = Peek::of(line).unwrap();
         assert_eq!(peek.id.unwrap().get(), r#""cd-7""#);
         assert_eq!(
@@ -327,8 +351,30 @@ mod tests {
             peek.request_id(),
             Some(NumberOrString::String("cd-7".into()))
         );
-        assert!(Peek::of(b"[1,2]").is_none());
-        assert!(Peek::of(b"{\"id\":").is_none());
+        assert!(Peek::of("[1,2]").is_none());
+        assert!(Peek::of("{\"id\":").is_none());
+    }
+
+    #[test]
+    fn ids_read_off_the_text_are_the_ids_serde_reads() {
+        for text in [
+            "0",
+            "-7",
+            "9223372036854775807",
+            "18446744073709551616",
+            "1.5",
+            r#""cd-1""#,
+            r#""""#,
+            r#""a\"b""#,
+            r#""\u00e9t\u00e9""#,
+            r#""été""#,
+            "null",
+            "{}",
+        ] {
+            let id = RawValue::from_string(text.to_owned()).unwrap();
+            let by_serde: Option<NumberOrString> = serde_json::from_str(text).ok();
+            assert_eq!(request_id(&id), by_serde, "{text}");
+        }
     }
 
     #[test]

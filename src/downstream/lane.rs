@@ -189,11 +189,11 @@ impl TextLane {
 }
 
 impl Tap for TextLane {
-    fn take(&self, line: &[u8]) -> bool {
+    fn take(&self, line: &str) -> bool {
         // Most lines are not the lane's: skip the parse for them.
         // Built once: a finder's set-up costs more than searching a short line.
         static LANE_ID: LazyLock<Finder> = LazyLock::new(|| Finder::new(ID_PREFIX.as_bytes()));
-        if LANE_ID.find(line).is_none() {
+        if LANE_ID.find(line.as_bytes()).is_none() {
             return false;
         }
         let Some(peek) = Peek::of(line) else {
@@ -273,19 +273,19 @@ mod tests {
                            "_meta": {"progressToken": sent.id()}}})
         );
         assert!(
-            !lane.take(br#"{"jsonrpc":"2.0","id":3,"result":{}}"#),
+            !lane.take(r#"{"jsonrpc":"2.0","id":3,"result":{}}"#),
             "rmcp's own"
         );
         let request = format!(
             r#"{{"jsonrpc":"2.0","id":"{}","method":"ping"}}"#,
             sent.id()
         );
-        assert!(!lane.take(request.as_bytes()), "the child's own request");
+        assert!(!lane.take(&request), "the child's own request");
         let answer = format!(
             r#"{{"result":{{"content":[]}},"jsonrpc":"2.0","id":"{}"}}"#,
             sent.id()
         );
-        assert!(lane.take(answer.as_bytes()));
+        assert!(lane.take(&answer));
         match sent.answer().await {
             Some(Reply::Result(result)) => assert_eq!(result.get(), r#"{"content":[]}"#),
             other => panic!("{other:?}"),
@@ -306,19 +306,13 @@ mod tests {
         };
         // All of it is read before the call looks: the answer must not overtake.
         for n in 1..=5 {
-            assert!(lane.take(progress(sent.id(), n).as_bytes()));
+            assert!(lane.take(&progress(sent.id(), n)));
         }
-        assert!(
-            lane.take(progress(quiet.id(), 1).as_bytes()),
-            "the lane's, dropped"
-        );
-        assert!(
-            !lane.take(progress("cd", 1).as_bytes()),
-            "not a lane id: rmcp's"
-        );
-        assert!(!lane.take(br#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":3,"progress":1}}"#));
+        assert!(lane.take(&progress(quiet.id(), 1)), "the lane's, dropped");
+        assert!(!lane.take(&progress("cd", 1)), "not a lane id: rmcp's");
+        assert!(!lane.take(r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":3,"progress":1}}"#));
         let answer = format!(r#"{{"jsonrpc":"2.0","id":"{}","result":{{}}}}"#, sent.id());
-        assert!(lane.take(answer.as_bytes()));
+        assert!(lane.take(&answer));
         let mut heard = Vec::new();
         loop {
             match sent.next().await {
@@ -329,7 +323,7 @@ mod tests {
         }
         assert_eq!(heard, [1.0, 2.0, 3.0, 4.0, 5.0]);
         let answer = format!(r#"{{"jsonrpc":"2.0","id":"{}","result":{{}}}}"#, quiet.id());
-        assert!(lane.take(answer.as_bytes()));
+        assert!(lane.take(&answer));
         assert!(matches!(
             quiet.next().await,
             Heard::Reply(Some(Reply::Result(_)))

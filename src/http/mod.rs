@@ -365,6 +365,8 @@ async fn answer_plain(
     headers: &axum::http::HeaderMap,
     body: &[u8],
 ) -> Option<Response> {
+    // A body that is not UTF-8 is rmcp's to refuse.
+    let body = std::str::from_utf8(body).ok()?;
     if !Front::may_take(body)
         || headers.contains_key("mcp-method")
         || headers.contains_key("mcp-name")

@@ -155,11 +155,12 @@ impl Front {
 
     /// Whether a message may be a plain call or a cancellation of one (a cheap look at its
     /// text, for the many messages that are neither).
-    pub fn may_take(message: &[u8]) -> bool {
+    pub fn may_take(message: &str) -> bool {
         // Built once: a finder's set-up costs more than searching a short message.
         static CALL: LazyLock<Finder> = LazyLock::new(|| Finder::new(b"\"tools/call\""));
         static CANCEL: LazyLock<Finder> =
             LazyLock::new(|| Finder::new(b"\"notifications/cancelled\""));
+        let message = message.as_bytes();
         CALL.find(message).is_some() || CANCEL.find(message).is_some()
     }
 
@@ -169,13 +170,13 @@ impl Front {
     /// `progress_to` if given, else to the client's session.
     pub fn take_call(
         self: &Arc<Self>,
-        message: &[u8],
+        message: &str,
         progress_to: Option<ProgressTo>,
     ) -> Option<impl Future<Output = Option<Vec<u8>>> + Send + 'static> {
         // One pass over the message: anything but a plain call fails to parse.
-        let PlainCall { id, method, params } = serde_json::from_slice(message).ok()?;
+        let PlainCall { id, method, params } = serde_json::from_str(message).ok()?;
         let id_text = id;
-        let id: RequestId = serde_json::from_str(id.get()).ok()?;
+        let id: RequestId = wire::request_id(id)?;
         if method != "tools/call"
             || !params.arguments.is_none_or(wire::is_object)
             || !self.proxies(&params.name)
@@ -209,7 +210,7 @@ impl Front {
     }
 
     /// Take the client's cancellation of a call this front is answering.
-    pub fn take_cancel(&self, message: &[u8]) -> bool {
+    pub fn take_cancel(&self, message: &str) -> bool {
         let Some(peek) = Peek::of(message) else {
             return false;
         };
@@ -314,7 +315,7 @@ struct StdioTap {
 }
 
 impl Tap for StdioTap {
-    fn take(&self, line: &[u8]) -> bool {
+    fn take(&self, line: &str) -> bool {
         let Some(front) = self.front.get() else {
             return false;
         };
