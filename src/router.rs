@@ -1065,7 +1065,6 @@ impl Router {
             .call(call.name, call.arguments, progress)
             .await
             .map_err(|_| closed())?;
-        let id = RequestId::String(sent.id().into());
         let deadline = tokio::time::sleep(timeout);
         let ended = connection.ended();
         let cancelled = caller.cancel.cancelled();
@@ -1076,11 +1075,13 @@ impl Router {
                 heard = sent.next() => heard,
                 () = &mut deadline => {
                     // Boxed: rare, and rmcp's notification future would grow every call's.
+                    let id = RequestId::String(sent.id().into());
                     Box::pin(tell_cancelled(&connection.peer, server, id)).await;
                     break Err(CallError::Timeout { server: server.clone(), what: what.to_owned(), after: timeout });
                 }
                 () = &mut ended => break Err(closed()),
                 () = &mut cancelled => {
+                    let id = RequestId::String(sent.id().into());
                     Box::pin(tell_cancelled(&connection.peer, server, id)).await;
                     break Err(CallError::Cancelled);
                 }

@@ -46,11 +46,24 @@ pub struct TextLane {
     next: AtomicU64,
 }
 
-/// Where a call's answer goes, and its progress if it asked for progress.
+/// Where what the tap takes for a call goes. Most calls hear only their answer, so a call
+/// starts with a oneshot; its first progress brings a queue that the rest (more progress,
+/// then the answer) follows on, in the order the child wrote it.
 #[derive(Debug)]
-struct Pending {
-    reply: oneshot::Sender<Reply>,
-    progress: Option<mpsc::UnboundedSender<ProgressNotificationParam>>,
+enum Pending {
+    Waiting {
+        first: oneshot::Sender<First>,
+        /// Whether the call asked for progress.
+        progress: bool,
+    },
+    Streaming(mpsc::UnboundedSender<Heard>),
+}
+
+/// What a call hears first.
+#[derive(Debug)]
+enum First {
+    Reply(Reply),
+    Progress(ProgressNotificationParam, mpsc::UnboundedReceiver<Heard>),
 }
 
 /// A call sent on the lane; dropping it forgets the call (its answer, if it comes, is dropped).
@@ -58,34 +71,43 @@ struct Pending {
 pub struct SentCall<'a> {
     lane: &'a TextLane,
     number: u64,
-    /// `cd-N`.
-    id: String,
-    answer: oneshot::Receiver<Reply>,
-    progress: Option<mpsc::UnboundedReceiver<ProgressNotificationParam>>,
+    hearing: Hearing,
+}
+
+#[derive(Debug)]
+enum Hearing {
+    First(oneshot::Receiver<First>),
+    Rest(mpsc::UnboundedReceiver<Heard>),
 }
 
 impl SentCall<'_> {
-    /// The request's id as rmcp names it, for `notifications/cancelled` and progress tokens.
-    pub fn id(&self) -> &str {
-        &self.id
+    /// The request's id as rmcp names it (`cd-N`), for `notifications/cancelled`.
+    pub fn id(&self) -> String {
+        format!("{ID_START}{}", self.number)
     }
 
-    /// The answer; `None` if the connection ended first.
+    /// The answer, past any progress; `None` if the connection ended first.
     pub async fn answer(&mut self) -> Option<Reply> {
-        (&mut self.answer).await.ok()
-    }
-
-    /// The call's next progress, or else its answer. The tap hands progress over before the
-    /// answer that follows it, so progress looked at first is never overtaken.
-    pub async fn next(&mut self) -> Heard {
-        if let Some(progress) = &mut self.progress {
-            tokio::select! {
-                biased;
-                Some(params) = progress.recv() => return Heard::Progress(params),
-                reply = &mut self.answer => return Heard::Reply(reply.ok()),
+        loop {
+            if let Heard::Reply(reply) = self.next().await {
+                return reply;
             }
         }
-        Heard::Reply(self.answer().await)
+    }
+
+    /// The call's next progress, or else its answer. Cancel-safe.
+    pub async fn next(&mut self) -> Heard {
+        match &mut self.hearing {
+            Hearing::First(first) => match first.await {
+                Ok(First::Reply(reply)) => Heard::Reply(Some(reply)),
+                Ok(First::Progress(params, rest)) => {
+                    self.hearing = Hearing::Rest(rest);
+                    Heard::Progress(params)
+                }
+                Err(_) => Heard::Reply(None),
+            },
+            Hearing::Rest(rest) => rest.recv().await.unwrap_or(Heard::Reply(None)),
+        }
     }
 }
 
@@ -114,39 +136,30 @@ impl TextLane {
         arguments: Option<&RawValue>,
         progress: bool,
     ) -> std::io::Result<SentCall<'_>> {
+        use std::io::Write;
         let number = self.next.fetch_add(1, Ordering::Relaxed);
-        let (reply, answer) = oneshot::channel();
-        let (progress_sender, progress_receiver) = match progress {
-            true => {
-                let (sender, receiver) = mpsc::unbounded_channel();
-                (Some(sender), Some(receiver))
-            }
-            false => (None, None),
-        };
+        let (first, hearing) = oneshot::channel();
         if let Ok(mut pending) = self.pending.lock() {
-            let progress = progress_sender;
-            pending.insert(number, Pending { reply, progress });
+            pending.insert(number, Pending::Waiting { first, progress });
         }
         // Registered before it is written: the answer may come before the write returns.
         let sent = SentCall {
             lane: self,
             number,
-            id: format!("{ID_START}{number}"),
-            answer,
-            progress: progress_receiver,
+            hearing: Hearing::First(hearing),
         };
-        let name = serde_json::to_string(name).map_err(std::io::Error::other)?;
         let arguments = arguments.map_or("{}", RawValue::get);
-        let mut line = Vec::with_capacity(112 + name.len() + arguments.len());
+        // The whole line, with room for two ids, the name's escapes and the newline.
+        let mut line = Vec::with_capacity(180 + name.len() + arguments.len());
         line.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":\"");
-        line.extend_from_slice(sent.id.as_bytes());
+        write!(line, "{ID_START}{number}")?;
         line.extend_from_slice(b"\",\"method\":\"tools/call\",\"params\":{\"name\":");
-        line.extend_from_slice(name.as_bytes());
+        serde_json::to_writer(&mut line, name).map_err(std::io::Error::other)?;
         line.extend_from_slice(b",\"arguments\":");
         line.extend_from_slice(arguments.as_bytes());
         if progress {
             line.extend_from_slice(b",\"_meta\":{\"progressToken\":\"");
-            line.extend_from_slice(sent.id.as_bytes());
+            write!(line, "{ID_START}{number}")?;
             line.extend_from_slice(b"\"}");
         }
         line.extend_from_slice(b"}}");
@@ -176,13 +189,25 @@ impl TextLane {
         let Some(number) = token.strip_prefix(ID_START).and_then(|n| n.parse().ok()) else {
             return false;
         };
-        if let Ok(pending) = self.pending.lock()
-            && let Some(Pending {
-                progress: Some(progress),
-                ..
-            }) = pending.get(&number)
-        {
-            let _ = progress.send(params);
+        let Ok(mut pending) = self.pending.lock() else {
+            return true;
+        };
+        match pending.get_mut(&number) {
+            Some(Pending::Streaming(rest)) => {
+                let _ = rest.send(Heard::Progress(params));
+            }
+            Some(entry @ Pending::Waiting { progress: true, .. }) => {
+                let (rest, hearing) = mpsc::unbounded_channel();
+                if let Pending::Waiting { first, .. } =
+                    std::mem::replace(entry, Pending::Streaming(rest))
+                {
+                    let _ = first.send(First::Progress(params, hearing));
+                }
+            }
+            Some(Pending::Waiting {
+                progress: false, ..
+            })
+            | None => {}
         }
         true
     }
@@ -230,9 +255,12 @@ impl Tap for TextLane {
             .ok()
             .and_then(|mut pending| pending.remove(&number));
         match waiting {
-            Some(waiting) => {
-                // Its progress has all been handed over: the sender goes with the entry.
-                let _ = waiting.reply.send(reply);
+            Some(Pending::Waiting { first, .. }) => {
+                let _ = first.send(First::Reply(reply));
+            }
+            // After its progress, in order; the queue ends with it.
+            Some(Pending::Streaming(rest)) => {
+                let _ = rest.send(Heard::Reply(Some(reply)));
             }
             // Timed out or cancelled meanwhile: nobody waits for it any more.
             None => tracing::debug!(id = number, "dropping the answer to a call nobody awaits"),
@@ -306,9 +334,9 @@ mod tests {
         };
         // All of it is read before the call looks: the answer must not overtake.
         for n in 1..=5 {
-            assert!(lane.take(&progress(sent.id(), n)));
+            assert!(lane.take(&progress(&sent.id(), n)));
         }
-        assert!(lane.take(&progress(quiet.id(), 1)), "the lane's, dropped");
+        assert!(lane.take(&progress(&quiet.id(), 1)), "the lane's, dropped");
         assert!(!lane.take(&progress("cd", 1)), "not a lane id: rmcp's");
         assert!(!lane.take(r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":3,"progress":1}}"#));
         let answer = format!(r#"{{"jsonrpc":"2.0","id":"{}","result":{{}}}}"#, sent.id());
