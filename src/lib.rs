@@ -21,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod downstream;
 pub mod http;
+pub mod maps;
 pub mod orchestrate;
 pub mod registry;
 pub mod relay;

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use dashmap::DashMap;
+use crate::maps::DashMap;
 use rmcp::model::{ClientRequest, PingRequest};
 use tokio::sync::{mpsc, watch};
 
@@ -275,14 +275,14 @@ impl Registry {
     pub async fn start(config: Config) -> Arc<Registry> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let registry = Arc::new(Registry {
-            servers: DashMap::new(),
+            servers: DashMap::default(),
             catalog: watch::Sender::new(Arc::new(Catalog::default())),
             config: RwLock::new(Arc::new(config)),
             events: events_tx,
             in_flight: AtomicUsize::new(0),
-            breakers: DashMap::new(),
-            waking: DashMap::new(),
-            sessions: DashMap::new(),
+            breakers: DashMap::default(),
+            waking: DashMap::default(),
+            sessions: DashMap::default(),
             next_generation: AtomicU64::new(1),
             relay: Arc::new(Relay::default()),
             bridge: Bridge::default(),
@@ -412,7 +412,7 @@ impl Registry {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
             registry: Arc::downgrade(self),
             client: std::sync::OnceLock::new(),
-            connections: DashMap::new(),
+            connections: DashMap::default(),
             opening: tokio::sync::Mutex::new(()),
         });
         self.sessions.insert(session.id, Arc::downgrade(&session));

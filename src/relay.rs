@@ -13,7 +13,7 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use dashmap::DashMap;
+use crate::maps::DashMap;
 use rmcp::model::{ClientCapabilities, ListRootsResult, ProgressNotificationParam, ProgressToken};
 use rmcp::service::{Peer, RoleServer, SubscriptionSink};
 

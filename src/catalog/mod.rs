@@ -106,10 +106,10 @@ pub struct Catalog {
     prompts: Vec<PromptEntry>,
     resources: Vec<ResourceEntry>,
     templates: Vec<TemplateEntry>,
-    tool_index: HashMap<String, usize>,
-    prompt_index: HashMap<String, usize>,
-    resource_index: HashMap<String, usize>,
-    template_index: HashMap<String, usize>,
+    tool_index: crate::maps::HashMap<String, usize>,
+    prompt_index: crate::maps::HashMap<String, usize>,
+    resource_index: crate::maps::HashMap<String, usize>,
+    template_index: crate::maps::HashMap<String, usize>,
     /// Servers that offer resources or templates, in config order.
     resource_servers: Vec<ServerName>,
     /// Clashes and other things a user may want to fix, as sentences.

@@ -5,7 +5,7 @@
 //! numbers its own, never uses. Progress on a lane call (its token is its id) is taken too,
 //! and handed to the call in the order it came, ahead of the answer that follows it.
 
-use std::collections::HashMap;
+use crate::maps::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
 
@@ -123,7 +123,7 @@ impl TextLane {
     pub fn new(writer: Writer) -> Self {
         TextLane {
             writer,
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::default(),
             next: AtomicU64::new(1),
         }
     }

@@ -5,7 +5,7 @@
 //! per call (docs/performance.md). Everything else, and every call this path cannot answer
 //! exactly as rmcp would, is rmcp's.
 
-use std::collections::HashMap;
+use crate::maps::HashMap;
 use std::future::Future;
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
