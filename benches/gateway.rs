@@ -350,6 +350,20 @@ async fn load(peer: &Peer<RoleClient>, tool: &str, concurrency: usize, total: us
     }
 }
 
+/// A process's CPU time so far (user, system), from `/proc`, counted in 10 ms ticks.
+fn cpu_time(pid: u32) -> Option<(Duration, Duration)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command's closing parenthesis, from the state (field 3) on.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // Linux reports these in USER_HZ, 100 a second on every architecture it runs here on.
+    let ticks = 100.0;
+    let time = |field: usize| -> Option<Duration> {
+        let count: f64 = fields.get(field)?.parse().ok()?;
+        Some(Duration::from_secs_f64(count / ticks))
+    };
+    Some((time(11)?, time(12)?))
+}
+
 fn median_by<T: Copy>(samples: &[T], key: impl Fn(&T) -> f64) -> f64 {
     let mut values: Vec<f64> = samples.iter().map(key).collect();
     values.sort_by(f64::total_cmp);
@@ -408,8 +422,10 @@ impl Bench {
         through: &Peer<RoleClient>,
         relay: Option<&Peer<RoleClient>>,
         http: bool,
+        cpu_of: &[(&str, u32)],
     ) {
         println!("\n### {title}\n");
+        let mut cpu_rows = Vec::new();
         let (relay_head, relay_rule) = match relay {
             Some(_) => (" relay added p50 µs | relay calls/s |", " ---: | ---: |"),
             None => ("", ""),
@@ -428,6 +444,7 @@ impl Bench {
             }
             let (mut direct_runs, mut through_runs, mut relay_runs) =
                 (Vec::new(), Vec::new(), Vec::new());
+            let cpu_before: Vec<_> = cpu_of.iter().map(|(_, pid)| cpu_time(*pid)).collect();
             for _ in 0..self.reps {
                 direct_runs.push(load(direct, "echo", concurrency, total).await);
                 through_runs.push(load(through, "echo__echo", concurrency, total).await);
@@ -435,6 +452,23 @@ impl Bench {
                     relay_runs.push(load(relay, "echo", concurrency, total).await);
                 }
             }
+            let calls = (total * self.reps) as f64;
+            let cpu_cells: Vec<String> = cpu_of
+                .iter()
+                .zip(cpu_before)
+                .map(|((_, pid), before)| match (before, cpu_time(*pid)) {
+                    (Some(before), Some(after)) => {
+                        let per_call = |from: Duration, to: Duration| micros(to - from) / calls;
+                        format!(
+                            "{:.1} + {:.1}",
+                            per_call(before.0, after.0),
+                            per_call(before.1, after.1)
+                        )
+                    }
+                    _ => "?".to_owned(),
+                })
+                .collect();
+            cpu_rows.push((concurrency, cpu_cells));
             let p50 = |runs: &[Load]| median_by(runs, |run| micros(run.p50));
             let p99 = |runs: &[Load]| median_by(runs, |run| micros(run.p99));
             let rate = |runs: &[Load]| median_by(runs, |run| run.per_second);
@@ -459,19 +493,31 @@ impl Bench {
                 rate(&through_runs) / rate(&direct_runs),
             );
         }
+        if !cpu_rows.is_empty() && !cpu_of.is_empty() {
+            let names: Vec<&str> = cpu_of.iter().map(|(name, _)| *name).collect();
+            println!(
+                "\nCPU per call, µs user + sys (all of each process's threads, over the measured runs):\n"
+            );
+            println!("| concurrency | {} |", names.join(" | "));
+            println!("| ---: |{}", " ---: |".repeat(names.len()));
+            for (concurrency, cells) in cpu_rows {
+                println!("| {concurrency} | {} |", cells.join(" | "));
+            }
+        }
     }
 
     async fn calls_over_stdio(&self) {
         let (direct, _) = direct_stdio(&[]).await;
         let (through, pid) = conductor_stdio(&config(self.dir.path(), "one", 1, &[])).await;
         let echo = me();
-        let (relay, _) = stdio_client(&me(), &["--relay", &echo, "--echo-server"]).await;
+        let (relay, relay_pid) = stdio_client(&me(), &["--relay", &echo, "--echo-server"]).await;
         self.compare_calls(
             "`tools/call`, stdio client to stdio server (direct), through conductor over stdio, and through a bare relay",
             direct.peer(),
             through.peer(),
             Some(relay.peer()),
             false,
+            &[("conductor", pid), ("bare relay", relay_pid)],
         )
         .await;
         // Close conductor's stdin and let it exit on its own.
@@ -490,6 +536,7 @@ impl Bench {
             through.peer(),
             None,
             true,
+            &[],
         )
         .await;
         // SIGTERM: conductor drains and exits on its own.
