@@ -270,15 +270,16 @@ impl<Role: ServiceRole, R> LineTransport<Role, R> {
             return None;
         }
         // Checked as UTF-8 once here, not string by string in every parse.
-        let parsed = match std::str::from_utf8(line) {
-            Ok(text) if self.tap.take(text) => return None,
-            Ok(text) => serde_json::from_str(text),
-            Err(_) => serde_json::from_slice(line),
+        let text = std::str::from_utf8(line).ok();
+        let parsed = match text {
+            Some(text) if self.tap.take(text) => return None,
+            Some(text) => serde_json::from_str(text),
+            None => serde_json::from_slice(line),
         };
         match parsed {
             Ok(message) => Some(message),
             Err(error) => {
-                self.refuse(line, error);
+                self.refuse(text, error);
                 None
             }
         }
@@ -287,13 +288,13 @@ impl<Role: ServiceRole, R> LineTransport<Role, R> {
     /// A line rmcp's types do not take. As rmcp's own transport does: text that is not JSON
     /// and notifications outside MCP are ignored; well-formed JSON that is no MCP message
     /// gets an "Invalid request" error.
-    fn refuse(&self, line: &[u8], error: serde_json::Error) {
+    fn refuse(&self, text: Option<&str>, error: serde_json::Error) {
         use serde_json::error::Category;
         if matches!(error.classify(), Category::Syntax | Category::Eof) {
             tracing::debug!(error = %error, "ignoring a line that is not JSON");
             return;
         }
-        if let Some(peek) = std::str::from_utf8(line).ok().and_then(Peek::of)
+        if let Some(peek) = text.and_then(Peek::of)
             && peek.id.is_none()
             && let Some(method) = &peek.method
             && !is_mcp_notification(method)

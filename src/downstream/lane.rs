@@ -5,7 +5,6 @@
 //! numbers its own, never uses. Progress on a lane call (its token is its id) is taken too,
 //! and handed to the call in the order it came, ahead of the answer that follows it.
 
-use crate::maps::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
 
@@ -14,6 +13,7 @@ use rmcp::model::{ErrorData, NumberOrString, ProgressNotificationParam};
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::maps::HashMap;
 use crate::wire::{BoxFuture, Peek, Tap, Writer};
 
 /// What the lane's ids start with.
@@ -167,13 +167,14 @@ impl TextLane {
         Ok(sent)
     }
 
-    /// The number of a lane id's text (`"cd-12"`), if it is one.
-    fn number_of(id: &RawValue) -> Option<u64> {
-        id.get()
-            .strip_prefix(ID_PREFIX)?
-            .strip_suffix('"')?
-            .parse()
-            .ok()
+    /// The number of a lane id (`cd-12`), if it is one.
+    fn number_of(id: &str) -> Option<u64> {
+        id.strip_prefix(ID_START)?.parse().ok()
+    }
+
+    /// The number of a lane id's text (`"cd-12"`, quoted), if it is one.
+    fn number_of_text(id: &RawValue) -> Option<u64> {
+        TextLane::number_of(id.get().strip_prefix('"')?.strip_suffix('"')?)
     }
 
     /// Hand progress on a lane call to the call; say whether it was one of the lane's.
@@ -186,7 +187,7 @@ impl TextLane {
         let NumberOrString::String(token) = &params.progress_token.0 else {
             return false;
         };
-        let Some(number) = token.strip_prefix(ID_START).and_then(|n| n.parse().ok()) else {
+        let Some(number) = TextLane::number_of(token) else {
             return false;
         };
         let Ok(mut pending) = self.pending.lock() else {
@@ -227,7 +228,7 @@ impl Tap for TextLane {
         if peek.id.is_none() && peek.method.as_deref() == Some("notifications/progress") {
             return peek.params.is_some_and(|params| self.take_progress(params));
         }
-        let Some(number) = peek.id.and_then(TextLane::number_of) else {
+        let Some(number) = peek.id.and_then(TextLane::number_of_text) else {
             return false;
         };
         if peek.method.is_some() {

@@ -365,8 +365,6 @@ async fn answer_plain(
     headers: &axum::http::HeaderMap,
     body: &[u8],
 ) -> Option<Response> {
-    // A body that is not UTF-8 is rmcp's to refuse.
-    let body = std::str::from_utf8(body).ok()?;
     if !Front::may_take(body)
         || headers.contains_key("mcp-method")
         || headers.contains_key("mcp-name")
@@ -374,6 +372,8 @@ async fn answer_plain(
     {
         return None;
     }
+    // A body that is not UTF-8 is rmcp's to refuse.
+    let body = std::str::from_utf8(body).ok()?;
     let front = shared.fronts.get(session)?;
     let version = headers
         .get("mcp-protocol-version")

@@ -5,7 +5,6 @@
 //! per call (docs/performance.md). Everything else, and every call this path cannot answer
 //! exactly as rmcp would, is rmcp's.
 
-use crate::maps::HashMap;
 use std::future::Future;
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
@@ -20,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{ConductorServer, forward_call, tool_response};
+use crate::maps::HashMap;
 use crate::relay::ProgressTo;
 use crate::router::{Answer, Caller, Router, ToolCall};
 use crate::wire::{self, BoxFuture, LineTransport, Peek, Tap, Writer};
@@ -155,12 +155,11 @@ impl Front {
 
     /// Whether a message may be a plain call or a cancellation of one (a cheap look at its
     /// text, for the many messages that are neither).
-    pub fn may_take(message: &str) -> bool {
+    pub fn may_take(message: &[u8]) -> bool {
         // Built once: a finder's set-up costs more than searching a short message.
         static CALL: LazyLock<Finder> = LazyLock::new(|| Finder::new(b"\"tools/call\""));
         static CANCEL: LazyLock<Finder> =
             LazyLock::new(|| Finder::new(b"\"notifications/cancelled\""));
-        let message = message.as_bytes();
         CALL.find(message).is_some() || CANCEL.find(message).is_some()
     }
 
@@ -319,7 +318,7 @@ impl Tap for StdioTap {
         let Some(front) = self.front.get() else {
             return false;
         };
-        if !Front::may_take(line) {
+        if !Front::may_take(line.as_bytes()) {
             return false;
         }
         let Some(answering) = front.take_call(line, None) else {

@@ -454,7 +454,7 @@ async fn a_task_made_of_a_call_is_followed_to_its_result_or_cancelled() {
 
 /// Conductor serving stdio to a test that writes and reads the raw lines itself.
 struct RawSession {
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
     stdin: tokio::process::ChildStdin,
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
@@ -473,10 +473,27 @@ impl RawSession {
         let stdin = child.stdin.take().unwrap();
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
         RawSession {
-            _child: child,
+            child,
             stdin,
             lines,
         }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().expect("conductor is running")
+    }
+
+    /// Close conductor's stdin, as a host that goes away does, and wait (up to 20 s) for it
+    /// to exit.
+    async fn close(self) -> std::process::ExitStatus {
+        let RawSession {
+            mut child, stdin, ..
+        } = self;
+        drop(stdin);
+        tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .expect("conductor exits")
+            .unwrap()
     }
 
     async fn send(&mut self, message: &Value) {
@@ -584,16 +601,8 @@ fn is_running(pid: u32) -> bool {
 #[tokio::test]
 async fn children_stop_when_the_client_goes_away() {
     let config = TestConfig::fixtures(&[("echo", "echo"), ("math", "math")]);
-    let mut child = tokio::process::Command::new(super::support::CONDUCTOR)
-        .args(["serve", "--config"])
-        .arg(&config.path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let conductor = child.id().unwrap();
+    let mut raw = RawSession::start(&config);
+    let conductor = raw.pid();
     let mut downstreams = Vec::new();
     for _ in 0..100 {
         downstreams = children_of(conductor);
@@ -605,32 +614,17 @@ async fn children_stop_when_the_client_goes_away() {
     assert_eq!(downstreams.len(), 2, "conductor started both fixtures");
 
     // A host's whole life over stdio: the handshake, then closing stdin to say goodbye.
-    let mut stdin = child.stdin.take().unwrap();
     let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}});
-    stdin
-        .write_all(format!("{initialize}\n").as_bytes())
-        .await
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let answer = lines
-        .next_line()
-        .await
-        .unwrap()
-        .expect("an initialize result");
-    assert!(
-        answer.contains("\"protocolVersion\":\"2025-06-18\""),
+    raw.send(&initialize).await;
+    let answer = raw.next().await;
+    assert_eq!(
+        answer["result"]["protocolVersion"], "2025-06-18",
         "{answer}"
     );
-    stdin
-        .write_all(b"{\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}\n")
-        .await
-        .unwrap();
-    drop(stdin);
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("conductor exits")
-        .unwrap();
+    raw.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        .await;
+    let status = raw.close().await;
     assert!(status.success(), "{status}");
     for pid in downstreams {
         assert!(!is_running(pid), "downstream {pid} outlived conductor");
