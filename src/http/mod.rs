@@ -385,19 +385,15 @@ async fn answer_plain(
     }
     let (progress_to, mut progress) = tokio::sync::mpsc::unbounded_channel();
     let Some(answering) = front.take_call(body, Some(progress_to)) else {
+        if let Some(answer) = front.take_list(body) {
+            keep_alive(shared, session).await;
+            return Some(json_answer(answer));
+        }
         return front
             .take_cancel(body)
             .then(|| StatusCode::ACCEPTED.into_response());
     };
-    // rmcp closes a session it sees no traffic on: these calls are traffic.
-    let every = (shared.settings.session_idle / 4).min(std::time::Duration::from_secs(1));
-    if shared.fronts.due(session, every) {
-        let handle = shared.sessions.sessions.read().await.get(session).cloned();
-        if let Some(handle) = handle {
-            // Closing a request stream that never was: a no-op rmcp counts as activity.
-            let _ = handle.close_request_wise_channel(u64::MAX).await;
-        }
-    }
+    keep_alive(shared, session).await;
     // The call runs on its own: it goes on if the client's connection drops.
     let (answered, mut answer) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
@@ -418,11 +414,7 @@ async fn answer_plain(
             },
             text = &mut answer => {
                 return Some(match text {
-                    Ok(text) => (
-                        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-                        text,
-                    )
-                        .into_response(),
+                    Ok(text) => json_answer(text),
                     // Cancelled by the client, which expects no answer.
                     Err(_) => StatusCode::ACCEPTED.into_response(),
                 });
@@ -431,6 +423,30 @@ async fn answer_plain(
         }
     };
     Some(stream_answer(shared, first, progress, answer).await)
+}
+
+/// rmcp closes a session it sees no traffic on: what the front answers is traffic.
+async fn keep_alive(shared: &Shared, session: &str) {
+    let every = (shared.settings.session_idle / 4).min(std::time::Duration::from_secs(1));
+    if shared.fronts.due(session, every) {
+        let handle = shared.sessions.sessions.read().await.get(session).cloned();
+        if let Some(handle) = handle {
+            // Closing a request stream that never was: a no-op rmcp counts as activity.
+            let _ = handle.close_request_wise_channel(u64::MAX).await;
+        }
+    }
+}
+
+/// An answer the front wrote, as one JSON body.
+fn json_answer(text: Vec<u8>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        text,
+    )
+        .into_response()
 }
 
 /// A call's progress and answer, streamed as rmcp streams them and resumable the same way: a

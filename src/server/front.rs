@@ -11,14 +11,24 @@ use std::time::Duration;
 
 use memchr::memmem::Finder;
 use rmcp::ServiceExt;
-use rmcp::model::{ProgressToken, ProtocolVersion, RequestId, ServerJsonRpcMessage, ServerResult};
+use rmcp::model::{
+    CacheScope, ListToolsResult, ProgressToken, ProtocolVersion, RequestId, ServerJsonRpcMessage,
+    ServerResult,
+};
 use rmcp::service::{Peer, RoleServer, RunningService, ServerInitializeError};
-use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{ConductorServer, forward_call, tool_response};
+use super::{
+    ConductorServer, PAGE_SIZE, forward_call, list_cache_hint, listed_tools, page_offset,
+    tool_response,
+};
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::downstream::ListKind;
 use crate::maps::HashMap;
 use crate::relay::ProgressTo;
 use crate::router::{Answer, Caller, Router, ToolCall};
@@ -32,6 +42,8 @@ const DRAIN: Duration = Duration::from_secs(5);
 #[derive(Debug, Default)]
 pub struct Fronts {
     sessions: dashmap::DashMap<String, Registered>,
+    /// The `tools/list` pages every session's front answers from.
+    pages: Arc<ToolPages>,
 }
 
 #[derive(Debug)]
@@ -85,6 +97,92 @@ pub struct Front {
     caller: Caller,
     /// The calls in flight here, for the client's `notifications/cancelled`.
     calls: Mutex<HashMap<RequestId, CancellationToken>>,
+    /// What its `tools/list` requests are answered from.
+    pages: Arc<ToolPages>,
+}
+
+/// Conductor's `tools/list` as text, page by page, for clients before 2026-07-28: kept until
+/// the catalog or the config changes, where rmcp's path clones and serialises every tool of
+/// a page for every request (docs/performance.md).
+#[derive(Debug, Default)]
+pub struct ToolPages {
+    rendered: Mutex<Option<Arc<Rendered>>>,
+}
+
+/// The pages of one catalog and config.
+#[derive(Debug)]
+struct Rendered {
+    catalog: Arc<Catalog>,
+    config: Arc<Config>,
+    /// Each page's `tools` array, as rmcp writes it for a client before 2026-07-28.
+    pages: Vec<Box<RawValue>>,
+}
+
+impl ToolPages {
+    /// The pages of this catalog and config: those kept, or made now.
+    fn of(&self, catalog: Arc<Catalog>, config: Arc<Config>) -> Option<Arc<Rendered>> {
+        let mut kept = self.rendered.lock().ok()?;
+        if let Some(rendered) = kept.as_ref()
+            && Arc::ptr_eq(&rendered.catalog, &catalog)
+            && Arc::ptr_eq(&rendered.config, &config)
+        {
+            return Some(rendered.clone());
+        }
+        // Through rmcp's own rewriting for older clients, so the text is what rmcp would send.
+        let mut all = ServerResult::ListToolsResult(ListToolsResult::with_all_items(
+            listed_tools(&catalog, &config).collect(),
+        ));
+        all.strip_non_object_output_for_legacy_peer();
+        let ServerResult::ListToolsResult(all) = all else {
+            return None;
+        };
+        let pages = all
+            .tools
+            .chunks(PAGE_SIZE)
+            .map(|page| serde_json::value::to_raw_value(page).ok())
+            .collect::<Option<Vec<_>>>()?;
+        let rendered = Arc::new(Rendered {
+            catalog,
+            config,
+            pages,
+        });
+        *kept = Some(rendered.clone());
+        Some(rendered)
+    }
+}
+
+/// A `tools/list` request as clients send it.
+#[derive(Deserialize)]
+struct PlainList<'a> {
+    #[serde(borrow)]
+    id: &'a RawValue,
+    #[serde(borrow)]
+    method: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    params: Option<ListParams<'a>>,
+}
+
+/// Its params, if they are only a cursor (and a `_meta`, which a list does not act on).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams<'a> {
+    #[serde(borrow, default)]
+    cursor: Option<std::borrow::Cow<'a, str>>,
+    #[serde(rename = "_meta", default)]
+    _meta: Option<IgnoredAny>,
+}
+
+/// A `tools/list` result, as rmcp writes one for a client before 2026-07-28.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolsPage<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ttl_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_scope: Option<CacheScope>,
+    tools: &'a RawValue,
 }
 
 /// A request with the params of a plain `tools/call`.
@@ -136,6 +234,10 @@ impl Front {
             return None;
         }
         server.router.remember_client(peer);
+        let pages = server
+            .fronts
+            .as_ref()
+            .map_or_else(Arc::default, |fronts| fronts.pages.clone());
         Some(Front {
             router: server.router.clone(),
             caller: Caller {
@@ -145,6 +247,7 @@ impl Front {
                 ..Caller::default()
             },
             calls: Mutex::default(),
+            pages,
         })
     }
 
@@ -153,14 +256,17 @@ impl Front {
         self.caller.protocol.as_ref()
     }
 
-    /// Whether a message may be a plain call or a cancellation of one (a cheap look at its
-    /// text, for the many messages that are neither).
+    /// Whether a message may be a plain call, a cancellation of one or a `tools/list` (a
+    /// cheap look at its text, for the many messages that are none of them).
     pub fn may_take(message: &[u8]) -> bool {
         // Built once: a finder's set-up costs more than searching a short message.
         static CALL: LazyLock<Finder> = LazyLock::new(|| Finder::new(b"\"tools/call\""));
         static CANCEL: LazyLock<Finder> =
             LazyLock::new(|| Finder::new(b"\"notifications/cancelled\""));
-        CALL.find(message).is_some() || CANCEL.find(message).is_some()
+        static LIST: LazyLock<Finder> = LazyLock::new(|| Finder::new(b"\"tools/list\""));
+        CALL.find(message).is_some()
+            || CANCEL.find(message).is_some()
+            || LIST.find(message).is_some()
     }
 
     /// Take a plain call of a downstream tool: the returned future answers it, with the
@@ -206,6 +312,35 @@ impl Front {
         // Boxed: tokio moves a task's future several times as it starts and ends it, and this
         // one holds a whole call's state (docs/performance.md).
         Some(Box::pin(answering.answer(call, caller)))
+    }
+
+    /// Answer a plain `tools/list` from the pages kept as text: the response's line. `None`
+    /// when the message is not one, or names a page this path does not keep (rmcp answers it,
+    /// or refuses a cursor conductor did not give).
+    pub fn take_list(&self, message: &str) -> Option<Vec<u8>> {
+        let PlainList { id, method, params } = serde_json::from_str(message).ok()?;
+        wire::request_id(id)?;
+        if method != "tools/list" {
+            return None;
+        }
+        let offset = page_offset(params.and_then(|params| params.cursor).as_deref()).ok()?;
+        if offset % PAGE_SIZE != 0 {
+            return None;
+        }
+        let registry = self.router.registry();
+        let rendered = self.pages.of(registry.catalog(), registry.config())?;
+        let index = offset / PAGE_SIZE;
+        let tools = rendered.pages.get(index)?;
+        let (ttl_ms, cache_scope) = list_cache_hint(&self.router, ListKind::Tools);
+        let page = ToolsPage {
+            next_cursor: (index + 1 < rendered.pages.len())
+                .then(|| format!("offset:{}", offset + PAGE_SIZE)),
+            ttl_ms,
+            cache_scope,
+            tools,
+        };
+        let result = serde_json::value::to_raw_value(&page).ok()?;
+        Some(wire::response_line(id, &result))
     }
 
     /// Take the client's cancellation of a call this front is answering.
@@ -321,18 +456,26 @@ impl Tap for StdioTap {
         if !Front::may_take(line.as_bytes()) {
             return false;
         }
-        let Some(answering) = front.take_call(line, None) else {
-            return front.take_cancel(line);
-        };
         let writer = self.writer.clone();
-        self.tasks.spawn(async move {
-            if let Some(answer) = answering.await
-                && let Err(error) = writer.write_line(answer).await
-            {
-                tracing::debug!(error = %error, "could not answer a tool call");
-            }
-        });
-        true
+        if let Some(answering) = front.take_call(line, None) {
+            self.tasks.spawn(async move {
+                if let Some(answer) = answering.await
+                    && let Err(error) = writer.write_line(answer).await
+                {
+                    tracing::debug!(error = %error, "could not answer a tool call");
+                }
+            });
+            return true;
+        }
+        if let Some(answer) = front.take_list(line) {
+            self.tasks.spawn(async move {
+                if let Err(error) = writer.write_line(answer).await {
+                    tracing::debug!(error = %error, "could not answer a tools/list");
+                }
+            });
+            return true;
+        }
+        front.take_cancel(line)
     }
 
     fn ended(&self) -> BoxFuture {

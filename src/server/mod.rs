@@ -19,7 +19,7 @@ use rmcp::model::{
     ContentBlock, GetPromptRequestParams, GetPromptResponse, Implementation, ListPromptsResult,
     ListResourceTemplatesResult, ListResourcesResult, ListToolsResult, PaginatedRequestParams,
     ReadResourceRequestParams, ReadResourceResponse, ResultType, ServerCapabilities, ServerConfig,
-    ServerResult, SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
+    ServerResult, SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter, Tool,
     UnsubscribeRequestParams,
 };
 use rmcp::service::{NotificationContext, Peer, RequestContext, RoleServer, SubscriptionContext};
@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 
 use crate::bridge::Bridge;
 use crate::catalog::Catalog;
+use crate::config::Config;
 use crate::downstream::ListKind;
 use crate::orchestrate::execute::{ProgressSink, ProgressUpdate};
 use crate::orchestrate::{self, Orchestrator, saved};
@@ -107,12 +108,7 @@ fn bridged_retry(
 impl ConductorServer {
     /// The cache hint for conductor's own list of one kind, as it goes on the wire.
     fn cache_hint(&self, kind: ListKind) -> (Option<u64>, Option<CacheScope>) {
-        let hint = self.router.registry().cache_hint(kind);
-        let ttl_ms = hint.fresh_until.map(|until| {
-            let left = until.saturating_duration_since(std::time::Instant::now());
-            u64::try_from(left.as_millis()).unwrap_or(u64::MAX)
-        });
-        (ttl_ms, hint.scope)
+        list_cache_hint(&self.router, kind)
     }
 
     /// Run a request that may ask the client for input. A 2026-07-28 client gets what the
@@ -225,18 +221,7 @@ impl ServerHandler for ConductorServer {
     ) -> Result<ListToolsResult, McpError> {
         let catalog = self.catalog();
         let config = self.router.registry().config();
-        let tools = catalog
-            .tools()
-            .iter()
-            .map(|entry| entry.tool.clone())
-            .chain(std::iter::once_with(Orchestrator::tool))
-            .chain(
-                config
-                    .workflows
-                    .iter()
-                    .map(|spec| saved::tool(spec, &catalog)),
-            );
-        let (tools, next_cursor) = page(tools, request)?;
+        let (tools, next_cursor) = page(listed_tools(&catalog, &config), request)?;
         let mut result = ListToolsResult::with_all_items(tools);
         result.next_cursor = next_cursor;
         (result.ttl_ms, result.cache_scope) = self.cache_hint(ListKind::Tools);
@@ -626,21 +611,51 @@ fn page<T>(
     entries: impl Iterator<Item = T>,
     request: Option<PaginatedRequestParams>,
 ) -> Result<(Vec<T>, Option<String>), McpError> {
-    let offset = match request.and_then(|request| request.cursor) {
-        None => 0,
-        Some(cursor) => cursor
-            .strip_prefix("offset:")
-            .and_then(|offset| offset.parse::<usize>().ok())
-            .ok_or_else(|| {
-                McpError::invalid_params(format!("`{cursor}` is not a cursor conductor gave"), None)
-            })?,
-    };
+    let offset = page_offset(request.and_then(|request| request.cursor).as_deref())?;
     let mut entries: Vec<T> = entries.skip(offset).take(PAGE_SIZE + 1).collect();
     let next = (entries.len() > PAGE_SIZE).then(|| {
         entries.truncate(PAGE_SIZE);
         format!("offset:{}", offset + PAGE_SIZE)
     });
     Ok((entries, next))
+}
+
+/// Where the page a cursor names begins.
+fn page_offset(cursor: Option<&str>) -> Result<usize, McpError> {
+    let Some(cursor) = cursor else {
+        return Ok(0);
+    };
+    cursor
+        .strip_prefix("offset:")
+        .and_then(|offset| offset.parse::<usize>().ok())
+        .ok_or_else(|| {
+            McpError::invalid_params(format!("`{cursor}` is not a cursor conductor gave"), None)
+        })
+}
+
+/// Every tool conductor lists, in order: the catalog's, `orchestrate`, the saved workflows.
+fn listed_tools(catalog: &Catalog, config: &Config) -> impl Iterator<Item = Tool> {
+    catalog
+        .tools()
+        .iter()
+        .map(|entry| entry.tool.clone())
+        .chain(std::iter::once_with(Orchestrator::tool))
+        .chain(
+            config
+                .workflows
+                .iter()
+                .map(|spec| saved::tool(spec, catalog)),
+        )
+}
+
+/// The cache hint of conductor's own list of one kind, as it goes on the wire.
+fn list_cache_hint(router: &Router, kind: ListKind) -> (Option<u64>, Option<CacheScope>) {
+    let hint = router.registry().cache_hint(kind);
+    let ttl_ms = hint.fresh_until.map(|until| {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        u64::try_from(left.as_millis()).unwrap_or(u64::MAX)
+    });
+    (ttl_ms, hint.scope)
 }
 
 /// A subscription that could not be made: a downstream's own error passes through as it is.

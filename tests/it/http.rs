@@ -768,6 +768,45 @@ async fn plain_calls_are_answered_whole_or_streamed_with_their_progress() {
     assert_eq!(messages[0]["result"]["content"][0]["text"], "slept 300 ms");
 }
 
+/// A session's `tools/list` is answered by its front from the pages kept as text, as plain
+/// JSON, with the result rmcp's own path gives (a param the front does not take sends the
+/// same request there).
+#[tokio::test]
+async fn tools_list_from_the_front_is_rmcps_answer() {
+    let config = TestConfig::fixtures(&[("echo", "echo"), ("math", "math")]);
+    let server = HttpConductor::start(&config).await;
+    let session = raw_session(&server).await;
+    let session = borrowed(&session);
+
+    let list = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {}});
+    let (status, headers, body) = post(&server.mcp(), &list.to_string(), &session).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "application/json");
+    let front: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(front["id"], 3);
+
+    let rmcps =
+        json!({"jsonrpc": "2.0", "id": 4, "method": "tools/list", "params": {"rmcp-only": true}});
+    let (status, _, body) = post(&server.mcp(), &rmcps.to_string(), &session).await;
+    assert_eq!(status, StatusCode::OK);
+    let rmcps = match serde_json::from_str::<Value>(&body) {
+        Ok(whole) => whole,
+        Err(_) => sse_messages(&body).pop().expect("an answer"),
+    };
+    assert_eq!(rmcps["id"], 4);
+    assert_eq!(front["result"], rmcps["result"]);
+    let names: Vec<&str> = front["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|tool| tool["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"echo__echo") && names.contains(&"orchestrate"),
+        "{names:?}"
+    );
+}
+
 /// The front takes only what rmcp would read: a call sent as something else than JSON, or by
 /// a client that does not take both kinds of answer, is refused as rmcp refuses it, and the
 /// session goes on.

@@ -709,6 +709,72 @@ async fn a_downstreams_progress_reaches_the_client_before_the_result() {
     assert!(seen >= 5, "{seen} progress notifications before the result");
 }
 
+/// A `tools/list` conductor answers from its pages kept as text is the answer rmcp's own
+/// path gives (a request with a param the text path does not take goes there), and follows
+/// the catalog when a downstream's tools change.
+#[tokio::test]
+async fn tools_list_from_kept_pages_is_rmcps_answer_and_follows_the_catalog() {
+    let config = TestConfig::fixtures(&[("changing", "changing"), ("math", "math")]);
+    let mut raw = RawSession::start(&config);
+    let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"}}});
+    raw.send(&initialize).await;
+    raw.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        .await;
+    assert_eq!(raw.next().await["id"], 0);
+
+    let mut next_id = 1;
+    let mut both_ways = async |raw: &mut RawSession| -> Vec<String> {
+        let mut answers = Vec::new();
+        for params in [json!({}), json!({"rmcp-only": true})] {
+            next_id += 1;
+            raw.send(
+                &json!({"jsonrpc": "2.0", "id": next_id, "method": "tools/list", "params": params}),
+            )
+            .await;
+            let answer = loop {
+                let message = raw.next().await;
+                if message["id"] == next_id {
+                    break message;
+                }
+            };
+            answers.push(answer["result"].clone());
+        }
+        assert_eq!(answers[0], answers[1], "the kept page is rmcp's answer");
+        answers[0]["tools"]
+            .as_array()
+            .expect("tools")
+            .iter()
+            .map(|tool| tool["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let before = both_ways(&mut raw).await;
+    assert!(before.contains(&"math__add".to_owned()), "{before:?}");
+    assert!(before.contains(&"orchestrate".to_owned()), "{before:?}");
+    assert!(
+        !before.contains(&"changing__fresh".to_owned()),
+        "{before:?}"
+    );
+
+    raw.send(
+        &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "changing__add_tool", "arguments": {"name": "fresh"}}}),
+    )
+    .await;
+    // The client hears of the change once the catalog has it.
+    let mut answered = false;
+    let mut told = false;
+    while !(answered && told) {
+        let message = raw.next().await;
+        answered |= message["id"] == 1;
+        told |= message["method"] == "notifications/tools/list_changed";
+    }
+    let after = both_ways(&mut raw).await;
+    assert!(after.contains(&"changing__fresh".to_owned()), "{after:?}");
+    assert_eq!(after.len(), before.len() + 1);
+}
+
 /// Progress the downstream writes right before its answer reaches the client before the
 /// answer too, all of it and in order: read off conductor's stdout as the client gets it.
 #[tokio::test]
