@@ -334,7 +334,6 @@ impl Registry {
         self.servers.get(server).map(|slot| slot.spec.clone())
     }
 
-    /// The least busy ready connection to a server, if it has one.
     /// How long conductor's own list of one kind stays fresh, and for whom: the earliest
     /// expiry and the narrowest scope of the live downstreams that offer that kind. One that
     /// gave no hint leaves conductor's list without one: it promised nothing.
@@ -353,6 +352,7 @@ impl Registry {
         merged.unwrap_or_default()
     }
 
+    /// The least busy ready connection to a server, if it has one.
     pub fn pick(&self, server: &ServerName) -> Option<Arc<Connection>> {
         let slot = self.servers.get(server)?;
         slot.replicas
