@@ -691,7 +691,18 @@ impl Bench {
     async fn orchestrate(&self) {
         let steps = if self.quick { 10 } else { 100 };
         let (direct, _) = direct_stdio(&[]).await;
-        let (through, pid) = conductor_stdio(&config(self.dir.path(), "one", 1, &[])).await;
+        let config = config(self.dir.path(), "saved", 1, &[]);
+        // A saved workflow of one step: what conductor adds to a call by making a tool of it.
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(concat!(
+            "\n[workflows.echo_saved]\n",
+            "input_schema = { type = \"object\", properties = { text = { type = \"string\" } }, required = [\"text\"] }\n",
+            "output = \"${{ steps.echo.output }}\"\n",
+            "[[workflows.echo_saved.steps]]\n",
+            "id = \"echo\"\ntool = \"echo__echo\"\nargs = { text = \"${{ inputs.text }}\" }\n",
+        ));
+        std::fs::write(&config, text).unwrap();
+        let (through, pid) = conductor_stdio(&config).await;
         let chain: Vec<_> = (0..steps)
             .map(|i| {
                 let text = if i == 0 {
@@ -757,6 +768,26 @@ impl Bench {
             median_by(&fan_runs, |run| millis(*run)),
             median_by(&parallel, |run| millis(*run)),
             per_step(&fan_runs, &parallel)
+        );
+        let calls = if self.quick { 20 } else { 2_000 };
+        load(through.peer(), "workflow__echo_saved", 1, calls).await;
+        let (mut saved, mut proxied) = (Vec::new(), Vec::new());
+        for _ in 0..self.reps {
+            saved.push(
+                load(through.peer(), "workflow__echo_saved", 1, calls)
+                    .await
+                    .p50,
+            );
+            proxied.push(load(through.peer(), "echo__echo", 1, calls).await.p50);
+        }
+        let (saved, proxied) = (
+            median_by(&saved, |p50| micros(*p50)),
+            median_by(&proxied, |p50| micros(*p50)),
+        );
+        println!(
+            "\nA saved one-step workflow called as a tool, one call at a time: p50 {saved:.0} µs, \
+             against {proxied:.0} µs for its tool called through conductor: {:.0} µs added.",
+            saved - proxied
         );
         let _ = through.cancel().await;
         wait_for_exit(pid).await;
