@@ -12,15 +12,15 @@ pub mod saved;
 pub mod validate;
 pub mod workflow;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use dashmap::DashMap;
 use rmcp::model::{
     CallToolResult, ContentBlock, JsonObject, ReadResourceResult, ResourceContents,
     ResourceTemplate, Tool, ToolAnnotations,
 };
 use serde_json::Value;
+use std::collections::{HashMap, VecDeque};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
@@ -74,24 +74,63 @@ const MOST_RUNS_KEPT: usize = 1000;
 /// Finished runs, kept for `resume` and for reading back, for a while.
 #[derive(Debug)]
 pub struct Runs {
-    records: DashMap<String, (Instant, Arc<RunRecord>, Value)>,
+    kept: Mutex<Kept>,
     keep_for: Duration,
+}
+
+/// The kept runs by id, and their ids oldest first: runs are kept in the order they end, so
+/// the expired and the oldest are always at the front, and keeping one never scans them all
+/// (which, with a thousand kept, had cost a run more than its workflow: docs/performance.md).
+#[derive(Debug, Default)]
+struct Kept {
+    by_id: HashMap<String, KeptRun>,
+    /// When each was kept, the number of its keeping, its id.
+    oldest_first: VecDeque<(Instant, u64, String)>,
+    /// How many runs were kept so far: numbers each keeping.
+    keepings: u64,
+}
+
+#[derive(Debug)]
+struct KeptRun {
+    kept_at: Instant,
+    keeping: u64,
+    record: Arc<RunRecord>,
+    workflow: Value,
+}
+
+impl Kept {
+    /// Forget the oldest run; `false` when there is none.
+    fn forget_oldest(&mut self) -> bool {
+        let Some((_, keeping, run_id)) = self.oldest_first.pop_front() else {
+            return false;
+        };
+        // Only if it is still that keeping of the run (an id kept again is kept anew).
+        if self
+            .by_id
+            .get(&run_id)
+            .is_some_and(|run| run.keeping == keeping)
+        {
+            self.by_id.remove(&run_id);
+        }
+        true
+    }
 }
 
 impl Runs {
     pub fn new(keep_for: Duration) -> Self {
         Runs {
-            records: DashMap::new(),
+            kept: Mutex::default(),
             keep_for,
         }
     }
 
     /// A kept run and the workflow (its steps and inputs) it ran.
     pub fn get(&self, run_id: &str) -> Option<(Arc<RunRecord>, Value)> {
-        self.records
+        let kept = self.kept.lock().ok()?;
+        kept.by_id
             .get(run_id)
-            .filter(|entry| entry.0.elapsed() < self.keep_for)
-            .map(|entry| (entry.1.clone(), entry.2.clone()))
+            .filter(|run| run.kept_at.elapsed() < self.keep_for)
+            .map(|run| (run.record.clone(), run.workflow.clone()))
     }
 
     /// A kept run as a resource: its report, as JSON.
@@ -108,21 +147,29 @@ impl Runs {
     }
 
     fn keep(&self, record: Arc<RunRecord>, workflow: Value) {
-        self.records
-            .retain(|_, entry| entry.0.elapsed() < self.keep_for);
-        if self.records.len() >= MOST_RUNS_KEPT
-            && let Some(oldest) = self
-                .records
-                .iter()
-                .min_by_key(|entry| entry.0)
-                .map(|entry| entry.key().clone())
+        let Ok(mut kept) = self.kept.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        while kept
+            .oldest_first
+            .front()
+            .is_some_and(|(kept_at, _, _)| now.duration_since(*kept_at) >= self.keep_for)
         {
-            self.records.remove(&oldest);
+            kept.forget_oldest();
         }
-        self.records.insert(
-            record.report.run_id.clone(),
-            (Instant::now(), record, workflow),
-        );
+        while kept.by_id.len() >= MOST_RUNS_KEPT && kept.forget_oldest() {}
+        kept.keepings += 1;
+        let keeping = kept.keepings;
+        let run_id = record.report.run_id.clone();
+        kept.oldest_first.push_back((now, keeping, run_id.clone()));
+        let run = KeptRun {
+            kept_at: now,
+            keeping,
+            record,
+            workflow,
+        };
+        kept.by_id.insert(run_id, run);
     }
 }
 
@@ -365,3 +412,69 @@ Example: {\"steps\": [{\"id\": \"unpaid\", \"tool\": \"books__list_invoices\", \
 \"${{ steps.unpaid.output.invoices }}\", \"as\": \"inv\", \"args\": {\"title\": \"Chase ${{ inv.number }}\"}, \
 \"on_error\": \"continue\"}, {\"id\": \"note\", \"tool\": \"chat__send\", \"trigger\": \"all_done\", \
 \"args\": {\"text\": \"${{ steps.tasks.stats.succeeded }} tasks created\"}}]}";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(run_id: &str) -> Arc<RunRecord> {
+        Arc::new(RunRecord {
+            report: RunReport {
+                run_id: run_id.to_owned(),
+                ..RunReport::default()
+            },
+            steps: Vec::new(),
+            idem_base: run_id.to_owned(),
+        })
+    }
+
+    #[test]
+    fn past_the_most_kept_the_oldest_runs_go_first() {
+        let runs = Runs::new(Duration::from_secs(3600));
+        for n in 0..MOST_RUNS_KEPT + 5 {
+            runs.keep(record(&format!("run-{n}")), Value::from(n));
+        }
+        for n in 0..5 {
+            assert!(runs.get(&format!("run-{n}")).is_none(), "run-{n} kept");
+        }
+        for n in [5, 6, MOST_RUNS_KEPT + 4] {
+            let (kept, workflow) = runs.get(&format!("run-{n}")).expect("kept");
+            assert_eq!(
+                (kept.report.run_id.as_str(), workflow),
+                (format!("run-{n}").as_str(), Value::from(n))
+            );
+        }
+        let kept = runs.kept.lock().unwrap();
+        assert_eq!(kept.by_id.len(), MOST_RUNS_KEPT);
+        assert_eq!(kept.oldest_first.len(), MOST_RUNS_KEPT);
+    }
+
+    #[test]
+    fn expired_runs_are_forgotten_when_the_next_is_kept() {
+        let runs = Runs::new(Duration::from_millis(20));
+        runs.keep(record("old"), Value::Null);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(runs.get("old").is_none(), "expired runs are not given out");
+        runs.keep(record("new"), Value::Null);
+        let kept = runs.kept.lock().unwrap();
+        assert_eq!(kept.by_id.keys().collect::<Vec<_>>(), ["new"]);
+        assert_eq!(kept.oldest_first.len(), 1);
+    }
+
+    #[test]
+    fn a_run_kept_again_is_not_forgotten_with_its_first_keeping() {
+        let runs = Runs::new(Duration::from_secs(3600));
+        runs.keep(record("again"), Value::from(1));
+        runs.keep(record("between"), Value::Null);
+        runs.keep(record("again"), Value::from(2));
+        for n in 0..MOST_RUNS_KEPT - 1 {
+            runs.keep(record(&format!("run-{n}")), Value::Null);
+        }
+        // Full: the first keeping of `again` went, then `between`; the second keeping stays.
+        assert!(runs.get("between").is_none());
+        assert_eq!(
+            runs.get("again").map(|(_, workflow)| workflow),
+            Some(Value::from(2))
+        );
+    }
+}
