@@ -2,6 +2,7 @@
 //!
 //! The modules follow a request's path, and each layer only looks down:
 //! - [`config`]: `servers.toml` read and checked into typed values (knows nothing of MCP);
+//! - [`schema`]: JSON Schemas compiled once, kept with the tool or saved workflow they check;
 //! - [`wire`]: JSON-RPC lines over pipes, with a tap that may take a message before rmcp parses it;
 //! - [`downstream`]: live connections to downstream servers (the only place transports are built);
 //! - [`catalog`]: the immutable, namespaced offer built from what the downstreams list;
@@ -27,5 +28,6 @@ pub mod registry;
 pub mod relay;
 pub mod retry;
 pub mod router;
+pub mod schema;
 pub mod server;
 pub mod wire;

@@ -9,11 +9,11 @@ mod naming;
 mod uri;
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
 
 use rmcp::model::{Prompt, Resource, ResourceTemplate, Tool, ToolAnnotations};
 
 use crate::config::{Prefix, ServerName, ServerSpec, did_you_mean};
+use crate::schema::CompiledSchema;
 pub use naming::{MAX_NAME_LEN, public_name};
 pub use uri::{namespaced, split_namespaced, template_matches};
 
@@ -36,7 +36,7 @@ pub struct ToolEntry {
     /// The downstream's own name for it.
     pub original: String,
     /// Its `inputSchema`, compiled when a workflow first checks a step against it.
-    input_validator: InputValidator,
+    input_validator: CompiledSchema,
 }
 
 impl ToolEntry {
@@ -45,29 +45,7 @@ impl ToolEntry {
     /// changes only with the catalog.
     pub fn input_validator(&self) -> Option<&jsonschema::Validator> {
         self.input_validator
-            .0
-            .get_or_init(|| {
-                let schema = serde_json::Value::Object((*self.tool.input_schema).clone());
-                jsonschema::validator_for(&schema).ok().map(Arc::new)
-            })
-            .as_deref()
-    }
-}
-
-/// A tool's `inputSchema`, compiled on first use.
-#[derive(Clone, Default)]
-struct InputValidator(OnceLock<Option<Arc<jsonschema::Validator>>>);
-
-impl std::fmt::Debug for InputValidator {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str("InputValidator")
-    }
-}
-
-/// Derived from the schema, so it never makes two entries differ.
-impl PartialEq for InputValidator {
-    fn eq(&self, _other: &Self) -> bool {
-        true
+            .validator(|| serde_json::Value::Object((*self.tool.input_schema).clone()))
     }
 }
 
@@ -252,7 +230,7 @@ impl Catalog {
                 tool: offered,
                 server: spec.name.clone(),
                 original,
-                input_validator: InputValidator::default(),
+                input_validator: CompiledSchema::default(),
             });
         }
     }

@@ -90,6 +90,8 @@ pub struct WorkflowSpec {
     /// Where `[workflows.<name>]` is, for messages about it.
     pub line: usize,
     pub column: usize,
+    /// `input_schema`, compiled when the workflow is first called.
+    pub input_validator: crate::schema::CompiledSchema,
 }
 
 /// The name of a downstream server: letters, digits, `_` and `-`, never containing the separator.

@@ -69,6 +69,7 @@ pub(super) fn read_workflow(
         body: serde_json::Value::Object(body),
         line,
         column,
+        input_validator: Default::default(),
     })
 }
 

@@ -116,7 +116,7 @@ fn called_tools(body: &Value) -> Vec<String> {
 /// against the input schema, defaults filled in) as its inputs.
 pub fn workflow_for(spec: &WorkflowSpec, args: JsonObject) -> Result<Value, Vec<Problem>> {
     let args = Value::Object(args);
-    if let Ok(validator) = jsonschema::validator_for(&spec.input_schema) {
+    if let Some(validator) = spec.input_validator.validator(|| spec.input_schema.clone()) {
         let problems: Vec<Problem> = validator
             .iter_errors(&args)
             .map(|error| Problem {
