@@ -51,7 +51,16 @@ pub struct Expressions {
     env: &'static Environment<'static>,
     /// Expressions compiled, by their text: a workflow's expressions are compiled when it is
     /// checked and again for every step and item they are evaluated for.
-    compiled: Mutex<HashMap<String, Arc<Expression<'static, 'static>>>>,
+    compiled: Mutex<HashMap<String, Arc<Compiled>>>,
+}
+
+/// An expression compiled, and the variables it reads (sorted, as plans and messages show
+/// them): finding those walks the expression, which a workflow's check does for every
+/// expression on every run.
+#[derive(Debug)]
+struct Compiled {
+    expression: Expression<'static, 'static>,
+    variables: Vec<String>,
 }
 
 /// How many compiled expressions are kept; past that the cache starts again.
@@ -126,17 +135,19 @@ impl Expressions {
     }
 
     /// An expression compiled, from the cache when it was compiled before.
-    fn compile(
-        &self,
-        expression: &str,
-    ) -> Result<Arc<Expression<'static, 'static>>, minijinja::Error> {
+    fn compile(&self, expression: &str) -> Result<Arc<Compiled>, minijinja::Error> {
         if let Ok(compiled) = self.compiled.lock()
             && let Some(expression) = compiled.get(expression)
         {
             return Ok(expression.clone());
         }
         let env: &'static Environment<'static> = self.env;
-        let fresh = Arc::new(env.compile_expression_owned(expression.to_owned())?);
+        let compiled = env.compile_expression_owned(expression.to_owned())?;
+        let variables: BTreeSet<String> = compiled.undeclared_variables(true).into_iter().collect();
+        let fresh = Arc::new(Compiled {
+            expression: compiled,
+            variables: variables.into_iter().collect(),
+        });
         if let Ok(mut compiled) = self.compiled.lock() {
             if compiled.len() >= COMPILED_KEPT {
                 compiled.clear();
@@ -167,26 +178,24 @@ impl Expressions {
     }
 
     fn string_references(&self, text: &str, pointer: &str, found: &mut References) {
-        let variables = match form(text) {
-            Form::Plain => return,
-            Form::Whole(expression) => self
-                .compile(expression)
-                .map(|compiled| compiled.undeclared_variables(true)),
-            Form::Template => self
-                .env
-                .template_from_str(text)
-                .map(|template| template.undeclared_variables(true)),
-        };
-        match variables {
-            Ok(variables) => found.add(variables, pointer),
-            Err(error) => found.errors.push((pointer.to_owned(), describe(&error))),
+        match form(text) {
+            Form::Plain => {}
+            Form::Whole(expression) => self.expression_references(expression, pointer, found),
+            Form::Template => match self.env.template_from_str(text) {
+                Ok(template) => {
+                    let variables: BTreeSet<String> =
+                        template.undeclared_variables(true).into_iter().collect();
+                    found.add(&variables.into_iter().collect::<Vec<_>>(), pointer);
+                }
+                Err(error) => found.errors.push((pointer.to_owned(), describe(&error))),
+            },
         }
     }
 
     /// References of a condition or `for_each` expression (`${{ }}` optional).
     pub fn expression_references(&self, text: &str, pointer: &str, found: &mut References) {
         match self.compile(bare_expression(text)) {
-            Ok(compiled) => found.add(compiled.undeclared_variables(true), pointer),
+            Ok(compiled) => found.add(&compiled.variables, pointer),
             Err(error) => found.errors.push((pointer.to_owned(), describe(&error))),
         }
     }
@@ -237,7 +246,10 @@ impl Expressions {
         let compiled = self
             .compile(bare_expression(text))
             .map_err(|error| classify(&error))?;
-        let value = compiled.eval(context).map_err(|error| classify(&error))?;
+        let value = compiled
+            .expression
+            .eval(context)
+            .map_err(|error| classify(&error))?;
         if value.is_undefined() {
             return Err(undefined(text));
         }
@@ -247,6 +259,7 @@ impl Expressions {
     fn eval(&self, expression: &str, context: &minijinja::Value) -> Result<Value, ExprError> {
         let compiled = self.compile(expression).map_err(|error| classify(&error))?;
         let value = compiled
+            .expression
             .eval(context.clone())
             .map_err(|error| classify(&error))?;
         // Strict undefined still lets a missing attribute at the very end of an expression
@@ -318,12 +331,11 @@ pub struct References {
 }
 
 impl References {
-    /// Record the variables read at `pointer`, in a stable order (minijinja gives a set),
-    /// so plans and messages come out the same every time.
-    fn add(&mut self, variables: std::collections::HashSet<String>, pointer: &str) {
-        let sorted: BTreeSet<String> = variables.into_iter().collect();
+    /// Record the variables read at `pointer`, sorted (minijinja gives a set), so plans and
+    /// messages come out the same every time.
+    fn add(&mut self, sorted: &[String], pointer: &str) {
         self.paths
-            .extend(sorted.into_iter().map(|path| (path, pointer.to_owned())));
+            .extend(sorted.iter().map(|path| (path.clone(), pointer.to_owned())));
     }
 
     /// The distinct root names read (`steps`, `inputs`, `item`...), each with one place.
