@@ -470,6 +470,38 @@ async fn a_saved_workflow_is_a_tool_of_its_own() {
     assert_eq!(report["errors"][0]["path"], "/inputs/list");
 }
 
+/// The compiled input schema is kept with the config's workflow: an edited schema must not be
+/// checked with the one compiled before the edit.
+#[tokio::test]
+async fn a_saved_workflows_edited_input_schema_applies_once_reloaded() {
+    let config = business(false);
+    with_saved(&config);
+    let session = serve(&config).await;
+    let input_refused = |report: &Value| {
+        report["status"] == "invalid" && report["errors"][0]["path"] == "/inputs/list"
+    };
+    let report = orchestrate_named(&session, "workflow__chase", json!({"list": 7})).await;
+    assert!(input_refused(&report), "{report:#}");
+
+    let text = std::fs::read_to_string(&config.path).unwrap().replace(
+        "list = { type = \"string\" }",
+        "list = { type = [\"string\", \"integer\"] }",
+    );
+    std::fs::write(&config.path, text).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let report = orchestrate_named(&session, "workflow__chase", json!({"list": 7})).await;
+        if !input_refused(&report) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still refused by the schema before the edit: {report:#}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 async fn orchestrate_named(session: &Session, name: &str, arguments: Value) -> Value {
     call(session, name, arguments)
         .await
