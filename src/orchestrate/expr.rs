@@ -118,6 +118,13 @@ fn form(text: &str) -> Form<'_> {
     }
 }
 
+/// The variables minijinja found (a set), in a stable order: plans and messages list them.
+fn sorted(variables: std::collections::HashSet<String>) -> Vec<String> {
+    let mut variables: Vec<String> = variables.into_iter().collect();
+    variables.sort();
+    variables
+}
+
 /// A condition or `for_each` is an expression with or without its `${{ }}`.
 fn bare_expression(text: &str) -> &str {
     match form(text) {
@@ -143,10 +150,9 @@ impl Expressions {
         }
         let env: &'static Environment<'static> = self.env;
         let compiled = env.compile_expression_owned(expression.to_owned())?;
-        let variables: BTreeSet<String> = compiled.undeclared_variables(true).into_iter().collect();
         let fresh = Arc::new(Compiled {
+            variables: sorted(compiled.undeclared_variables(true)),
             expression: compiled,
-            variables: variables.into_iter().collect(),
         });
         if let Ok(mut compiled) = self.compiled.lock() {
             if compiled.len() >= COMPILED_KEPT {
@@ -182,11 +188,7 @@ impl Expressions {
             Form::Plain => {}
             Form::Whole(expression) => self.expression_references(expression, pointer, found),
             Form::Template => match self.env.template_from_str(text) {
-                Ok(template) => {
-                    let variables: BTreeSet<String> =
-                        template.undeclared_variables(true).into_iter().collect();
-                    found.add(&variables.into_iter().collect::<Vec<_>>(), pointer);
-                }
+                Ok(template) => found.add(&sorted(template.undeclared_variables(true)), pointer),
                 Err(error) => found.errors.push((pointer.to_owned(), describe(&error))),
             },
         }
@@ -331,8 +333,8 @@ pub struct References {
 }
 
 impl References {
-    /// Record the variables read at `pointer`, sorted (minijinja gives a set), so plans and
-    /// messages come out the same every time.
+    /// Record the variables read at `pointer` (given sorted, so plans and messages come out
+    /// the same every time).
     fn add(&mut self, sorted: &[String], pointer: &str) {
         self.paths
             .extend(sorted.iter().map(|path| (path.clone(), pointer.to_owned())));

@@ -12,6 +12,7 @@ pub mod saved;
 pub mod validate;
 pub mod workflow;
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,6 @@ use rmcp::model::{
     ResourceTemplate, Tool, ToolAnnotations,
 };
 use serde_json::Value;
-use std::collections::{HashMap, VecDeque};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
