@@ -488,18 +488,15 @@ async fn a_saved_workflows_edited_input_schema_applies_once_reloaded() {
         "list = { type = [\"string\", \"integer\"] }",
     );
     std::fs::write(&config.path, text).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let report = orchestrate_named(&session, "workflow__chase", json!({"list": 7})).await;
-        if !input_refused(&report) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still refused by the schema before the edit: {report:#}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    super::support::eventually(
+        std::time::Duration::from_secs(10),
+        "the edited schema to take `list: 7`",
+        || async {
+            let report = orchestrate_named(&session, "workflow__chase", json!({"list": 7})).await;
+            (!input_refused(&report)).then_some(())
+        },
+    )
+    .await;
 }
 
 async fn orchestrate_named(session: &Session, name: &str, arguments: Value) -> Value {

@@ -11,8 +11,8 @@ use rmcp::model::CallToolRequestParams;
 use serde_json::{Value, json};
 
 use super::support::{
-    CONDUCTOR, HttpConductor, Session, TestClient, TestConfig, call, http_session, text_of,
-    tool_names,
+    CONDUCTOR, HttpConductor, Session, TestClient, TestConfig, call, eventually, http_session,
+    text_of, tool_names,
 };
 
 /// `conductor serve` over stdio, with the process id of conductor itself.
@@ -85,25 +85,6 @@ fn zombies_below(root: u32) -> Vec<u32> {
         .into_iter()
         .filter(|&pid| !alive(pid))
         .collect()
-}
-
-/// Poll `check` every 50 ms until it gives a value, or fail after `limit` saying `what`.
-async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn readyz(server: &HttpConductor) -> Value {

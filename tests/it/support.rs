@@ -487,3 +487,22 @@ pub async fn tool_names(session: &Session) -> Vec<String> {
         .map(|tool| tool.name.to_string())
         .collect()
 }
+
+/// Poll `check` every 50 ms until it gives a value, or fail after `limit` saying `what`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
