@@ -90,7 +90,8 @@ pub struct WorkflowSpec {
     /// Where `[workflows.<name>]` is, for messages about it.
     pub line: usize,
     pub column: usize,
-    /// `input_schema`, compiled when the workflow is first called.
+    /// `input_schema`, compiled by the check at start-up, or else when the workflow is first
+    /// called (a config applied by a reload is not checked).
     pub input_validator: crate::schema::CompiledSchema,
 }
 
