@@ -4,7 +4,7 @@
 //! the only one that writes to stdout (outside `serve`, where stdout is the protocol).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -122,21 +122,7 @@ impl Cli {
             "warn"
         };
         init_logging(self.log.as_deref(), default_log);
-        let config = Config::load(&self.config)?;
-        let workflow_problems = saved::check_at_load(&config);
-        if !workflow_problems.is_empty() {
-            bail!(
-                "config `{}` has {} problem{} in its workflows\n{}",
-                config.path.display(),
-                workflow_problems.len(),
-                if workflow_problems.len() == 1 {
-                    ""
-                } else {
-                    "s"
-                },
-                workflow_problems.join("\n")
-            );
-        }
+        let config = load_checked(&self.config)?;
         match self.command {
             Command::Serve { http: None, .. } => serve(config).await,
             Command::Serve {
@@ -275,6 +261,28 @@ async fn drain(registry: &Registry) {
 }
 
 /// How often the config file is looked at for changes while serving.
+/// The config at `path`, refused with every problem found, file:line:col first, if it does not
+/// load or a saved workflow in it cannot run. Start-up and every reload take this one path, so
+/// an edit the watcher applies is one conductor would have started with.
+fn load_checked(path: &Path) -> anyhow::Result<Config> {
+    let config = Config::load(path)?;
+    let workflow_problems = saved::check_at_load(&config);
+    if !workflow_problems.is_empty() {
+        bail!(
+            "config `{}` has {} problem{} in its workflows\n{}",
+            config.path.display(),
+            workflow_problems.len(),
+            if workflow_problems.len() == 1 {
+                ""
+            } else {
+                "s"
+            },
+            workflow_problems.join("\n")
+        );
+    }
+    Ok(config)
+}
+
 const CONFIG_POLL: Duration = Duration::from_secs(1);
 
 /// Apply `servers.toml` again whenever its content changes (looked at every second, and at
@@ -319,7 +327,7 @@ fn spawn_config_watch(registry: &Arc<Registry>, path: PathBuf) {
                 continue;
             }
             seen = Some(content);
-            match Config::load(&path) {
+            match load_checked(&path) {
                 Ok(config) => {
                     tracing::info!(path = %path.display(), "config changed: applying it");
                     registry.reload(config).await;

@@ -477,26 +477,47 @@ async fn a_saved_workflows_edited_input_schema_applies_once_reloaded() {
     let config = business(false);
     with_saved(&config);
     let session = serve(&config).await;
-    let input_refused = |report: &Value| {
-        report["status"] == "invalid" && report["errors"][0]["path"] == "/inputs/list"
-    };
-    let report = orchestrate_named(&session, "workflow__chase", json!({"list": 7})).await;
-    assert!(input_refused(&report), "{report:#}");
+    assert!(!chase_takes_a_number(&session).await);
 
-    let text = std::fs::read_to_string(&config.path).unwrap().replace(
-        "list = { type = \"string\" }",
-        "list = { type = [\"string\", \"integer\"] }",
-    );
-    std::fs::write(&config.path, text).unwrap();
+    edit_chase_list_type(&config, "[\"string\", \"integer\"]");
     super::support::eventually(
         std::time::Duration::from_secs(10),
         "the edited schema to take `list: 7`",
-        || async {
-            let report = orchestrate_named(&session, "workflow__chase", json!({"list": 7})).await;
-            (!input_refused(&report)).then_some(())
-        },
+        || async { chase_takes_a_number(&session).await.then_some(()) },
     )
     .await;
+}
+
+/// A reload goes through the same checks as start-up: an edit that breaks a saved workflow is
+/// refused whole, and the running workflow keeps its schema.
+#[tokio::test]
+async fn a_reload_that_breaks_a_saved_workflow_keeps_the_running_one() {
+    let config = business(false);
+    with_saved(&config);
+    let session = serve(&config).await;
+
+    edit_chase_list_type(&config, "\"nonsense\"");
+    // Past two polls of the file, so the watcher has read the edit.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert!(
+        !chase_takes_a_number(&session).await,
+        "the running schema, which wants a string, still applies"
+    );
+}
+
+/// Whether `workflow__chase` takes `list: 7` past its input schema.
+async fn chase_takes_a_number(session: &Session) -> bool {
+    let report = orchestrate_named(session, "workflow__chase", json!({"list": 7})).await;
+    !(report["status"] == "invalid" && report["errors"][0]["path"] == "/inputs/list")
+}
+
+/// Give the saved workflow's `list` input another JSON Schema `type`.
+fn edit_chase_list_type(config: &TestConfig, list_type: &str) {
+    let text = std::fs::read_to_string(&config.path).unwrap().replace(
+        "list = { type = \"string\" }",
+        &format!("list = {{ type = {list_type} }}"),
+    );
+    std::fs::write(&config.path, text).unwrap();
 }
 
 async fn orchestrate_named(session: &Session, name: &str, arguments: Value) -> Value {
