@@ -1,19 +1,20 @@
-//! The front: a client's plain `tools/call` requests taken before rmcp parses them and
-//! forwarded as text, over stdio (off the line) and Streamable HTTP (out of a POST's body).
-//! They go through the same router, retries and relay as every call; only the parsing into
-//! rmcp's types and the writing out again are skipped, which were most of conductor's work
-//! per call (docs/performance.md). Everything else, and every call this path cannot answer
-//! exactly as rmcp would, is rmcp's.
+//! The front: a client's plain `tools/call` requests taken before rmcp parses them, over
+//! stdio (off the line) and Streamable HTTP (out of a POST's body), and forwarded as text, or
+//! run as workflows (`orchestrate`, saved workflows). They go through the same router,
+//! retries, relay and orchestrator as every call; only the parsing into rmcp's types and the
+//! writing out again are skipped, which were most of conductor's work per call
+//! (docs/performance.md). Everything else, and every call this path cannot answer exactly as
+//! rmcp would, is rmcp's.
 
-use std::future::Future;
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
 use memchr::memmem::Finder;
+use rmcp::ErrorData as McpError;
 use rmcp::ServiceExt;
 use rmcp::model::{
-    CacheScope, ListToolsResult, ProgressToken, ProtocolVersion, RequestId, ServerJsonRpcMessage,
-    ServerResult,
+    CacheScope, CallToolResponse, JsonObject, ListToolsResult, ProgressToken, ProtocolVersion,
+    RequestId, ServerJsonRpcMessage, ServerResult,
 };
 use rmcp::service::{Peer, RoleServer, RunningService, ServerInitializeError};
 use serde::de::IgnoredAny;
@@ -23,13 +24,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    ConductorServer, PAGE_SIZE, forward_call, list_cache_hint, listed_tools, page_offset,
-    tool_response,
+    ConductorServer, PAGE_SIZE, ProgressTarget, forward_call, list_cache_hint, listed_tools,
+    page_offset, run_workflow_call, tool_response,
 };
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::downstream::ListKind;
 use crate::maps::HashMap;
+use crate::orchestrate::{self, Orchestrator, saved};
 use crate::relay::ProgressTo;
 use crate::router::{Answer, Caller, Router, ToolCall};
 use crate::wire::{self, BoxFuture, LineTransport, Peek, Tap, Writer};
@@ -93,6 +95,8 @@ impl Fronts {
 #[derive(Debug)]
 pub struct Front {
     router: Router,
+    /// The session's orchestrator, for `orchestrate` and saved workflows.
+    orchestrator: Arc<Orchestrator>,
     /// What each call's caller starts from: the client, its version and capabilities.
     caller: Caller,
     /// The calls in flight here, for the client's `notifications/cancelled`.
@@ -240,6 +244,7 @@ impl Front {
             .map_or_else(Arc::default, |fronts| fronts.pages.clone());
         Some(Front {
             router: server.router.clone(),
+            orchestrator: server.orchestrator.clone(),
             caller: Caller {
                 client: Some(peer.clone()),
                 protocol: Some(info.protocol_version.clone()),
@@ -269,41 +274,32 @@ impl Front {
             || LIST.find(message).is_some()
     }
 
-    /// Take a plain call of a downstream tool: the returned future answers it, with the
-    /// response's text (`None` for a call the client cancelled, which gets no answer).
-    /// `None` when the message is not one this path takes. The call's progress goes to
-    /// `progress_to` if given, else to the client's session.
+    /// Take a plain call of a tool (a downstream's, `orchestrate` or a saved workflow): the
+    /// returned future answers it, with the response's text (`None` for a call the client
+    /// cancelled, which gets no answer). `None` when the message is not one this path takes.
+    /// The call's progress goes to `progress_to` if given, else to the client's session.
     pub fn take_call(
         self: &Arc<Self>,
         message: &str,
         progress_to: Option<ProgressTo>,
-    ) -> Option<impl Future<Output = Option<Vec<u8>>> + Send + 'static> {
+    ) -> Option<futures::future::BoxFuture<'static, Option<Vec<u8>>>> {
         // One pass over the message: anything but a plain call fails to parse.
         let PlainCall { id, method, params } = serde_json::from_str(message).ok()?;
         let id_text = id;
         let id: RequestId = wire::request_id(id)?;
-        if method != "tools/call"
-            || !params.arguments.is_none_or(wire::is_object)
-            || !self.proxies(&params.name)
-        {
+        if method != "tools/call" || !params.arguments.is_none_or(wire::is_object) {
             return None;
         }
+        let target = self.target(&params.name)?;
+        let progress_token = params.meta.and_then(|meta| meta.progress_token);
+        let workflow_arguments = match (&target, params.arguments) {
+            (Target::Downstream, _) | (_, None) => JsonObject::new(),
+            (_, Some(arguments)) => serde_json::from_str(arguments.get()).ok()?,
+        };
         let cancel = CancellationToken::new();
         if let Ok(mut calls) = self.calls.lock() {
             calls.insert(id.clone(), cancel.clone());
         }
-        let call = ToolCall::Text {
-            name: params.name.into_owned(),
-            arguments: params
-                .arguments
-                .map(|arguments| Arc::from(arguments.to_owned())),
-        };
-        let caller = Caller {
-            cancel,
-            progress_token: params.meta.and_then(|meta| meta.progress_token),
-            progress_to,
-            ..self.caller.clone()
-        };
         let answering = Answering {
             front: self.clone(),
             id,
@@ -311,7 +307,41 @@ impl Front {
         };
         // Boxed: tokio moves a task's future several times as it starts and ends it, and this
         // one holds a whole call's state (docs/performance.md).
-        Some(Box::pin(answering.answer(call, caller)))
+        match target {
+            Target::Downstream => {
+                let call = ToolCall::Text {
+                    name: params.name.into_owned(),
+                    arguments: params
+                        .arguments
+                        .map(|arguments| Arc::from(arguments.to_owned())),
+                };
+                let caller = Caller {
+                    cancel,
+                    progress_token,
+                    progress_to,
+                    ..self.caller.clone()
+                };
+                Some(Box::pin(answering.answer(call, caller)))
+            }
+            Target::Workflow(config) => {
+                let progress =
+                    progress_token
+                        .zip(self.caller.client.clone())
+                        .map(|(token, peer)| ProgressTarget {
+                            peer,
+                            token,
+                            progress_to,
+                        });
+                let name = params.name.into_owned();
+                Some(Box::pin(answering.run_workflow(
+                    config,
+                    name,
+                    workflow_arguments,
+                    progress,
+                    cancel,
+                )))
+            }
+        }
     }
 
     /// Answer a plain `tools/list` from the pages kept as text: the response's line. `None`
@@ -370,13 +400,27 @@ impl Front {
         }
     }
 
-    /// Whether a call of `name` goes to a downstream as it is (not a workflow conductor runs).
-    fn proxies(&self, name: &str) -> bool {
+    /// What a call of `name` is, if it is a tool: a workflow conductor runs, or a
+    /// downstream's tool.
+    fn target(&self, name: &str) -> Option<Target> {
         let registry = self.router.registry();
-        name != crate::orchestrate::TOOL_NAME
-            && registry.catalog().tool(name).is_some()
-            && crate::orchestrate::saved::find(&registry.config(), name).is_none()
+        if name == orchestrate::TOOL_NAME {
+            return Some(Target::Workflow(None));
+        }
+        let config = registry.config();
+        if saved::find(&config, name).is_some() {
+            return Some(Target::Workflow(Some(config)));
+        }
+        registry.catalog().tool(name).map(|_| Target::Downstream)
     }
+}
+
+/// What a plain call calls.
+enum Target {
+    /// A downstream's tool, forwarded as text.
+    Downstream,
+    /// `orchestrate`, or a saved workflow of this config.
+    Workflow(Option<Arc<Config>>),
 }
 
 /// One call being answered.
@@ -390,19 +434,55 @@ struct Answering {
 impl Answering {
     async fn answer(self, call: ToolCall, caller: Caller) -> Option<Vec<u8>> {
         let outcome = forward_call(&self.front.router, call, &caller).await;
-        if let Ok(mut calls) = self.front.calls.lock() {
-            calls.remove(&self.id);
-        }
-        // A cancelled request gets no answer.
-        if caller.cancel.is_cancelled() {
+        if !self.owes_answer(&caller.cancel) {
             return None;
         }
         if let Ok(Answer::ToolResult(result)) = &outcome {
             return Some(wire::response_line(&self.id_text, result));
         }
-        // Failures, and answers rmcp parsed (a server without a text lane): shaped as the
-        // handler shapes them, for a client before 2026-07-28.
-        let message = match tool_response(outcome.and_then(Answer::into_result)) {
+        // Failures, and answers rmcp parsed (a server without a text lane).
+        self.shaped(tool_response(outcome.and_then(Answer::into_result)))
+    }
+
+    /// Run `orchestrate`, or the saved workflow `name` of `config`, as the handler does.
+    async fn run_workflow(
+        self,
+        config: Option<Arc<Config>>,
+        name: String,
+        arguments: JsonObject,
+        progress: Option<ProgressTarget>,
+        cancel: CancellationToken,
+    ) -> Option<Vec<u8>> {
+        let saved = config
+            .as_deref()
+            .and_then(|config| saved::find(config, &name));
+        let result = run_workflow_call(
+            &self.front.router,
+            &self.front.orchestrator,
+            saved,
+            arguments,
+            progress,
+            cancel.clone(),
+        )
+        .await;
+        if !self.owes_answer(&cancel) {
+            return None;
+        }
+        self.shaped(Ok(CallToolResponse::Complete(result)))
+    }
+
+    /// The call is over: forget it, and say whether the client still wants its answer (a
+    /// cancelled request gets none).
+    fn owes_answer(&self, cancel: &CancellationToken) -> bool {
+        if let Ok(mut calls) = self.front.calls.lock() {
+            calls.remove(&self.id);
+        }
+        !cancel.is_cancelled()
+    }
+
+    /// The answer's line, shaped as the handler's answers are for a client before 2026-07-28.
+    fn shaped(self, response: Result<CallToolResponse, McpError>) -> Option<Vec<u8>> {
+        let message = match response {
             Ok(response) => {
                 let mut result = ServerResult::from(response);
                 result.strip_result_type_for_legacy_peer();

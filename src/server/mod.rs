@@ -16,25 +16,26 @@ use rmcp::ServerHandler;
 use rmcp::model::{CacheScope, InputResponses, ProgressNotificationParam, ProgressToken};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, CompleteRequestParams, CompleteResult,
-    ContentBlock, GetPromptRequestParams, GetPromptResponse, Implementation, ListPromptsResult,
-    ListResourceTemplatesResult, ListResourcesResult, ListToolsResult, PaginatedRequestParams,
-    ReadResourceRequestParams, ReadResourceResponse, ResultType, ServerCapabilities, ServerConfig,
-    ServerResult, SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter, Tool,
-    UnsubscribeRequestParams,
+    ContentBlock, GetPromptRequestParams, GetPromptResponse, Implementation, JsonObject,
+    ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
+    PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse, ResultType,
+    ServerCapabilities, ServerConfig, ServerResult, SetLevelRequestParams, SubscribeRequestParams,
+    SubscriptionFilter, Tool, UnsubscribeRequestParams,
 };
 use rmcp::service::{NotificationContext, Peer, RequestContext, RoleServer, SubscriptionContext};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::bridge::Bridge;
 use crate::catalog::Catalog;
-use crate::config::Config;
+use crate::config::{Config, WorkflowSpec};
 use crate::downstream::ListKind;
 use crate::orchestrate::execute::{ProgressSink, ProgressUpdate};
 use crate::orchestrate::{self, Orchestrator, saved};
-use crate::relay::UpdateTarget;
+use crate::relay::{ProgressTo, UpdateTarget};
 use crate::retry::Retry;
 use crate::router::{Answer, CallError, Caller, Router, ToolCall};
 
@@ -236,42 +237,29 @@ impl ServerHandler for ConductorServer {
         // Boxed: rmcp moves every request's future into a task of its own, and the
         // futures of these handlers are large (see docs/performance.md).
         Box::pin(async move {
-            // A whole workflow counts as in flight, between its steps too.
-            let _in_flight = self.router.registry().track();
             // Also remembers the session's client, which a workflow's steps relay to.
             let caller = self.caller(&context);
             let config = self.router.registry().config();
             let saved = saved::find(&config, &request.name);
             if request.name == orchestrate::TOOL_NAME || saved.is_some() {
-                let arguments = request.arguments.unwrap_or_default();
-                let input = match saved.map(|spec| saved::workflow_for(spec, arguments.clone())) {
-                    None => Value::Object(arguments),
-                    Some(Ok(workflow)) => workflow,
-                    Some(Err(problems)) => {
-                        let report = orchestrate::invalid_input(problems);
-                        return Ok(CallToolResponse::Complete(orchestrate::tool_result(
-                            &report,
-                        )));
-                    }
-                };
-                let (progress, forwarding) = match context.meta.get_progress_token() {
-                    Some(token) => {
-                        let (sink, forwarding) = progress_sink(context.peer.clone(), token);
-                        (Some(sink), Some(forwarding))
-                    }
-                    None => (None, None),
-                };
-                // Boxed: a workflow's future is large, and proxied calls should not carry its size.
-                let report =
-                    Box::pin(self.orchestrator.run(input, progress, context.ct.clone())).await;
-                // The run has dropped the sink: send every notification before the result, since
-                // a client ignores progress for a request it has seen answered.
-                if let Some(forwarding) = forwarding {
-                    let _ = forwarding.await;
-                }
-                return Ok(CallToolResponse::Complete(orchestrate::tool_result(
-                    &report,
-                )));
+                let progress = context
+                    .meta
+                    .get_progress_token()
+                    .map(|token| ProgressTarget {
+                        peer: context.peer.clone(),
+                        token,
+                        progress_to: None,
+                    });
+                let result = run_workflow_call(
+                    &self.router,
+                    &self.orchestrator,
+                    saved,
+                    request.arguments.unwrap_or_default(),
+                    progress,
+                    context.ct.clone(),
+                )
+                .await;
+                return Ok(CallToolResponse::Complete(result));
             }
             let mut request = request;
             let resume = bridged_retry(&mut request.request_state, &mut request.input_responses);
@@ -668,14 +656,73 @@ fn subscription_error(error: CallError) -> McpError {
 }
 
 /// Progress of a workflow, sent to the client in order under the client's own token.
-fn progress_sink(peer: Peer<RoleServer>, token: ProgressToken) -> (ProgressSink, JoinHandle<()>) {
+/// Where a workflow call's progress goes, under the client's token.
+pub(crate) struct ProgressTarget {
+    pub peer: Peer<RoleServer>,
+    pub token: ProgressToken,
+    /// The call's own stream (the HTTP front's), instead of the client's session.
+    pub progress_to: Option<ProgressTo>,
+}
+
+/// Run `orchestrate`, or the saved workflow `saved`, for one call with `arguments`: the
+/// handler's calls and the front's take this one path.
+pub(crate) async fn run_workflow_call(
+    router: &Router,
+    orchestrator: &Orchestrator,
+    saved: Option<&WorkflowSpec>,
+    arguments: JsonObject,
+    progress: Option<ProgressTarget>,
+    cancel: CancellationToken,
+) -> CallToolResult {
+    // A whole workflow counts as in flight, between its steps too.
+    let _in_flight = router.registry().track();
+    let input = match saved {
+        None => Value::Object(arguments),
+        Some(spec) => match saved::workflow_for(spec, arguments) {
+            Ok(workflow) => workflow,
+            Err(problems) => {
+                return orchestrate::tool_result(&orchestrate::invalid_input(problems));
+            }
+        },
+    };
+    let (sink, forwarding) = match progress.map(progress_sink) {
+        Some((sink, forwarding)) => (Some(sink), forwarding),
+        None => (None, None),
+    };
+    // Boxed: a workflow's future is large, and proxied calls should not carry its size.
+    let report = Box::pin(orchestrator.run(input, sink, cancel)).await;
+    // The run has dropped the sink: send every notification before the result, since a
+    // client ignores progress for a request it has seen answered.
+    if let Some(forwarding) = forwarding {
+        let _ = forwarding.await;
+    }
+    orchestrate::tool_result(&report)
+}
+
+/// A workflow's progress sink, and the task sending what it takes to the client's session
+/// (none for a call's own stream, which takes each update as it comes).
+fn progress_sink(target: ProgressTarget) -> (ProgressSink, Option<JoinHandle<()>>) {
+    let ProgressTarget {
+        peer,
+        token,
+        progress_to,
+    } = target;
+    let params = move |update: ProgressUpdate| {
+        let mut params = ProgressNotificationParam::new(token.clone(), update.settled as f64);
+        params.total = Some(update.total as f64);
+        params.message = Some(update.message);
+        params
+    };
+    if let Some(progress_to) = progress_to {
+        let sink: ProgressSink = Arc::new(move |update| {
+            let _ = progress_to.send(params(update));
+        });
+        return (sink, None);
+    }
     let (sender, mut receiver) = mpsc::unbounded_channel::<ProgressUpdate>();
     let forwarding = tokio::spawn(async move {
         while let Some(update) = receiver.recv().await {
-            let mut params = ProgressNotificationParam::new(token.clone(), update.settled as f64);
-            params.total = Some(update.total as f64);
-            params.message = Some(update.message);
-            if peer.notify_progress(params).await.is_err() {
+            if peer.notify_progress(params(update)).await.is_err() {
                 break;
             }
         }
@@ -683,7 +730,7 @@ fn progress_sink(peer: Peer<RoleServer>, token: ProgressToken) -> (ProgressSink,
     let sink: ProgressSink = Arc::new(move |update| {
         let _ = sender.send(update);
     });
-    (sink, forwarding)
+    (sink, Some(forwarding))
 }
 
 /// Which part of the catalog changed.

@@ -34,6 +34,23 @@ async fn post(
     (status, headers, response.text().await.unwrap_or_default())
 }
 
+/// A saved workflow called over HTTP is run by the front: its progress reaches the client
+/// before the result.
+#[tokio::test]
+async fn a_saved_workflows_progress_comes_before_its_result_over_http() {
+    let config = TestConfig::slow_fixture("", "");
+    config.with_naps_workflow();
+    let server = HttpConductor::start(&config).await;
+    let session = http_session(&server.mcp(), None).await;
+    // rmcp's client asks for progress on every request, with a token of its own.
+    let result = call(&session, "workflow__naps", json!({"ms": 150})).await;
+    let report = result.structured_content.expect("a report");
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(report["output"], json!({"second": "slept 1 ms"}));
+    let seen = session.service().recorder.count("notifications/progress");
+    assert_eq!(seen, 2, "one for each step, before the result");
+}
+
 #[tokio::test]
 async fn clients_use_every_tool_over_streamable_http() {
     let config = TestConfig::fixtures(&[("echo", "echo"), ("live", "changing")]);

@@ -479,6 +479,19 @@ impl RawSession {
         }
     }
 
+    /// A session past its handshake, as a client on 2025-06-18.
+    async fn initialized(config: &TestConfig) -> RawSession {
+        let mut raw = RawSession::start(config);
+        let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "0"}}});
+        raw.send(&initialize).await;
+        raw.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await;
+        assert_eq!(raw.next().await["id"], 0);
+        raw
+    }
+
     fn pid(&self) -> u32 {
         self.child.id().expect("conductor is running")
     }
@@ -715,14 +728,7 @@ async fn a_downstreams_progress_reaches_the_client_before_the_result() {
 #[tokio::test]
 async fn tools_list_from_kept_pages_is_rmcps_answer_and_follows_the_catalog() {
     let config = TestConfig::fixtures(&[("changing", "changing"), ("math", "math")]);
-    let mut raw = RawSession::start(&config);
-    let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-        "protocolVersion": "2025-06-18", "capabilities": {},
-        "clientInfo": {"name": "raw", "version": "0"}}});
-    raw.send(&initialize).await;
-    raw.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
-        .await;
-    assert_eq!(raw.next().await["id"], 0);
+    let mut raw = RawSession::initialized(&config).await;
 
     let mut next_id = 1;
     let mut both_ways = async |raw: &mut RawSession| -> Vec<String> {
@@ -780,14 +786,7 @@ async fn tools_list_from_kept_pages_is_rmcps_answer_and_follows_the_catalog() {
 #[tokio::test]
 async fn a_burst_of_progress_right_before_the_result_comes_first_and_in_order() {
     let config = slow_fixture("");
-    let mut raw = RawSession::start(&config);
-    let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-        "protocolVersion": "2025-06-18", "capabilities": {},
-        "clientInfo": {"name": "raw", "version": "0"}}});
-    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-    raw.send(&initialize).await;
-    raw.send(&initialized).await;
-    assert_eq!(raw.next().await["id"], 0);
+    let mut raw = RawSession::initialized(&config).await;
 
     for (id, token) in [(1, json!("mine")), (2, json!(7))] {
         let call = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
@@ -812,6 +811,89 @@ async fn a_burst_of_progress_right_before_the_result_comes_first_and_in_order() 
             "all the progress, in order, before the answer"
         );
     }
+}
+
+/// `orchestrate` and saved workflows called plainly are run by the front, not rmcp: the answer
+/// must be the one rmcp's handler gives, and the workflow's progress must come before it.
+#[tokio::test]
+async fn a_workflow_called_plainly_answers_as_rmcp_does_with_progress_first() {
+    let config = slow_fixture("");
+    config.with_naps_workflow();
+    let mut raw = RawSession::initialized(&config).await;
+
+    let orchestrate = json!({"steps": [
+        {"id": "first", "tool": "slow__sleep", "args": {"ms": 2}},
+        {"id": "second", "tool": "slow__sleep", "needs": ["first"], "args": {"ms": 1}}]});
+    let cases = [
+        ("workflow__naps", json!({"ms": 2})),
+        ("workflow__naps", json!({"ms": "two"})),
+        ("orchestrate", orchestrate),
+    ];
+    let mut id = 0;
+    for (name, arguments) in cases {
+        let mut answers = Vec::new();
+        // The front takes the first; a field it does not know leaves the second to rmcp.
+        for extra in [json!({}), json!({"rmcp-only": true})] {
+            id += 1;
+            let mut params = json!({"name": name, "arguments": arguments,
+                "_meta": {"progressToken": id}});
+            params
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            raw.send(
+                &json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params}),
+            )
+            .await;
+            let mut progress = Vec::new();
+            let answer = loop {
+                let message = raw.next().await;
+                if message["method"] == "notifications/progress" {
+                    assert_eq!(message["params"]["progressToken"], id, "{message}");
+                    progress.push(message["params"]["progress"].as_f64().unwrap());
+                } else if message["id"] == id {
+                    break message;
+                }
+            };
+            let runs = answer["result"]["structuredContent"]["status"] != "invalid";
+            let expected: Vec<f64> = if runs { vec![1.0, 2.0] } else { vec![] };
+            assert_eq!(
+                progress, expected,
+                "{name}: each step's progress, before {answer}"
+            );
+            answers.push(without_run_details(answer["result"].clone()));
+        }
+        assert_eq!(
+            answers[0], answers[1],
+            "{name}: the front's answer is rmcp's"
+        );
+    }
+}
+
+/// A workflow's result with what differs from run to run taken out: its run id and timings.
+fn without_run_details(mut result: Value) -> Value {
+    fn strip(value: &mut Value) {
+        match value {
+            Value::Object(map) => {
+                map.remove("run_id");
+                map.remove("duration_ms");
+                map.values_mut().for_each(strip);
+            }
+            Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let run_id = result["structuredContent"]["run_id"]
+        .as_str()
+        .expect("a run id")
+        .to_owned();
+    strip(&mut result);
+    let summary = result["content"][0]["text"].as_str().expect("a summary");
+    // "run <id>: succeeded in <n> ms (...)"
+    let (head, rest) = summary.split_once(" in ").expect("a duration");
+    let (_, rest) = rest.split_once(" ms").expect("in ms");
+    result["content"][0]["text"] = json!(format!("{} in N ms{rest}", head.replace(&run_id, "RUN")));
+    result
 }
 
 #[tokio::test]

@@ -88,6 +88,16 @@ impl TestConfig {
         config
     }
 
+    /// Add the saved workflow `naps` to a config with the `slow` fixture: `slow__sleep` for
+    /// `inputs.ms` (an integer), then for 1 ms.
+    pub fn with_naps_workflow(&self) {
+        let saved = "\n[workflows.naps]\ninput_schema = { type = \"object\", properties = { ms = { type = \"integer\" } } }\n\
+            [[workflows.naps.steps]]\nid = \"first\"\ntool = \"slow__sleep\"\nargs = { ms = \"${{ inputs.ms }}\" }\n\
+            [[workflows.naps.steps]]\nid = \"second\"\ntool = \"slow__sleep\"\nneeds = [\"first\"]\nargs = { ms = 1 }\n";
+        let text = std::fs::read_to_string(&self.path).unwrap() + saved;
+        std::fs::write(&self.path, text).unwrap();
+    }
+
     pub fn events_file(&self) -> PathBuf {
         self.dir.path().join("events.log")
     }
