@@ -629,7 +629,7 @@ async fn run_workflow(
     });
     let cancel = CancellationToken::new();
     let report = tokio::select! {
-        report = orchestrator.run(workflow, Some(progress), cancel.clone()) => report,
+        report = orchestrator.run(workflow, None, Some(progress), cancel.clone()) => report,
         () = shutdown_signal() => {
             cancel.cancel();
             bail!("interrupted: the run was cancelled");

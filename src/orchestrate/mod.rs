@@ -12,8 +12,8 @@ pub mod saved;
 pub mod validate;
 pub mod workflow;
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use rmcp::model::{
@@ -24,11 +24,12 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
+use crate::config::Config;
 use crate::router::CallError;
 use execute::{ProgressSink, RunOptions, RunRecord, execute, new_run_id};
 use expr::Expressions;
 use report::{RunReport, RunStatus};
-use validate::{Problem, validate};
+use validate::{Problem, Validated, validate};
 use workflow::{Mode, Workflow};
 
 /// The name clients call.
@@ -173,11 +174,75 @@ impl Runs {
     }
 }
 
+/// A saved workflow's call: the workflow named `name` in `config`.
+#[derive(Debug, Clone, Copy)]
+pub struct Saved<'a> {
+    pub config: &'a Arc<Config>,
+    pub name: &'a str,
+}
+
+/// Saved workflows' checked plans, by workflow name. A saved workflow's check reads only its
+/// body (fixed in its config), the catalog and the names of the call's inputs, so its result
+/// is kept until one of them changes: checking had been a third of a one-step saved
+/// workflow's work per call (docs/performance.md).
+#[derive(Debug, Default)]
+struct SavedPlans(Mutex<HashMap<String, SavedPlan>>);
+
+#[derive(Debug)]
+struct SavedPlan {
+    /// Weak, so that an old config or catalog is not kept alive by its plan; and while the
+    /// plan holds them, their allocations cannot be reused for a new one at the same address.
+    config: Weak<Config>,
+    catalog: Weak<Catalog>,
+    validated: Validated,
+}
+
+impl SavedPlans {
+    /// The call's workflow, checked: the plan kept for `saved` with the call's inputs, if it
+    /// was checked for the same config, catalog and input names; else checked now, and kept.
+    fn checked(
+        &self,
+        saved: Saved<'_>,
+        input: &Value,
+        catalog: &Arc<Catalog>,
+        expressions: &Expressions,
+    ) -> Result<Validated, Vec<Problem>> {
+        let inputs: BTreeMap<String, Value> = match input.get("inputs") {
+            Some(Value::Object(inputs)) => inputs
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect(),
+            _ => BTreeMap::new(),
+        };
+        if let Ok(plans) = self.0.lock()
+            && let Some(plan) = plans.get(saved.name)
+            && std::ptr::eq(plan.config.as_ptr(), Arc::as_ptr(saved.config))
+            && std::ptr::eq(plan.catalog.as_ptr(), Arc::as_ptr(catalog))
+            && plan.validated.workflow.inputs.keys().eq(inputs.keys())
+        {
+            let mut validated = plan.validated.clone();
+            validated.workflow.inputs = inputs;
+            return Ok(validated);
+        }
+        let validated = validate(input, catalog, expressions)?;
+        if let Ok(mut plans) = self.0.lock() {
+            let plan = SavedPlan {
+                config: Arc::downgrade(saved.config),
+                catalog: Arc::downgrade(catalog),
+                validated: validated.clone(),
+            };
+            plans.insert(saved.name.to_owned(), plan);
+        }
+        Ok(validated)
+    }
+}
+
 /// Validates and runs workflows.
 pub struct Orchestrator {
     tools: Arc<dyn Tools>,
     expressions: Arc<Expressions>,
     runs: Arc<Runs>,
+    saved_plans: Arc<SavedPlans>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -192,16 +257,18 @@ impl Orchestrator {
             tools,
             expressions: Arc::new(Expressions::new()),
             runs,
+            saved_plans: Arc::default(),
         }
     }
 
-    /// The same orchestrator (expressions, kept runs) reaching tools through `tools`: a client
-    /// session's own router.
+    /// The same orchestrator (expressions, kept runs, saved workflows' plans) reaching tools
+    /// through `tools`: a client session's own router.
     pub fn with_tools(&self, tools: Arc<dyn Tools>) -> Self {
         Orchestrator {
             tools,
             expressions: self.expressions.clone(),
             runs: self.runs.clone(),
+            saved_plans: self.saved_plans.clone(),
         }
     }
 
@@ -232,16 +299,24 @@ impl Orchestrator {
         .clone()
     }
 
-    /// Validate `input` and, by its mode, return the plan, preview it, or run it.
+    /// Validate `input` and, by its mode, return the plan, preview it, or run it. `saved` says
+    /// which saved workflow `input` is a call of, whose checked plan may be kept.
     pub async fn run(
         &self,
         input: Value,
+        saved: Option<Saved<'_>>,
         progress: Option<ProgressSink>,
         cancel: CancellationToken,
     ) -> RunReport {
         let started = Instant::now();
         let catalog = self.tools.catalog();
-        let mut validated = match validate(&input, &catalog, &self.expressions) {
+        let checked = match saved {
+            Some(saved) => self
+                .saved_plans
+                .checked(saved, &input, &catalog, &self.expressions),
+            None => validate(&input, &catalog, &self.expressions),
+        };
+        let mut validated = match checked {
             Ok(validated) => validated,
             Err(errors) => return invalid(errors, started),
         };
@@ -426,6 +501,65 @@ mod tests {
             steps: Vec::new(),
             idem_base: run_id.to_owned(),
         })
+    }
+
+    /// A kept plan serves a call of the same workflow, config, catalog and input names, and
+    /// only that: any of them new, and the workflow is checked again.
+    #[test]
+    fn a_saved_plan_is_kept_per_config_catalog_and_input_names() {
+        let parse = |text: &str| {
+            Arc::new(
+                Config::parse(text, std::path::Path::new("servers.toml"), |_| None)
+                    .expect("a config"),
+            )
+        };
+        let config = parse("[servers.echo]\ncommand = \"echo\"\n");
+        let listing = crate::catalog::Listing {
+            tools: vec![Tool::new("echo", "Echo.", Arc::new(JsonObject::new()))],
+            ..Default::default()
+        };
+        let with_echo = Arc::new(Catalog::build("__", [(&config.servers[0], &listing)]));
+        let without_echo = Arc::new(Catalog::default());
+        let plans = SavedPlans::default();
+        let expressions = Expressions::new();
+        let saved = Saved {
+            config: &config,
+            name: "greet",
+        };
+        let call = |tool: &str, inputs: Value| {
+            serde_json::json!({"steps": [{"id": "a", "tool": tool,
+                "args": {"text": "${{ inputs.text }}"}}], "inputs": inputs})
+        };
+        let hi = call("echo__echo", serde_json::json!({"text": "hi"}));
+        assert!(plans.checked(saved, &hi, &with_echo, &expressions).is_ok());
+
+        // Kept: the body is not checked again (a saved workflow's is fixed in its config),
+        // and the plan gets the call's inputs.
+        let kept = plans
+            .checked(
+                saved,
+                &call("missing__tool", serde_json::json!({"text": "bye"})),
+                &with_echo,
+                &expressions,
+            )
+            .expect("the kept plan");
+        assert_eq!(kept.workflow.inputs["text"], "bye");
+        assert_eq!(kept.workflow.steps[0].tool.as_deref(), Some("echo__echo"));
+
+        // A new catalog, without the step's tool.
+        assert!(plans.checked(saved, &hi, &without_echo, &expressions).is_err());
+        assert!(plans.checked(saved, &hi, &with_echo, &expressions).is_ok());
+        // Other input names: `inputs.text` is not one.
+        let no_text = call("echo__echo", serde_json::json!({"other": 1}));
+        assert!(plans.checked(saved, &no_text, &with_echo, &expressions).is_err());
+        // A new config, whose workflow calls another tool.
+        let reloaded = parse("[servers.echo]\ncommand = \"echo\"\n");
+        let saved = Saved {
+            config: &reloaded,
+            name: "greet",
+        };
+        let missing = call("missing__tool", serde_json::json!({"text": "hi"}));
+        assert!(plans.checked(saved, &missing, &with_echo, &expressions).is_err());
     }
 
     #[test]

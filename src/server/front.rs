@@ -454,8 +454,8 @@ impl Answering {
         cancel: CancellationToken,
     ) -> Option<Vec<u8>> {
         let saved = config
-            .as_deref()
-            .and_then(|config| saved::find(config, &name));
+            .as_ref()
+            .and_then(|config| Some((config, saved::find(config, &name)?)));
         let result = run_workflow_call(
             &self.front.router,
             &self.front.orchestrator,

@@ -253,7 +253,7 @@ impl ServerHandler for ConductorServer {
                 let result = run_workflow_call(
                     &self.router,
                     &self.orchestrator,
-                    saved,
+                    saved.map(|spec| (&config, spec)),
                     request.arguments.unwrap_or_default(),
                     progress,
                     context.ct.clone(),
@@ -664,12 +664,12 @@ pub(crate) struct ProgressTarget {
     pub progress_to: Option<ProgressTo>,
 }
 
-/// Run `orchestrate`, or the saved workflow `saved`, for one call with `arguments`: the
-/// handler's calls and the front's take this one path.
+/// Run `orchestrate`, or the saved workflow `saved` (of the config given with it), for one
+/// call with `arguments`: the handler's calls and the front's take this one path.
 pub(crate) async fn run_workflow_call(
     router: &Router,
     orchestrator: &Orchestrator,
-    saved: Option<&WorkflowSpec>,
+    saved: Option<(&Arc<Config>, &WorkflowSpec)>,
     arguments: JsonObject,
     progress: Option<ProgressTarget>,
     cancel: CancellationToken,
@@ -678,7 +678,7 @@ pub(crate) async fn run_workflow_call(
     let _in_flight = router.registry().track();
     let input = match saved {
         None => Value::Object(arguments),
-        Some(spec) => match saved::workflow_for(spec, arguments) {
+        Some((_, spec)) => match saved::workflow_for(spec, arguments) {
             Ok(workflow) => workflow,
             Err(problems) => {
                 return orchestrate::tool_result(&orchestrate::invalid_input(problems));
@@ -690,7 +690,11 @@ pub(crate) async fn run_workflow_call(
         None => (None, None),
     };
     // Boxed: a workflow's future is large, and proxied calls should not carry its size.
-    let report = Box::pin(orchestrator.run(input, sink, cancel)).await;
+    let saved = saved.map(|(config, spec)| orchestrate::Saved {
+        config,
+        name: &spec.name,
+    });
+    let report = Box::pin(orchestrator.run(input, saved, sink, cancel)).await;
     // The run has dropped the sink: send every notification before the result, since a
     // client ignores progress for a request it has seen answered.
     if let Some(forwarding) = forwarding {
