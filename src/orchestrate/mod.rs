@@ -547,11 +547,19 @@ mod tests {
         assert_eq!(kept.workflow.steps[0].tool.as_deref(), Some("echo__echo"));
 
         // A new catalog, without the step's tool.
-        assert!(plans.checked(saved, &hi, &without_echo, &expressions).is_err());
+        assert!(
+            plans
+                .checked(saved, &hi, &without_echo, &expressions)
+                .is_err()
+        );
         assert!(plans.checked(saved, &hi, &with_echo, &expressions).is_ok());
         // Other input names: `inputs.text` is not one.
         let no_text = call("echo__echo", serde_json::json!({"other": 1}));
-        assert!(plans.checked(saved, &no_text, &with_echo, &expressions).is_err());
+        assert!(
+            plans
+                .checked(saved, &no_text, &with_echo, &expressions)
+                .is_err()
+        );
         // A new config, whose workflow calls another tool.
         let reloaded = parse("[servers.echo]\ncommand = \"echo\"\n");
         let saved = Saved {
@@ -559,7 +567,11 @@ mod tests {
             name: "greet",
         };
         let missing = call("missing__tool", serde_json::json!({"text": "hi"}));
-        assert!(plans.checked(saved, &missing, &with_echo, &expressions).is_err());
+        assert!(
+            plans
+                .checked(saved, &missing, &with_echo, &expressions)
+                .is_err()
+        );
     }
 
     #[test]

@@ -403,19 +403,15 @@ async fn list_cache_hints_are_honoured_and_passed_on() {
     assert_eq!(first.ttl_ms, None);
     assert_eq!(first.cache_scope, Some(rmcp::model::CacheScope::Private));
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let list = session.list_tools(None).await.unwrap();
-        if description(&list) == "listing 2" {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never listed again: {}",
-            description(&list)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    super::support::eventually(
+        Duration::from_secs(10),
+        "the tools listed again (`listing 2`)",
+        || async {
+            let list = session.list_tools(None).await.unwrap();
+            (description(&list) == "listing 2").then_some(())
+        },
+    )
+    .await;
     session.cancel().await.unwrap();
 
     let config = TestConfig::new(
