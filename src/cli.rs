@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock, JsonObject, ServerResult};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResult, ContentBlock, JsonObject, ServerResult, Tool,
+};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -19,10 +21,10 @@ use crate::catalog::ToolEntry;
 use crate::config::{Config, format_duration};
 use crate::orchestrate::execute::{ProgressSink, ProgressUpdate};
 use crate::orchestrate::report::RunStatus;
-use crate::orchestrate::{Orchestrator, Runs, saved};
+use crate::orchestrate::{self, Orchestrator, Runs, saved};
 use crate::registry::{Registry, Status};
 use crate::router::{Caller, Router, ToolCall};
-use crate::server::ConductorServer;
+use crate::server::{ConductorServer, own_tools, run_workflow_call};
 
 /// One MCP server in front of every MCP server you use.
 #[derive(Debug, Parser)]
@@ -380,8 +382,17 @@ fn tools(registry: &Registry, json: bool, server: Option<&str>) -> anyhow::Resul
         .iter()
         .filter(|entry| server.is_none_or(|server| entry.server.as_str() == server))
         .collect();
+    // What a client sees besides the catalog: `orchestrate` and the saved workflows.
+    let own: Vec<Tool> = match server {
+        Some(_) => Vec::new(),
+        None => own_tools(&catalog, &registry.config()).collect(),
+    };
     if json {
-        let listing: Vec<Value> = entries.iter().map(|entry| tool_json(entry)).collect();
+        let listing: Vec<Value> = entries
+            .iter()
+            .map(|entry| tool_json(&entry.tool, Some(entry)))
+            .chain(own.iter().map(|tool| tool_json(tool, None)))
+            .collect();
         return output(&serde_json::to_string_pretty(&listing)?);
     }
     let mut rows = vec![row([
@@ -409,17 +420,31 @@ fn tools(registry: &Registry, json: bool, server: Option<&str>) -> anyhow::Resul
             &one_line(tool.description.as_deref().unwrap_or(""), 70),
         ]));
     }
+    for tool in &own {
+        rows.push(row([
+            &tool.name,
+            OWN_SERVER,
+            tool.title.as_deref().unwrap_or(""),
+            &annotation_flags(tool),
+            "",
+            &one_line(tool.description.as_deref().unwrap_or(""), 70),
+        ]));
+    }
     let mut text = table(&rows);
-    text.push_str(&format!("{} tools\n", entries.len()));
+    text.push_str(&format!("{} tools\n", entries.len() + own.len()));
     output(text.trim_end())
 }
 
-fn tool_json(entry: &ToolEntry) -> Value {
-    let tool = &entry.tool;
+/// What `conductor tools` shows in the server column for conductor's own tools.
+const OWN_SERVER: &str = "(conductor)";
+
+/// A tool as `conductor tools --json` lists it: a downstream's, with its entry, or one of
+/// conductor's own (no server, no original name).
+fn tool_json(tool: &Tool, entry: Option<&ToolEntry>) -> Value {
     json!({
         "name": tool.name,
-        "server": entry.server.as_str(),
-        "originalName": entry.original,
+        "server": entry.map(|entry| entry.server.as_str()),
+        "originalName": entry.map(|entry| &entry.original),
         "title": tool.title,
         "description": tool.description,
         "annotations": tool.annotations,
@@ -461,19 +486,27 @@ async fn call(
         ),
         Err(error) => bail!("the arguments are not valid JSON: {error}"),
     };
+    let config = registry.config();
     let router = Router::new(registry);
-    let params = CallToolRequestParams::new(name).with_arguments(arguments);
-    let result = match router
-        .call_tool(
-            ToolCall::Params(params),
-            None,
-            &Caller::detached(CancellationToken::new()),
-        )
-        .await?
-        .into_result()?
-    {
-        ServerResult::CallToolResult(result) => result,
-        _ => bail!("the server answered with something other than a tool result"),
+    let saved = saved::find(&config, &name);
+    let result = if name == orchestrate::TOOL_NAME || saved.is_some() {
+        // As a client's call of it is run, through the server's one path for workflows.
+        let runs = Arc::new(Runs::new(config.keep_runs));
+        let orchestrator = Orchestrator::new(Arc::new(router.clone()), runs);
+        let saved = saved.map(|spec| (&config, spec));
+        let cancel = CancellationToken::new();
+        run_workflow_call(&router, &orchestrator, saved, arguments, None, cancel).await
+    } else {
+        let params = CallToolRequestParams::new(name).with_arguments(arguments);
+        let caller = Caller::detached(CancellationToken::new());
+        match router
+            .call_tool(ToolCall::Params(params), None, &caller)
+            .await?
+            .into_result()?
+        {
+            ServerResult::CallToolResult(result) => result,
+            _ => bail!("the server answered with something other than a tool result"),
+        }
     };
     if json {
         output(&serde_json::to_string_pretty(&result)?)?;

@@ -621,19 +621,23 @@ fn page_offset(cursor: Option<&str>) -> Result<usize, McpError> {
         })
 }
 
-/// Every tool conductor lists, in order: the catalog's, `orchestrate`, the saved workflows.
+/// Every tool conductor lists, in order: the catalog's, then conductor's own.
 fn listed_tools(catalog: &Catalog, config: &Config) -> impl Iterator<Item = Tool> {
     catalog
         .tools()
         .iter()
         .map(|entry| entry.tool.clone())
-        .chain(std::iter::once_with(Orchestrator::tool))
-        .chain(
-            config
-                .workflows
-                .iter()
-                .map(|spec| saved::tool(spec, catalog)),
-        )
+        .chain(own_tools(catalog, config))
+}
+
+/// The tools conductor itself answers: `orchestrate`, then the config's saved workflows.
+pub(crate) fn own_tools(catalog: &Catalog, config: &Config) -> impl Iterator<Item = Tool> {
+    std::iter::once_with(Orchestrator::tool).chain(
+        config
+            .workflows
+            .iter()
+            .map(|spec| saved::tool(spec, catalog)),
+    )
 }
 
 /// The cache hint of conductor's own list of one kind, as it goes on the wire.

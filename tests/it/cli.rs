@@ -80,6 +80,64 @@ async fn call_prints_the_result_and_its_exit_code_says_if_it_failed() {
 }
 
 #[tokio::test]
+async fn conductors_own_tools_are_listed_and_called_as_a_client_sees_them() {
+    let config = TestConfig::new(
+        "[servers.echo]\ncommand = \"{fixture}\"\nargs = [\"echo\"]\n\n\
+         [workflows.greet]\ndescription = \"Greet someone.\"\n\
+         input_schema = { type = \"object\", properties = { who = { type = \"string\" } }, required = [\"who\"] }\n\
+         output = \"${{ steps.hello.output }}\"\n\
+         [[workflows.greet.steps]]\nid = \"hello\"\ntool = \"echo__echo\"\n\
+         args = { text = \"hello ${{ inputs.who }}\" }\n",
+    );
+    let (code, stdout, stderr) = conductor_cli(&config.path, &["tools", "--json"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    let names: Vec<_> = listed
+        .iter()
+        .map(|tool| (&tool["name"], &tool["server"]))
+        .collect();
+    assert_eq!(
+        format!("{names:?}"),
+        r#"[(String("echo__echo"), String("echo")), (String("echo__summarize_every_document_in_the_shared_knowledge__968872dc"), String("echo")), (String("orchestrate"), Null), (String("workflow__greet"), Null)]"#
+    );
+    assert_eq!(listed[3]["description"], "Greet someone.");
+    // A server filter shows that server's tools only.
+    let (code, stdout, _) = conductor_cli(&config.path, &["tools", "--server", "echo"]).await;
+    assert_eq!(code, 0);
+    assert!(stdout.trim_end().ends_with("\n2 tools"), "{stdout}");
+
+    let (code, stdout, stderr) = conductor_cli(
+        &config.path,
+        &["call", "workflow__greet", r#"{"who":"Ada"}"#, "--json"],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let result: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        result["structuredContent"]["status"], "succeeded",
+        "{stdout}"
+    );
+    assert_eq!(
+        result["structuredContent"]["output"]["text"], "hello Ada",
+        "{stdout}"
+    );
+
+    // Its input is checked against its schema, as a client's call is; the run says what is wrong.
+    let (code, stdout, _) = conductor_cli(&config.path, &["call", "workflow__greet", "{}"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        stdout.contains(r#""who" is a required property"#),
+        "{stdout}"
+    );
+
+    let workflow = r#"{"steps": [{"id": "a", "tool": "echo__echo", "args": {"text": "hi"}}]}"#;
+    let (code, stdout, stderr) =
+        conductor_cli(&config.path, &["call", "orchestrate", workflow]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("succeeded"), "{stdout}");
+}
+
+#[tokio::test]
 async fn check_shows_every_server_and_fails_when_one_failed() {
     let config = TestConfig::new(
         "[servers.echo]\ncommand = \"{fixture}\"\nargs = [\"echo\"]\n\n\
