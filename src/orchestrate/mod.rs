@@ -96,7 +96,8 @@ struct KeptRun {
     kept_at: Instant,
     keeping: u64,
     record: Arc<RunRecord>,
-    workflow: Value,
+    /// The workflow it ran: a resumption must bring the same steps and inputs.
+    workflow: Arc<Workflow>,
 }
 
 impl Kept {
@@ -125,8 +126,8 @@ impl Runs {
         }
     }
 
-    /// A kept run and the workflow (its steps and inputs) it ran.
-    pub fn get(&self, run_id: &str) -> Option<(Arc<RunRecord>, Value)> {
+    /// A kept run and the workflow it ran.
+    pub fn get(&self, run_id: &str) -> Option<(Arc<RunRecord>, Arc<Workflow>)> {
         let kept = self.kept.lock().ok()?;
         kept.by_id
             .get(run_id)
@@ -147,7 +148,7 @@ impl Runs {
         Some(ReadResourceResult::new(vec![contents]))
     }
 
-    fn keep(&self, record: Arc<RunRecord>, workflow: Value) {
+    fn keep(&self, record: Arc<RunRecord>, workflow: Arc<Workflow>) {
         let Ok(mut kept) = self.kept.lock() else {
             return;
         };
@@ -357,7 +358,8 @@ impl Orchestrator {
         );
         let report = record.report.clone();
         if mode == Mode::Run {
-            self.runs.keep(record, identity(&validated.workflow));
+            // Kept as it ran (moved, not copied), for a resumption to be compared with.
+            self.runs.keep(record, Arc::new(validated.workflow));
         }
         report
     }
@@ -374,7 +376,7 @@ impl Orchestrator {
                 ),
             });
         };
-        if ran != identity(workflow) {
+        if ran.steps != workflow.steps || ran.inputs != workflow.inputs {
             return Err(Problem {
                 path: "/steps".to_owned(),
                 code: "resume_mismatch".to_owned(),
@@ -384,11 +386,6 @@ impl Orchestrator {
         }
         Ok(record)
     }
-}
-
-/// What must not change between a run and its resumption.
-fn identity(workflow: &Workflow) -> Value {
-    serde_json::json!({"steps": workflow.steps, "inputs": workflow.inputs})
 }
 
 /// The report for a call whose arguments were refused before any workflow was built.
@@ -574,11 +571,17 @@ mod tests {
         );
     }
 
+    /// A workflow told apart by its `timeout_ms`, for the kept runs' tests.
+    fn ran(n: usize) -> Arc<Workflow> {
+        let workflow = serde_json::json!({"steps": [{"id": "a", "value": 1}], "timeout_ms": n});
+        Arc::new(serde_json::from_value(workflow).unwrap())
+    }
+
     #[test]
     fn past_the_most_kept_the_oldest_runs_go_first() {
         let runs = Runs::new(Duration::from_secs(3600));
         for n in 0..MOST_RUNS_KEPT + 5 {
-            runs.keep(record(&format!("run-{n}")), Value::from(n));
+            runs.keep(record(&format!("run-{n}")), ran(n));
         }
         for n in 0..5 {
             assert!(runs.get(&format!("run-{n}")).is_none(), "run-{n} kept");
@@ -586,8 +589,8 @@ mod tests {
         for n in [5, 6, MOST_RUNS_KEPT + 4] {
             let (kept, workflow) = runs.get(&format!("run-{n}")).expect("kept");
             assert_eq!(
-                (kept.report.run_id.as_str(), workflow),
-                (format!("run-{n}").as_str(), Value::from(n))
+                (kept.report.run_id.as_str(), workflow.timeout_ms),
+                (format!("run-{n}").as_str(), Some(n as u64))
             );
         }
         let kept = runs.kept.lock().unwrap();
@@ -598,10 +601,10 @@ mod tests {
     #[test]
     fn expired_runs_are_forgotten_when_the_next_is_kept() {
         let runs = Runs::new(Duration::from_millis(20));
-        runs.keep(record("old"), Value::Null);
+        runs.keep(record("old"), ran(0));
         std::thread::sleep(Duration::from_millis(30));
         assert!(runs.get("old").is_none(), "expired runs are not given out");
-        runs.keep(record("new"), Value::Null);
+        runs.keep(record("new"), ran(0));
         let kept = runs.kept.lock().unwrap();
         assert_eq!(kept.by_id.keys().collect::<Vec<_>>(), ["new"]);
         assert_eq!(kept.oldest_first.len(), 1);
@@ -610,17 +613,17 @@ mod tests {
     #[test]
     fn a_run_kept_again_is_not_forgotten_with_its_first_keeping() {
         let runs = Runs::new(Duration::from_secs(3600));
-        runs.keep(record("again"), Value::from(1));
-        runs.keep(record("between"), Value::Null);
-        runs.keep(record("again"), Value::from(2));
+        runs.keep(record("again"), ran(1));
+        runs.keep(record("between"), ran(0));
+        runs.keep(record("again"), ran(2));
         for n in 0..MOST_RUNS_KEPT - 1 {
-            runs.keep(record(&format!("run-{n}")), Value::Null);
+            runs.keep(record(&format!("run-{n}")), ran(0));
         }
         // Full: the first keeping of `again` went, then `between`; the second keeping stays.
         assert!(runs.get("between").is_none());
         assert_eq!(
-            runs.get("again").map(|(_, workflow)| workflow),
-            Some(Value::from(2))
+            runs.get("again").map(|(_, workflow)| workflow.timeout_ms),
+            Some(Some(2))
         );
     }
 }

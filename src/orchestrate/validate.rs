@@ -158,9 +158,15 @@ pub fn validate(
     if !shape.is_empty() {
         return Err(shape);
     }
-    let workflow: Workflow = serde_json::from_value(input.clone())
+    // Read from the borrowed value: the caller's input is not copied.
+    let workflow = Workflow::deserialize(input)
         .map_err(|error| vec![problem("", "invalid_workflow", error.to_string(), None)])?;
-    Checker::new(&workflow, catalog, expressions).run()
+    let (plan, warnings) = Checker::new(&workflow, catalog, expressions).run()?;
+    Ok(Validated {
+        workflow,
+        plan,
+        warnings,
+    })
 }
 
 pub(crate) fn check_shape(input: &Value) -> Vec<Problem> {
@@ -290,7 +296,8 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn run(mut self) -> Result<Validated, Vec<Problem>> {
+    /// The plan and the warnings, or every problem found.
+    fn run(mut self) -> Result<(Plan, Vec<Problem>), Vec<Problem>> {
         self.check_ids();
         let mut planned = Vec::new();
         for (index, step) in self.workflow.steps.iter().enumerate() {
@@ -306,14 +313,11 @@ impl<'a> Checker<'a> {
             return Err(self.errors);
         }
         let waves = waves(&planned);
-        Ok(Validated {
-            workflow: self.workflow.clone(),
-            plan: Plan {
-                steps: planned,
-                waves,
-            },
-            warnings: self.warnings,
-        })
+        let plan = Plan {
+            steps: planned,
+            waves,
+        };
+        Ok((plan, self.warnings))
     }
 
     fn check_ids(&mut self) {
@@ -366,6 +370,8 @@ impl<'a> Checker<'a> {
             }
         }
 
+        // The step's args as one value, for the tool's schema and for the references in them.
+        let args = Value::Object(step.args.clone().unwrap_or_default());
         let safety = match (&step.tool, &step.value) {
             (Some(_), Some(_)) => {
                 self.errors.push(problem(
@@ -396,15 +402,12 @@ impl<'a> Checker<'a> {
                 }
                 Safety::NoCall
             }
-            (Some(tool), None) => {
-                let args = step.args.clone().unwrap_or_default();
-                self.check_call(
-                    tool,
-                    &args,
-                    &format!("{base}/tool"),
-                    &format!("{base}/args"),
-                )
-            }
+            (Some(tool), None) => self.check_call(
+                tool,
+                &args,
+                &format!("{base}/tool"),
+                &format!("{base}/args"),
+            ),
         };
 
         if step.for_each.is_none() {
@@ -443,10 +446,9 @@ impl<'a> Checker<'a> {
         }
 
         if let OnError::Fallback(fallback) = &step.on_error {
-            let args = fallback.fallback.args.clone();
             self.check_call(
                 &fallback.fallback.tool,
-                &args,
+                &Value::Object(fallback.fallback.args.clone()),
                 &format!("{base}/on_error/fallback/tool"),
                 &format!("{base}/on_error/fallback/args"),
             );
@@ -458,12 +460,9 @@ impl<'a> Checker<'a> {
             .as_ref()
             .map(|_| step.item_name.clone().unwrap_or_else(|| "item".to_owned()));
         let mut found = References::default();
-        if let Some(args) = &step.args {
-            self.expressions.references(
-                &Value::Object(args.clone()),
-                &format!("{base}/args"),
-                &mut found,
-            );
+        if step.args.is_some() {
+            self.expressions
+                .references(&args, &format!("{base}/args"), &mut found);
         }
         if let Some(value) = &step.value {
             self.expressions
@@ -519,13 +518,7 @@ impl<'a> Checker<'a> {
 
     /// A call to `tool` with `args`: the tool must exist and may not be a workflow itself, and
     /// the literal parts of `args` must fit its `inputSchema`.
-    fn check_call(
-        &mut self,
-        tool: &str,
-        args: &serde_json::Map<String, Value>,
-        tool_path: &str,
-        args_path: &str,
-    ) -> Safety {
+    fn check_call(&mut self, tool: &str, args: &Value, tool_path: &str, args_path: &str) -> Safety {
         if tool == "orchestrate" || tool.starts_with("workflow__") {
             self.errors.push(problem(
                 tool_path,
@@ -549,11 +542,10 @@ impl<'a> Checker<'a> {
             return Safety::Unknown;
         };
         if let Some(validator) = entry.input_validator() {
-            let instance = Value::Object(args.clone());
-            for error in validator.iter_errors(&instance) {
+            for error in validator.iter_errors(args) {
                 let pointer = error.instance_path().to_string();
                 // A value an expression will compute cannot be checked before the run.
-                if is_computed(&instance, &pointer) {
+                if is_computed(args, &pointer) {
                     continue;
                 }
                 let code = match error.kind() {

@@ -76,7 +76,7 @@ pub struct Resume {
 }
 
 /// One node of the graph: a tool call (`tool` + `args`) or a computed value (`value`).
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Step {
     /// Unique name, referenced as `steps.<id>`: a lowercase letter, then lowercase letters,

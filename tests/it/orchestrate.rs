@@ -215,6 +215,18 @@ async fn unpaid_invoices_become_tasks_and_a_summary_that_counts_the_failure() {
             .any(|t| t.uri_template == "conductor://runs/{run_id}")
     );
 
+    // A resumption must bring the run's own steps and inputs: one step edited is refused,
+    // before anything runs (the count of created tasks below says so).
+    let mut edited = unpaid_to_tasks();
+    edited["resume"] = json!({"run_id": report["run_id"]});
+    edited["steps"][0]["description"] = json!("edited");
+    let refused = orchestrate(&session, edited).await;
+    assert_eq!(refused["status"], "invalid", "{refused:#}");
+    assert_eq!(
+        refused["errors"][0]["code"], "resume_mismatch",
+        "{refused:#}"
+    );
+
     // Resume: only the failed item runs again (and the summary, which depends on it).
     let mut again = unpaid_to_tasks();
     again["resume"] = json!({"run_id": report["run_id"]});
