@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::router::{CallError, Caller};
+use crate::router::{Answer, CallError, Caller};
 
 /// How many input rounds conductor drives for an older client before it gives up.
 pub const MAX_ROUNDS: usize = 10;
@@ -52,7 +52,7 @@ pub type Asks = mpsc::UnboundedSender<Ask>;
 /// A call waiting for its client to retry with answers.
 #[derive(Debug)]
 struct Parked {
-    outcome: JoinHandle<Result<ServerResult, CallError>>,
+    outcome: JoinHandle<Result<Answer, CallError>>,
     asks: mpsc::UnboundedReceiver<Ask>,
     /// The downstream requests handed out, by the key the client answers them under.
     pending: HashMap<String, oneshot::Sender<Result<Value, McpError>>>,
@@ -83,10 +83,10 @@ impl Bridge {
 
     /// Run `call` for a 2026-07-28 client: its result, or `input_required` with what the
     /// downstream asked for while it runs.
-    pub async fn start<F, Fut>(&self, caller: &Caller, call: F) -> Result<ServerResult, CallError>
+    pub async fn start<F, Fut>(&self, caller: &Caller, call: F) -> Result<Answer, CallError>
     where
         F: FnOnce(Caller) -> Fut,
-        Fut: Future<Output = Result<ServerResult, CallError>> + Send + 'static,
+        Fut: Future<Output = Result<Answer, CallError>> + Send + 'static,
     {
         let (asks, receiver) = mpsc::unbounded_channel();
         // The call outlives this request when it is parked: it has a cancellation of its own.
@@ -112,7 +112,7 @@ impl Bridge {
         state: &str,
         responses: Option<InputResponses>,
         cancel: &CancellationToken,
-    ) -> Result<ServerResult, CallError> {
+    ) -> Result<Answer, CallError> {
         let Some((_, mut parked)) = self.parked.remove(state) else {
             return Err(CallError::Unroutable(format!(
                 "retry: `requestState` `{state}` names no waiting call (it was answered, or expired after {} min)",
@@ -137,7 +137,7 @@ impl Bridge {
         &self,
         mut parked: Parked,
         cancel: &CancellationToken,
-    ) -> Result<ServerResult, CallError> {
+    ) -> Result<Answer, CallError> {
         let first = tokio::select! {
             outcome = &mut parked.outcome => {
                 return outcome.unwrap_or_else(|error| Err(CallError::Unroutable(format!("the call's task failed: {error}"))));
@@ -163,9 +163,8 @@ impl Bridge {
         self.parked
             .retain(|_, parked| parked.since.elapsed() < PARK_LIMIT);
         self.parked.insert(state.clone(), parked);
-        Ok(ServerResult::InputRequiredResult(InputRequiredResult::new(
-            Some(requests),
-            Some(state),
+        Ok(Answer::from(ServerResult::InputRequiredResult(
+            InputRequiredResult::new(Some(requests), Some(state)),
         )))
     }
 }

@@ -190,6 +190,12 @@ pub enum Answer {
     ToolResult(Box<RawValue>),
 }
 
+impl From<ServerResult> for Answer {
+    fn from(result: ServerResult) -> Self {
+        Answer::Parsed(Box::new(result))
+    }
+}
+
 impl Answer {
     /// The answer as rmcp's type. A tool result that is not one is read as whatever result
     /// it is, as rmcp reads a result it did not expect.

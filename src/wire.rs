@@ -10,8 +10,9 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
+use memchr::memmem::Finder;
 use rmcp::model::{ErrorData, NumberOrString};
 use rmcp::service::{RxJsonRpcMessage, ServiceRole, TxJsonRpcMessage};
 use rmcp::transport::Transport;
@@ -83,6 +84,31 @@ pub fn response_line(id: &RawValue, result: &RawValue) -> Vec<u8> {
     line.extend_from_slice(result.as_bytes());
     line.push(b'}');
     line
+}
+
+/// The same for a client of 2026-07-28, which needs every result to say `resultType`: the
+/// result's text with `"resultType":"complete"` first. `None` when the result is not an
+/// object or may name a `resultType` of its own.
+pub fn complete_response_line(id: &RawValue, result: &RawValue) -> Option<Vec<u8>> {
+    static RESULT_TYPE: LazyLock<Finder> = LazyLock::new(|| Finder::new(b"\"resultType\""));
+    let members = result.get().strip_prefix('{')?;
+    if RESULT_TYPE.find(members.as_bytes()).is_some() {
+        return None;
+    }
+    let id = id.get();
+    let separator = if members.trim_start().starts_with('}') {
+        ""
+    } else {
+        ","
+    };
+    let mut line = Vec::with_capacity(60 + id.len() + members.len());
+    line.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    line.extend_from_slice(id.as_bytes());
+    line.extend_from_slice(b",\"result\":{\"resultType\":\"complete\"");
+    line.extend_from_slice(separator.as_bytes());
+    line.extend_from_slice(members.as_bytes());
+    line.push(b'}');
+    Some(line)
 }
 
 pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -376,6 +402,29 @@ mod tests {
             let by_serde: Option<NumberOrString> = serde_json::from_str(text).ok();
             assert_eq!(request_id(&id), by_serde, "{text}");
         }
+    }
+
+    #[test]
+    fn a_complete_response_line_says_so_first_unless_the_result_cannot_take_it() {
+        let id = RawValue::from_string(r#""a""#.to_owned()).unwrap();
+        let line = |result: &str| {
+            let result = RawValue::from_string(result.to_owned()).unwrap();
+            complete_response_line(&id, &result)
+                .map(|line| serde_json::from_slice::<serde_json::Value>(&line).unwrap())
+        };
+        assert_eq!(
+            line(r#"{"content":[],"isError":false}"#),
+            Some(serde_json::json!({"jsonrpc": "2.0", "id": "a",
+                "result": {"resultType": "complete", "content": [], "isError": false}}))
+        );
+        assert_eq!(
+            line("{ }"),
+            Some(serde_json::json!({"jsonrpc": "2.0", "id": "a",
+                "result": {"resultType": "complete"}}))
+        );
+        // Its own `resultType` (a task, say) is for the parsed path to read.
+        assert_eq!(line(r#"{"resultType":"task","task":{}}"#), None);
+        assert_eq!(line("[1]"), None);
     }
 
     #[test]

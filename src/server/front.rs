@@ -13,8 +13,8 @@ use memchr::memmem::Finder;
 use rmcp::ErrorData as McpError;
 use rmcp::ServiceExt;
 use rmcp::model::{
-    CacheScope, CallToolResponse, JsonObject, ListToolsResult, ProgressToken, ProtocolVersion,
-    RequestId, ServerJsonRpcMessage, ServerResult,
+    CacheScope, CallToolResponse, ClientCapabilities, ErrorCode, JsonObject, ListToolsResult,
+    ProgressToken, ProtocolVersion, RequestId, ServerJsonRpcMessage, ServerResult,
 };
 use rmcp::service::{Peer, RoleServer, RunningService, ServerInitializeError};
 use serde::de::IgnoredAny;
@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    ConductorServer, PAGE_SIZE, ProgressTarget, forward_call, list_cache_hint, listed_tools,
-    page_offset, run_workflow_call, tool_response,
+    ConductorServer, PAGE_SIZE, ProgressTarget, bridged, forward_call, list_cache_hint,
+    listed_tools, page_offset, run_workflow_call, tool_response,
 };
 use crate::catalog::Catalog;
 use crate::config::Config;
@@ -103,6 +103,33 @@ pub struct Front {
     calls: Mutex<HashMap<RequestId, CancellationToken>>,
     /// What its `tools/list` requests are answered from.
     pages: Arc<ToolPages>,
+    /// A 2026-07-28 session, begun without `initialize`: each request names its protocol
+    /// version and the client's capabilities in its `_meta`.
+    per_request: Option<PerRequest>,
+}
+
+/// What a 2026-07-28 session's requests carry, read once: clients send the same
+/// capabilities with every request.
+#[derive(Debug, Default)]
+struct PerRequest {
+    /// The last capabilities' text and what it says.
+    capabilities: Mutex<Option<(Box<str>, Arc<ClientCapabilities>)>>,
+}
+
+impl PerRequest {
+    /// The capabilities a request's `_meta` declares, or `None` if they are not rmcp's type.
+    fn capabilities(&self, text: &RawValue) -> Option<Arc<ClientCapabilities>> {
+        let mut last = self.capabilities.lock().ok()?;
+        if let Some((kept, capabilities)) = last.as_ref()
+            && **kept == *text.get()
+        {
+            return Some(capabilities.clone());
+        }
+        let capabilities: Arc<ClientCapabilities> =
+            Arc::new(serde_json::from_str(text.get()).ok()?);
+        *last = Some((text.get().into(), capabilities.clone()));
+        Some(capabilities)
+    }
 }
 
 /// Conductor's `tools/list` as text, page by page, for clients before 2026-07-28: kept until
@@ -209,16 +236,21 @@ struct PlainParams<'a> {
     name: std::borrow::Cow<'a, str>,
     #[serde(borrow, default)]
     arguments: Option<&'a RawValue>,
-    #[serde(rename = "_meta", default)]
-    meta: Option<Meta>,
+    #[serde(borrow, rename = "_meta", default)]
+    meta: Option<Meta<'a>>,
 }
 
 /// Of a request's `_meta`, what conductor acts on; the rest is not passed on (as rmcp's own
 /// requests do not).
 #[derive(Deserialize)]
-struct Meta {
+struct Meta<'a> {
     #[serde(rename = "progressToken", default)]
     progress_token: Option<ProgressToken>,
+    /// A 2026-07-28 request's own protocol version and client capabilities.
+    #[serde(rename = "io.modelcontextprotocol/protocolVersion", borrow, default)]
+    protocol_version: Option<std::borrow::Cow<'a, str>>,
+    #[serde(rename = "io.modelcontextprotocol/clientCapabilities", borrow, default)]
+    client_capabilities: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -253,6 +285,28 @@ impl Front {
             },
             calls: Mutex::default(),
             pages,
+            per_request: None,
+        })
+    }
+
+    /// The front of a stdio client that began without `initialize` (2026-07-28): rmcp
+    /// checked its first request's metadata; the front takes only requests that name
+    /// 2026-07-28 and the client's capabilities, which is what rmcp's handler reads them by.
+    pub fn per_request(server: &ConductorServer, peer: &Peer<RoleServer>) -> Option<Front> {
+        if peer.peer_info().is_some() {
+            return None;
+        }
+        server.router.remember_client(peer);
+        Some(Front {
+            router: server.router.clone(),
+            orchestrator: server.orchestrator.clone(),
+            caller: Caller {
+                client: Some(peer.clone()),
+                ..Caller::default()
+            },
+            calls: Mutex::default(),
+            pages: Arc::default(),
+            per_request: Some(PerRequest::default()),
         })
     }
 
@@ -291,7 +345,7 @@ impl Front {
             return None;
         }
         let target = self.target(&params.name)?;
-        let progress_token = params.meta.and_then(|meta| meta.progress_token);
+        let (progress_token, caller) = self.caller_for(params.meta)?;
         let workflow_arguments = match (&target, params.arguments) {
             (Target::Downstream, _) | (_, None) => JsonObject::new(),
             (_, Some(arguments)) => serde_json::from_str(arguments.get()).ok()?,
@@ -304,6 +358,7 @@ impl Front {
             front: self.clone(),
             id,
             id_text: id_text.to_owned(),
+            modern: caller.takes_input_required(),
         };
         // Boxed: tokio moves a task's future several times as it starts and ends it, and this
         // one holds a whole call's state (docs/performance.md).
@@ -319,7 +374,7 @@ impl Front {
                     cancel,
                     progress_token,
                     progress_to,
-                    ..self.caller.clone()
+                    ..caller
                 };
                 Some(Box::pin(answering.answer(call, caller)))
             }
@@ -348,6 +403,10 @@ impl Front {
     /// when the message is not one, or names a page this path does not keep (rmcp answers it,
     /// or refuses a cursor conductor did not give).
     pub fn take_list(&self, message: &str) -> Option<Vec<u8>> {
+        // The pages are the older clients' shape; a 2026-07-28 list is rmcp's.
+        if self.per_request.is_some() {
+            return None;
+        }
         let PlainList { id, method, params } = serde_json::from_str(message).ok()?;
         wire::request_id(id)?;
         if method != "tools/list" {
@@ -400,6 +459,37 @@ impl Front {
         }
     }
 
+    /// A call's progress token and the caller its request makes, as rmcp's handler would
+    /// make it; `None` for a request whose metadata this path does not read as rmcp does.
+    fn caller_for(&self, meta: Option<Meta<'_>>) -> Option<(Option<ProgressToken>, Caller)> {
+        let Some(meta) = meta else {
+            // Without `_meta` a 2026-07-28 request names no version: rmcp's to answer.
+            return self
+                .per_request
+                .is_none()
+                .then(|| (None, self.caller.clone()));
+        };
+        let caller = match &self.per_request {
+            // A version of the request's own would win over the session's in rmcp.
+            None if meta.protocol_version.is_some() || meta.client_capabilities.is_some() => {
+                return None;
+            }
+            None => self.caller.clone(),
+            Some(per_request) => {
+                if meta.protocol_version.as_deref() != Some(ProtocolVersion::V_2026_07_28.as_str())
+                {
+                    return None;
+                }
+                Caller {
+                    protocol: Some(ProtocolVersion::V_2026_07_28),
+                    capabilities: Some(per_request.capabilities(meta.client_capabilities?)?),
+                    ..self.caller.clone()
+                }
+            }
+        };
+        Some((meta.progress_token, caller))
+    }
+
     /// What a call of `name` is, if it is a tool: a workflow conductor runs, or a
     /// downstream's tool.
     fn target(&self, name: &str) -> Option<Target> {
@@ -429,16 +519,33 @@ struct Answering {
     id: RequestId,
     /// The id as the client wrote it, to answer with.
     id_text: Box<RawValue>,
+    /// The client speaks 2026-07-28: results say `resultType`, keep their shape, and a
+    /// downstream's requests come back as `input_required`.
+    modern: bool,
 }
 
 impl Answering {
     async fn answer(self, call: ToolCall, caller: Caller) -> Option<Vec<u8>> {
-        let outcome = forward_call(&self.front.router, call, &caller).await;
+        let outcome = if self.modern {
+            // Through the bridge, as the handler's calls of 2026-07-28 clients go.
+            let router = self.front.router.clone();
+            bridged(&self.front.router, None, &caller, |caller| async move {
+                forward_call(&router, call, &caller).await
+            })
+            .await
+        } else {
+            forward_call(&self.front.router, call, &caller).await
+        };
         if !self.owes_answer(&caller.cancel) {
             return None;
         }
         if let Ok(Answer::ToolResult(result)) = &outcome {
-            return Some(wire::response_line(&self.id_text, result));
+            if !self.modern {
+                return Some(wire::response_line(&self.id_text, result));
+            }
+            if let Some(line) = wire::complete_response_line(&self.id_text, result) {
+                return Some(line);
+            }
         }
         // Failures, and answers rmcp parsed (a server without a text lane).
         self.shaped(tool_response(outcome.and_then(Answer::into_result)))
@@ -480,16 +587,25 @@ impl Answering {
         !cancel.is_cancelled()
     }
 
-    /// The answer's line, shaped as the handler's answers are for a client before 2026-07-28.
+    /// The answer's line, shaped as rmcp shapes the handler's answers for the client's era.
     fn shaped(self, response: Result<CallToolResponse, McpError>) -> Option<Vec<u8>> {
         let message = match response {
             Ok(response) => {
                 let mut result = ServerResult::from(response);
-                result.strip_result_type_for_legacy_peer();
-                result.strip_non_object_output_for_legacy_peer();
+                if self.modern {
+                    result.fill_missing_cache_hints();
+                } else {
+                    result.strip_result_type_for_legacy_peer();
+                    result.strip_non_object_output_for_legacy_peer();
+                }
                 ServerJsonRpcMessage::response(result, self.id)
             }
-            Err(error) => ServerJsonRpcMessage::error(error, Some(self.id)),
+            Err(mut error) => {
+                if self.modern && error.code == ErrorCode::RESOURCE_NOT_FOUND {
+                    error.code = ErrorCode::INVALID_PARAMS;
+                }
+                ServerJsonRpcMessage::error(error, Some(self.id))
+            }
         };
         serde_json::to_vec(&message)
             .inspect_err(|error| tracing::error!(error = %error, "could not write an answer"))
@@ -512,7 +628,10 @@ pub async fn serve_stdio(
     });
     let transport = LineTransport::<RoleServer, _>::new(read, writer, tap.clone());
     let service = server.clone().serve(transport).await?;
-    if let Some(front) = Front::for_client(&server, service.peer()) {
+    let peer = service.peer();
+    if let Some(front) =
+        Front::for_client(&server, peer).or_else(|| Front::per_request(&server, peer))
+    {
         let _ = tap.front.set(Arc::new(front));
     }
     Ok(service)

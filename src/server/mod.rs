@@ -111,31 +111,31 @@ impl ConductorServer {
     fn cache_hint(&self, kind: ListKind) -> (Option<u64>, Option<CacheScope>) {
         list_cache_hint(&self.router, kind)
     }
+}
 
-    /// Run a request that may ask the client for input. A 2026-07-28 client gets what the
-    /// downstream asks as `input_required`, and its retry continues the parked call; older
-    /// clients are asked directly, as the downstream asks (see [`crate::bridge`]).
-    async fn bridged<F, Fut>(
-        &self,
-        resume: Option<(String, Option<InputResponses>)>,
-        caller: &Caller,
-        call: F,
-    ) -> Result<ServerResult, CallError>
-    where
-        F: FnOnce(Caller) -> Fut,
-        Fut: Future<Output = Result<ServerResult, CallError>> + Send + 'static,
-    {
-        // The bridge's futures are boxed: this one is moved into every request's task, and
-        // most calls never take those paths (see docs/performance.md).
-        let bridge = self.router.registry().bridge();
-        if let Some((state, responses)) = resume {
-            return Box::pin(bridge.resume(&state, responses, &caller.cancel)).await;
-        }
-        if caller.takes_input_required() {
-            return Box::pin(bridge.start(caller, call)).await;
-        }
-        call(caller.clone()).await
+/// Run a request that may ask the client for input. A 2026-07-28 client gets what the
+/// downstream asks as `input_required`, and its retry continues the parked call; older
+/// clients are asked directly, as the downstream asks (see [`crate::bridge`]).
+pub(crate) async fn bridged<F, Fut>(
+    router: &Router,
+    resume: Option<(String, Option<InputResponses>)>,
+    caller: &Caller,
+    call: F,
+) -> Result<Answer, CallError>
+where
+    F: FnOnce(Caller) -> Fut,
+    Fut: Future<Output = Result<Answer, CallError>> + Send + 'static,
+{
+    // The bridge's futures are boxed: this one is moved into every request's task, and
+    // most calls never take those paths (see docs/performance.md).
+    let bridge = router.registry().bridge();
+    if let Some((state, responses)) = resume {
+        return Box::pin(bridge.resume(&state, responses, &caller.cancel)).await;
     }
+    if caller.takes_input_required() {
+        return Box::pin(bridge.start(caller, call)).await;
+    }
+    call(caller.clone()).await
 }
 
 impl ServerHandler for ConductorServer {
@@ -264,14 +264,11 @@ impl ServerHandler for ConductorServer {
             let mut request = request;
             let resume = bridged_retry(&mut request.request_state, &mut request.input_responses);
             let router = self.router.clone();
-            let outcome = self
-                .bridged(resume, &caller, |caller| async move {
-                    forward_call(&router, ToolCall::Params(request), &caller)
-                        .await?
-                        .into_result()
-                })
-                .await;
-            tool_response(outcome)
+            let outcome = bridged(&self.router, resume, &caller, |caller| async move {
+                forward_call(&router, ToolCall::Params(request), &caller).await
+            })
+            .await;
+            tool_response(outcome.and_then(Answer::into_result))
         })
         .await
     }
@@ -302,12 +299,11 @@ impl ServerHandler for ConductorServer {
             let resume = bridged_retry(&mut request.request_state, &mut request.input_responses);
             let router = self.router.clone();
             let caller = self.caller(&context);
-            let outcome = self
-                .bridged(resume, &caller, |caller| async move {
-                    router.get_prompt(request, &caller).await
-                })
-                .await;
-            match outcome {
+            let outcome = bridged(&self.router, resume, &caller, |caller| async move {
+                router.get_prompt(request, &caller).await.map(Answer::from)
+            })
+            .await;
+            match outcome.and_then(Answer::into_result) {
                 Ok(ServerResult::GetPromptResult(mut result)) => {
                     mark_complete(&mut result.result_type);
                     Ok(GetPromptResponse::Complete(result))
@@ -380,12 +376,14 @@ impl ServerHandler for ConductorServer {
             let resume = bridged_retry(&mut request.request_state, &mut request.input_responses);
             let router = self.router.clone();
             let caller = self.caller(&context);
-            let outcome = self
-                .bridged(resume, &caller, |caller| async move {
-                    router.read_resource(request, &caller).await
-                })
-                .await;
-            match outcome {
+            let outcome = bridged(&self.router, resume, &caller, |caller| async move {
+                router
+                    .read_resource(request, &caller)
+                    .await
+                    .map(Answer::from)
+            })
+            .await;
+            match outcome.and_then(Answer::into_result) {
                 Ok(ServerResult::ReadResourceResult(mut result)) => {
                     mark_complete(&mut result.result_type);
                     Ok(ReadResourceResponse::Complete(result))

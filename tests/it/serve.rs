@@ -523,6 +523,97 @@ impl RawSession {
     }
 }
 
+/// A 2026-07-28 client on stdio begins without `initialize` and names its version and
+/// capabilities in each request. The front answers its plain calls as rmcp's own path answers
+/// the same requests (`requestState: null` sends one there): results marked complete, tool
+/// errors as they are; and a downstream's requests for input during a call come back as
+/// `input_required`, whose retries finish the call.
+#[tokio::test]
+async fn a_2026_clients_calls_on_stdio_are_answered_as_rmcp_answers_them() {
+    let config = TestConfig::new(
+        "[servers.math]\ncommand = \"{fixture}\"\nargs = [\"math\"]\n\n\
+         [servers.slow]\ncommand = \"{fixture}\"\nargs = [\"slow\"]\n",
+    );
+    let mut raw = RawSession::start(&config);
+    let meta = json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"},
+        "io.modelcontextprotocol/clientCapabilities": {"sampling": {}, "roots": {}}
+    });
+    let mut next_id = 0;
+    let mut call = async |raw: &mut RawSession, params: Value| -> Value {
+        next_id += 1;
+        raw.send(
+            &json!({"jsonrpc": "2.0", "id": next_id, "method": "tools/call", "params": params}),
+        )
+        .await;
+        loop {
+            let message = raw.next().await;
+            if message["id"] == next_id {
+                break message;
+            }
+        }
+    };
+    let params = |name: &str, arguments: Value| json!({"name": name, "arguments": arguments, "_meta": meta.clone()});
+    // rmcp opens the session with the first request; the front takes those after it.
+    let first = call(&mut raw, params("math__add", json!({"a": 0, "b": 0}))).await;
+    assert_eq!(first["result"]["resultType"], "complete", "{first}");
+
+    for (name, arguments) in [
+        ("math__add", json!({"a": 1, "b": 2})),
+        ("math__divide", json!({"a": 1, "b": 0})),
+        ("math__nope", json!({})),
+    ] {
+        let front = call(&mut raw, params(name, arguments.clone())).await;
+        let mut rmcps = params(name, arguments);
+        rmcps["requestState"] = Value::Null;
+        let rmcps = call(&mut raw, rmcps).await;
+        assert_eq!(
+            (&front["result"], &front["error"]),
+            (&rmcps["result"], &rmcps["error"]),
+            "{name}"
+        );
+    }
+    let added = call(&mut raw, params("math__add", json!({"a": 1, "b": 2}))).await;
+    assert_eq!(added["result"]["resultType"], "complete", "{added}");
+    assert_eq!(
+        added["result"]["structuredContent"]["result"], 3.0,
+        "{added}"
+    );
+
+    // The downstream (2025-06-18) samples, then asks for roots: two rounds of input.
+    let mut answer = call(&mut raw, params("slow__ask", json!({"prompt": "hi"}))).await;
+    let mut methods = Vec::new();
+    while answer["result"]["resultType"] == "input_required" {
+        let mut responses = serde_json::Map::new();
+        for (key, request) in answer["result"]["inputRequests"].as_object().unwrap() {
+            let method = request["method"].as_str().unwrap().to_owned();
+            let response = match method.as_str() {
+                "sampling/createMessage" => json!({"role": "assistant", "model": "test",
+                    "content": {"type": "text", "text": "sampled hi"}}),
+                "roots/list" => json!({"roots": [{"uri": "file:///tmp/a", "name": "a"}]}),
+                other => panic!("asked {other}: {answer}"),
+            };
+            methods.push(method);
+            responses.insert(key.clone(), response);
+        }
+        let mut retry = params("slow__ask", json!({"prompt": "hi"}));
+        retry["requestState"] = answer["result"]["requestState"].clone();
+        retry["inputResponses"] = Value::Object(responses);
+        answer = call(&mut raw, retry).await;
+    }
+    assert_eq!(
+        methods,
+        ["sampling/createMessage", "roots/list"],
+        "{answer}"
+    );
+    assert_eq!(answer["result"]["resultType"], "complete", "{answer}");
+    assert_eq!(
+        answer["result"]["content"][0]["text"], "sampled hi; roots: 1",
+        "{answer}"
+    );
+}
+
 /// A 2026-07-28 client in auto mode sends `server/discover` before anything else; it must get
 /// an answer, and the connection must stay usable.
 #[tokio::test]
