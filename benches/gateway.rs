@@ -8,7 +8,9 @@
 //!
 //! Every figure is the median of `REPS` repetitions, each measuring the direct path (this
 //! benchmark's client talking to its echo server) and the path through conductor with the
-//! same client and the same echo server, one after the other.
+//! same client and the same echo server, one after the other. Calls over stdio are measured
+//! twice: with a client that begins with `initialize` (every version before 2026-07-28), and
+//! with a 2026-07-28 client, which names its version and capabilities in every request.
 //!
 //! The binary is also its own echo server: `gateway --echo-server [--tools N]
 //! [--init-delay-ms N] [--http]`, a minimal rmcp server whose `echo` tool answers its text;
@@ -30,9 +32,12 @@ use std::time::{Duration, Instant};
 
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ListToolsResult,
-    PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+    PaginatedRequestParams, ProtocolVersion, ServerCapabilities, ServerConfig, Tool,
 };
-use rmcp::service::{Peer, RequestContext, RoleClient, RoleServer, RunningService};
+use rmcp::service::{
+    ClientLifecycleMode, ClientServiceExt, Peer, RequestContext, RoleClient, RoleServer,
+    RunningService,
+};
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
 use rmcp::{ErrorData as McpError, ServerHandler, ServiceExt};
 use serde_json::json;
@@ -189,7 +194,15 @@ fn config(dir: &Path, name: &str, count: usize, args: &[&str]) -> PathBuf {
 }
 
 /// A client of a child process over stdio, and the child's pid.
-async fn stdio_client(program: &str, args: &[&str]) -> (Client, u32) {
+/// How a client begins: with `initialize`, as every client before 2026-07-28 does, or with
+/// 2026-07-28's `server/discover`, naming its version and capabilities in every request.
+#[derive(Debug, Clone, Copy)]
+enum Lifecycle {
+    Initialize,
+    Discover,
+}
+
+async fn stdio_client(lifecycle: Lifecycle, program: &str, args: &[&str]) -> (Client, u32) {
     let mut command = tokio::process::Command::new(program);
     command.args(args).env("RUST_LOG", "error");
     let (transport, _) = TokioChildProcess::builder(command)
@@ -197,14 +210,23 @@ async fn stdio_client(program: &str, args: &[&str]) -> (Client, u32) {
         .spawn()
         .unwrap();
     let pid = transport.id().unwrap();
-    (().serve(transport).await.unwrap(), pid)
+    let client = match lifecycle {
+        Lifecycle::Initialize => ().serve(transport).await,
+        Lifecycle::Discover => {
+            let mode = ClientLifecycleMode::Discover {
+                preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+            };
+            ().serve_with_lifecycle(transport, mode).await
+        }
+    };
+    (client.unwrap(), pid)
 }
 
 /// Direct over stdio: the client starts the echo server itself.
-async fn direct_stdio(args: &[&str]) -> (Client, u32) {
+async fn direct_stdio(lifecycle: Lifecycle, args: &[&str]) -> (Client, u32) {
     let mut all = vec!["--echo-server"];
     all.extend(args);
-    stdio_client(&me(), &all).await
+    stdio_client(lifecycle, &me(), &all).await
 }
 
 /// The command that runs conductor with `args`: with `GATEWAY_WRAP="valgrind
@@ -222,11 +244,11 @@ fn conductor_command(args: &[&str]) -> (String, Vec<String>) {
 }
 
 /// Through conductor over stdio, in front of the servers in `config`.
-async fn conductor_stdio(config: &Path) -> (Client, u32) {
+async fn conductor_stdio(lifecycle: Lifecycle, config: &Path) -> (Client, u32) {
     let config = config.display().to_string();
     let (program, args) = conductor_command(&["serve", "--config", &config]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    stdio_client(&program, &args).await
+    stdio_client(lifecycle, &program, &args).await
 }
 
 /// Wait up to 30 s for a process to exit on its own (so a profiler it runs under writes its
@@ -506,23 +528,37 @@ impl Bench {
         }
     }
 
+    /// Once with a client that begins with `initialize`, once with a 2026-07-28 client.
     async fn calls_over_stdio(&self) {
-        let (direct, _) = direct_stdio(&[]).await;
-        let (through, pid) = conductor_stdio(&config(self.dir.path(), "one", 1, &[])).await;
-        let echo = me();
-        let (relay, relay_pid) = stdio_client(&me(), &["--relay", &echo, "--echo-server"]).await;
-        self.compare_calls(
-            "`tools/call`, stdio client to stdio server (direct), through conductor over stdio, and through a bare relay",
-            direct.peer(),
-            through.peer(),
-            Some(relay.peer()),
-            false,
-            &[("conductor", pid), ("bare relay", relay_pid)],
-        )
-        .await;
-        // Close conductor's stdin and let it exit on its own.
-        let _ = through.cancel().await;
-        wait_for_exit(pid).await;
+        for (lifecycle, title) in [
+            (
+                Lifecycle::Initialize,
+                "`tools/call`, stdio client to stdio server (direct), through conductor over stdio, and through a bare relay",
+            ),
+            (
+                Lifecycle::Discover,
+                "The same with a 2026-07-28 client (`server/discover`, then its version and capabilities in every request)",
+            ),
+        ] {
+            let (direct, _) = direct_stdio(lifecycle, &[]).await;
+            let config = config(self.dir.path(), "one", 1, &[]);
+            let (through, pid) = conductor_stdio(lifecycle, &config).await;
+            let echo = me();
+            let relay_args = ["--relay", &echo, "--echo-server"];
+            let (relay, relay_pid) = stdio_client(lifecycle, &me(), &relay_args).await;
+            self.compare_calls(
+                title,
+                direct.peer(),
+                through.peer(),
+                Some(relay.peer()),
+                false,
+                &[("conductor", pid), ("bare relay", relay_pid)],
+            )
+            .await;
+            // Close conductor's stdin and let it exit on its own.
+            let _ = through.cancel().await;
+            wait_for_exit(pid).await;
+        }
     }
 
     async fn calls_over_http(&self) {
@@ -554,14 +590,14 @@ impl Bench {
         println!("| ---: | ---: | ---: | ---: |");
         for tools in [1_000usize, 10_000] {
             let count = tools.to_string();
-            let (direct, _) = direct_stdio(&["--tools", &count]).await;
+            let (direct, _) = direct_stdio(Lifecycle::Initialize, &["--tools", &count]).await;
             let config = config(
                 self.dir.path(),
                 &format!("tools{tools}"),
                 1,
                 &["--tools", &count],
             );
-            let (through, _) = conductor_stdio(&config).await;
+            let (through, _) = conductor_stdio(Lifecycle::Initialize, &config).await;
             let iterations = if self.quick { 1 } else { 20_000 / tools.max(1) };
             let time = |client: &Client| {
                 let peer = client.peer().clone();
@@ -603,7 +639,7 @@ impl Bench {
         // Until the client has conductor's answer to `initialize` and every server's tools.
         let ready = |config: PathBuf, expected: usize| async move {
             let started = Instant::now();
-            let (client, _) = conductor_stdio(&config).await;
+            let (client, _) = conductor_stdio(Lifecycle::Initialize, &config).await;
             let listed = client.peer().list_all_tools().await.unwrap();
             assert_eq!(listed.len(), expected + 1, "every echo and orchestrate");
             let elapsed = started.elapsed();
@@ -612,7 +648,8 @@ impl Bench {
         };
         let direct_ready = || async {
             let started = Instant::now();
-            let (client, _) = direct_stdio(&["--init-delay-ms", delay]).await;
+            let (client, _) =
+                direct_stdio(Lifecycle::Initialize, &["--init-delay-ms", delay]).await;
             client.peer().list_all_tools().await.unwrap();
             started.elapsed()
         };
@@ -641,10 +678,14 @@ impl Bench {
         println!("\n### Memory (resident set)\n");
         println!("| what | MiB |");
         println!("| --- | ---: |");
-        let (echo, echo_pid) = direct_stdio(&[]).await;
+        let (echo, echo_pid) = direct_stdio(Lifecycle::Initialize, &[]).await;
         echo.peer().list_all_tools().await.unwrap();
         let (_, echo_peak) = rss_kib(echo_pid);
-        let (client, pid) = conductor_stdio(&config(self.dir.path(), "ten", 10, &[])).await;
+        let (client, pid) = conductor_stdio(
+            Lifecycle::Initialize,
+            &config(self.dir.path(), "ten", 10, &[]),
+        )
+        .await;
         client.peer().list_all_tools().await.unwrap();
         tokio::time::sleep(Duration::from_secs(if self.quick { 0 } else { 2 })).await;
         let (now, peak) = rss_kib(pid);
@@ -690,7 +731,7 @@ impl Bench {
 
     async fn orchestrate(&self) {
         let steps = if self.quick { 10 } else { 100 };
-        let (direct, _) = direct_stdio(&[]).await;
+        let (direct, _) = direct_stdio(Lifecycle::Initialize, &[]).await;
         let config = config(self.dir.path(), "saved", 1, &[]);
         // A saved workflow of one step: what conductor adds to a call by making a tool of it.
         let mut text = std::fs::read_to_string(&config).unwrap();
@@ -702,7 +743,7 @@ impl Bench {
             "id = \"echo\"\ntool = \"echo__echo\"\nargs = { text = \"${{ inputs.text }}\" }\n",
         ));
         std::fs::write(&config, text).unwrap();
-        let (through, pid) = conductor_stdio(&config).await;
+        let (through, pid) = conductor_stdio(Lifecycle::Initialize, &config).await;
         let chain: Vec<_> = (0..steps)
             .map(|i| {
                 let text = if i == 0 {
