@@ -97,7 +97,9 @@ impl Bridge {
             ..caller.clone()
         };
         let parked = Parked {
-            outcome: tokio::spawn(call(inner)),
+            // Boxed: tokio moves a task's future as it starts and ends it, and a call's is
+            // large (docs/performance.md).
+            outcome: tokio::spawn(Box::pin(call(inner))),
             asks: receiver,
             pending: HashMap::new(),
             cancel,
