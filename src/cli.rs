@@ -403,33 +403,12 @@ fn tools(registry: &Registry, json: bool, server: Option<&str>) -> anyhow::Resul
         "ORIGINAL",
         "DESCRIPTION",
     ])];
-    for entry in &entries {
-        let tool = &entry.tool;
-        // Shown only where the public name does not already end with it: shortened or renamed.
-        let original = if tool.name.ends_with(entry.original.as_str()) {
-            ""
-        } else {
-            &entry.original
-        };
-        rows.push(row([
-            &tool.name,
-            entry.server.as_str(),
-            tool.title.as_deref().unwrap_or(""),
-            &annotation_flags(tool),
-            original,
-            &one_line(tool.description.as_deref().unwrap_or(""), 70),
-        ]));
-    }
-    for tool in &own {
-        rows.push(row([
-            &tool.name,
-            OWN_SERVER,
-            tool.title.as_deref().unwrap_or(""),
-            &annotation_flags(tool),
-            "",
-            &one_line(tool.description.as_deref().unwrap_or(""), 70),
-        ]));
-    }
+    rows.extend(
+        entries
+            .iter()
+            .map(|entry| tool_row(&entry.tool, Some(entry))),
+    );
+    rows.extend(own.iter().map(|tool| tool_row(tool, None)));
     let mut text = table(&rows);
     text.push_str(&format!("{} tools\n", entries.len() + own.len()));
     output(text.trim_end())
@@ -437,6 +416,26 @@ fn tools(registry: &Registry, json: bool, server: Option<&str>) -> anyhow::Resul
 
 /// What `conductor tools` shows in the server column for conductor's own tools.
 const OWN_SERVER: &str = "(conductor)";
+
+/// A tool as `conductor tools` shows it: a downstream's, with its entry, or one of
+/// conductor's own.
+fn tool_row(tool: &Tool, entry: Option<&ToolEntry>) -> Vec<String> {
+    let (server, original) = match entry {
+        // The original is shown only where the public name does not already end with it:
+        // shortened or renamed.
+        Some(entry) if tool.name.ends_with(entry.original.as_str()) => (entry.server.as_str(), ""),
+        Some(entry) => (entry.server.as_str(), entry.original.as_str()),
+        None => (OWN_SERVER, ""),
+    };
+    row([
+        &tool.name,
+        server,
+        tool.title.as_deref().unwrap_or(""),
+        &annotation_flags(tool),
+        original,
+        &one_line(tool.description.as_deref().unwrap_or(""), 70),
+    ])
+}
 
 /// A tool as `conductor tools --json` lists it: a downstream's, with its entry, or one of
 /// conductor's own (no server, no original name).
