@@ -193,7 +193,6 @@ fn config(dir: &Path, name: &str, count: usize, args: &[&str]) -> PathBuf {
     path
 }
 
-/// A client of a child process over stdio, and the child's pid.
 /// How a client begins: with `initialize`, as every client before 2026-07-28 does, or with
 /// 2026-07-28's `server/discover`, naming its version and capabilities in every request.
 #[derive(Debug, Clone, Copy)]
@@ -202,6 +201,7 @@ enum Lifecycle {
     Discover,
 }
 
+/// A client of a child process over stdio, and the child's pid.
 async fn stdio_client(lifecycle: Lifecycle, program: &str, args: &[&str]) -> (Client, u32) {
     let mut command = tokio::process::Command::new(program);
     command.args(args).env("RUST_LOG", "error");

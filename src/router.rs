@@ -824,7 +824,7 @@ impl Router {
         // carry their size (see docs/performance.md).
         Box::pin(self.send_parsed(&connection, spec, what, request, timeout, caller))
             .await
-            .map(|result| Answer::Parsed(Box::new(result)))
+            .map(Answer::from)
     }
 
     /// Send a request through rmcp and read its answer: following a task the server makes of
@@ -903,7 +903,7 @@ impl Router {
             Ok(other) => other,
             Err(error) => return Err(CallError::Unreadable(error.to_string())),
         };
-        Ok(Answer::Parsed(Box::new(result)))
+        Ok(Answer::from(result))
     }
 
     /// Follow a task the downstream made of a call (tasks extension) until it ends, and
