@@ -269,24 +269,13 @@ impl Front {
         if info.protocol_version >= ProtocolVersion::V_2026_07_28 {
             return None;
         }
-        server.router.remember_client(peer);
-        let pages = server
-            .fronts
-            .as_ref()
-            .map_or_else(Arc::default, |fronts| fronts.pages.clone());
-        Some(Front {
-            router: server.router.clone(),
-            orchestrator: server.orchestrator.clone(),
-            caller: Caller {
-                client: Some(peer.clone()),
-                protocol: Some(info.protocol_version.clone()),
-                capabilities: Some(Arc::new(info.capabilities.clone())),
-                ..Caller::default()
-            },
-            calls: Mutex::default(),
-            pages,
-            per_request: None,
-        })
+        let caller = Caller {
+            client: Some(peer.clone()),
+            protocol: Some(info.protocol_version.clone()),
+            capabilities: Some(Arc::new(info.capabilities.clone())),
+            ..Caller::default()
+        };
+        Some(Front::new(server, peer, caller, None))
     }
 
     /// The front of a stdio client that began without `initialize` (2026-07-28): rmcp
@@ -296,18 +285,39 @@ impl Front {
         if peer.peer_info().is_some() {
             return None;
         }
+        let caller = Caller {
+            client: Some(peer.clone()),
+            ..Caller::default()
+        };
+        Some(Front::new(
+            server,
+            peer,
+            caller,
+            Some(PerRequest::default()),
+        ))
+    }
+
+    /// A front making its calls as `caller`, for the session of `peer`, whose client it
+    /// remembers for what downstreams send back during workflow steps.
+    fn new(
+        server: &ConductorServer,
+        peer: &Peer<RoleServer>,
+        caller: Caller,
+        per_request: Option<PerRequest>,
+    ) -> Front {
         server.router.remember_client(peer);
-        Some(Front {
+        let pages = server
+            .fronts
+            .as_ref()
+            .map_or_else(Arc::default, |fronts| fronts.pages.clone());
+        Front {
             router: server.router.clone(),
             orchestrator: server.orchestrator.clone(),
-            caller: Caller {
-                client: Some(peer.clone()),
-                ..Caller::default()
-            },
+            caller,
             calls: Mutex::default(),
-            pages: Arc::default(),
-            per_request: Some(PerRequest::default()),
-        })
+            pages,
+            per_request,
+        }
     }
 
     /// The protocol version the client agreed on.
