@@ -263,8 +263,12 @@ pub struct StdioSpec {
     /// A program name looked up on `PATH`, or a path (a relative one is resolved against `cwd`).
     pub command: String,
     pub args: Vec<String>,
-    /// Added to conductor's own environment, after `${VAR}` expansion.
+    /// Set in the child's environment, after `${VAR}` expansion, over the safe set
+    /// (`downstream::SAFE_ENV`) and what `inherit_env` names.
     pub env: Vec<(String, String)>,
+    /// Variables of conductor's own environment the child may see, by name. Nothing else of
+    /// conductor's environment reaches a child: it may hold other servers' secrets.
+    pub inherit_env: Vec<String>,
     /// The folder it starts in: `cwd` resolved against the config's folder, or that folder.
     pub cwd: PathBuf,
 }

@@ -46,6 +46,7 @@ pub(super) fn read_server(
     let transport_kind = table.string("transport", problems);
     let args = table.strings("args", problems);
     let env_vars = table.string_map("env", problems);
+    let inherit_env = table.strings("inherit_env", problems);
     let cwd = table.string("cwd", problems);
     let headers = table.string_map("headers", problems);
     let enabled = table.bool("enabled", problems).unwrap_or(true);
@@ -135,6 +136,25 @@ pub(super) fn read_server(
                     expanded(Some(value), &what, problems).map(|value| (key.into_inner(), value))
                 })
                 .collect();
+            let inherit_env = inherit_env
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|variable| {
+                    let valid =
+                        !variable.get_ref().is_empty() && !variable.get_ref().contains(['=', '\0']);
+                    if !valid {
+                        problems.add(
+                            variable.span(),
+                            format!(
+                                "server `{}`: `inherit_env` lists variable names; `{}` is not one",
+                                name.get_ref(),
+                                variable.get_ref()
+                            ),
+                        );
+                    }
+                    valid.then(|| variable.into_inner())
+                })
+                .collect();
             let cwd = match cwd {
                 Some(cwd) => expanded(Some(cwd), "cwd", problems).map(|cwd| folder.join(cwd)),
                 None => Some(folder.to_path_buf()),
@@ -153,11 +173,12 @@ pub(super) fn read_server(
                 command: command?,
                 args: args.into_iter().collect::<Option<_>>()?,
                 env: env_vars.into_iter().collect::<Option<_>>()?,
+                inherit_env,
                 cwd: cwd?,
             }))
         }
         (None, Some(url)) => {
-            for key in ["args", "env", "cwd"] {
+            for key in ["args", "env", "inherit_env", "cwd"] {
                 if let Some(value) = table.get(key) {
                     problems.add(
                         value.span(),

@@ -31,7 +31,7 @@ use crate::config::{Handshake, HttpSpec, ServerName, ServerSpec, Transport};
 use crate::relay::Relay;
 pub use client::DownstreamClient;
 pub use lane::{Heard, Reply, SentCall, TextLane};
-pub use stdio::{LAUNCHER_ARG, run_launcher, use_launcher};
+pub use stdio::{LAUNCHER_ARG, SAFE_ENV, run_launcher, use_launcher};
 
 /// Which of a server's lists changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -65,7 +65,8 @@ pub(super) fn spawn(server: &ServerName, spec: &StdioSpec) -> Result<Child, Conn
     };
     command
         .args(&spec.args)
-        .envs(spec.env.iter().map(|(key, value)| (key, value)))
+        .env_clear()
+        .envs(child_env(spec, |name| std::env::var_os(name)))
         .current_dir(&spec.cwd)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -103,6 +104,33 @@ pub(super) fn spawn(server: &ServerName, spec: &StdioSpec) -> Result<Child, Conn
         lane,
         pid,
     })
+}
+
+/// What a child sees of conductor's environment without asking: what the official SDKs' stdio
+/// clients pass (HOME, LOGNAME, PATH, SHELL, TERM, USER), and the locale, time zone and
+/// temporary folder, which hold no secrets and change how a program behaves.
+pub const SAFE_ENV: [&str; 10] = [
+    "HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR",
+];
+
+/// A child's whole environment: the safe set and what its config lets it inherit, read from
+/// conductor's environment through `inherited`, then its own `env` over both.
+fn child_env(
+    spec: &StdioSpec,
+    inherited: impl Fn(&str) -> Option<OsString>,
+) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = SAFE_ENV
+        .iter()
+        .copied()
+        .chain(spec.inherit_env.iter().map(String::as_str))
+        .filter_map(|name| Some((OsString::from(name), inherited(name)?)))
+        .collect();
+    env.extend(
+        spec.env
+            .iter()
+            .map(|(key, value)| (OsString::from(key), OsString::from(value))),
+    );
+    env
 }
 
 /// rmcp's transport to a child: its pipes, and the child, stopped when the transport closes

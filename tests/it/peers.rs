@@ -534,3 +534,45 @@ async fn the_python_sdk_server_and_client_ask_and_answer_across_eras() {
         }
     }
 }
+
+/// A child sees the safe set, what its config lets it inherit and its own `env`; never the rest
+/// of conductor's environment, which holds conductor's token and other servers' secrets
+/// (server-everything's `get-env` prints the child's whole environment).
+#[tokio::test]
+async fn a_child_sees_only_the_safe_environment_and_what_its_config_names() {
+    let config = TestConfig::new(&format!(
+        "[servers.everything]\ncommand = \"node\"\nargs = [\"{}\"]\n\
+         inherit_env = [\"SHARED_SETTING\"]\nenv = {{ OWN_SETTING = \"own\" }}\n",
+        node_server("server-everything"),
+    ));
+    let session = super::support::serve_with_env(
+        &config,
+        &[
+            ("CONDUCTOR_TOKEN", "conductor-secret".to_owned()),
+            ("OTHER_SERVER_API_KEY", "other-secret".to_owned()),
+            ("SHARED_SETTING", "shared".to_owned()),
+        ],
+    )
+    .await;
+    let printed = text_of(&call(&session, "everything__get-env", json!({})).await);
+    let env: serde_json::Map<String, Value> =
+        serde_json::from_str(&printed).expect("get-env prints a JSON object");
+    assert_eq!(env.get("SHARED_SETTING"), Some(&json!("shared")));
+    assert_eq!(env.get("OWN_SETTING"), Some(&json!("own")));
+    assert!(
+        env.contains_key("PATH"),
+        "PATH is in the safe set: {printed}"
+    );
+    for secret in ["CONDUCTOR_TOKEN", "OTHER_SERVER_API_KEY"] {
+        assert!(!env.contains_key(secret), "{secret} reached the child");
+    }
+    let unexpected: Vec<&String> = env
+        .keys()
+        .filter(|name| {
+            !mcp_conductor::downstream::SAFE_ENV.contains(&name.as_str())
+                && !["SHARED_SETTING", "OWN_SETTING"].contains(&name.as_str())
+        })
+        .collect();
+    assert!(unexpected.is_empty(), "the child saw {unexpected:?}");
+    session.cancel().await.unwrap();
+}
