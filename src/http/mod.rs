@@ -33,7 +33,7 @@ mod events;
 mod sse;
 
 use crate::config::HttpSettings;
-use crate::orchestrate::Orchestrator;
+use crate::orchestrate::{Orchestrator, Owner};
 use crate::registry::{Registry, Status};
 use crate::router::Router;
 use crate::server::{ConductorServer, Front, Fronts};
@@ -47,6 +47,40 @@ pub enum HttpError {
          (`[http] tokens = [\"${{MY_TOKEN}}\"]`), or serve on a loopback address such as 127.0.0.1"
     )]
     Unauthenticated(SocketAddr),
+}
+
+/// Which of the configured bearer tokens a request presented (its place in `[http] tokens`),
+/// or `OPEN` on a server without tokens. Put in every authenticated request's extensions:
+/// a session, and a run, belong to the credential that made them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Credential(u32);
+
+impl Credential {
+    /// Every request of a server without tokens (loopback only).
+    pub const OPEN: Credential = Credential(u32::MAX);
+
+    /// Who the runs made with this credential belong to.
+    pub fn owner(self) -> Owner {
+        if self == Credential::OPEN {
+            Owner::named("http")
+        } else {
+            Owner::named(format!("http:token{}", self.0))
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The credential of the request being served. rmcp makes a session's (or a stateless
+    /// request's) `ConductorServer` inside that request's future and takes nothing to pass
+    /// it, so the factory reads it here.
+    static SERVING: Credential;
+}
+
+/// The owner of the runs of the request being served; outside one, nobody's (fails closed).
+fn serving_owner() -> Owner {
+    SERVING
+        .try_with(|credential| credential.owner())
+        .unwrap_or_else(|_| Owner::named(format!("unattributed:{}", uuid::Uuid::new_v4().simple())))
 }
 
 /// What the HTTP handlers share, behind an `Arc`: axum clones a middleware's state for every
@@ -69,6 +103,8 @@ struct Shared {
     /// `Host` and `Origin` values accepted on every MCP route (DNS rebinding, foreign pages).
     hosts: Vec<String>,
     origins: Vec<String>,
+    /// The credential each Streamable HTTP session was opened with.
+    owners: dashmap::DashMap<String, Credential>,
 }
 
 impl Shared {
@@ -135,12 +171,18 @@ pub fn app(
     let router = Router::new(registry.clone());
     let fronts = Arc::new(Fronts::default());
     let session_fronts = fronts.clone();
-    let make_server: Arc<dyn Fn() -> ConductorServer + Send + Sync> = Arc::new(move || {
-        ConductorServer::new(&router, &orchestrator).with_fronts(session_fronts.clone())
+    let make_server: Arc<dyn Fn(Owner) -> ConductorServer + Send + Sync> = Arc::new(move |owner| {
+        ConductorServer::new(&router, &orchestrator)
+            .owned_by(owner)
+            .with_fronts(session_fronts.clone())
     });
     let factory = make_server.clone();
     let service: StreamableHttpService<ConductorServer, LocalSessionManager> =
-        StreamableHttpService::new(move || Ok(factory()), sessions.clone(), config);
+        StreamableHttpService::new(
+            move || Ok(factory(serving_owner())),
+            sessions.clone(),
+            config,
+        );
     let legacy = Arc::new(sse::SseSessions::default());
     let shared = Arc::new(Shared {
         registry,
@@ -154,6 +196,7 @@ pub fn app(
         shutdown: shutdown.clone(),
         hosts,
         origins,
+        owners: dashmap::DashMap::new(),
     });
     let legacy_routes = axum::Router::new()
         .route("/sse", get(sse::open))
@@ -197,26 +240,81 @@ pub async fn serve(
         .await
 }
 
-/// Bearer tokens, compared in constant time so a timing side channel cannot reveal them.
-async fn authenticate(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
-    if shared.settings.tokens.is_empty() {
-        return next.run(request).await;
+/// Bearer tokens, compared in constant time so a timing side channel cannot reveal them. The
+/// accepted token's [`Credential`] goes into the request's extensions, and a session is
+/// served only to the credential that opened it: to any other it does not exist (404).
+async fn authenticate(
+    State(shared): State<Arc<Shared>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let credential = if shared.settings.tokens.is_empty() {
+        Credential::OPEN
+    } else {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Every token is compared, so the time taken does not say which one matched.
+        let mut accepted = None;
+        for (index, token) in shared.settings.tokens.iter().enumerate() {
+            if bool::from(token.as_bytes().ct_eq(presented.as_bytes())) {
+                accepted = Some(Credential(index as u32));
+            }
+        }
+        match accepted {
+            Some(credential) => credential,
+            None => return unauthorized(presented.is_empty()),
+        }
+    };
+    let session = header_text(&request, "mcp-session-id").map(str::to_owned);
+    if let Some(session) = &session
+        && shared
+            .owners
+            .get(session)
+            .is_some_and(|owner| *owner != credential)
+    {
+        tracing::warn!(
+            session = %session,
+            "a request named a session opened with another credential; answered as unknown"
+        );
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({
+                "jsonrpc": "2.0",
+                "id": null,
+                "error": {"code": -32600, "message": "session not found"},
+            })),
+        )
+            .into_response();
     }
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let accepted = shared
-        .settings
-        .tokens
-        .iter()
-        .any(|token| bool::from(token.as_bytes().ct_eq(presented.as_bytes())));
-    if accepted {
-        return next.run(request).await;
+    request.extensions_mut().insert(credential);
+    let response = SERVING.scope(credential, next.run(request)).await;
+    if session.is_none()
+        && let Some(opened) = response
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|id| id.to_str().ok())
+    {
+        bind_session(&shared, opened, credential).await;
     }
-    let message = if presented.is_empty() {
+    response
+}
+
+/// Record who opened a session; forget the sessions that have ended meanwhile.
+async fn bind_session(shared: &Shared, session: &str, credential: Credential) {
+    {
+        let live = shared.sessions.sessions.read().await;
+        shared.owners.retain(|id, _| live.contains_key(id.as_str()));
+    }
+    shared.owners.insert(session.to_owned(), credential);
+}
+
+/// 401, with the challenge a client library recognizes.
+fn unauthorized(nothing_presented: bool) -> Response {
+    let message = if nothing_presented {
         "this server needs a bearer token: send `Authorization: Bearer <token>`"
     } else {
         "the bearer token is not valid"

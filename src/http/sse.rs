@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,6 +19,8 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, PollSender};
 
+use super::Credential;
+use crate::orchestrate::Owner;
 use crate::server::ConductorServer;
 
 /// Messages buffered per session in each direction before the sender waits.
@@ -27,7 +29,14 @@ const CHANNEL_CAPACITY: usize = 64;
 /// The open legacy sessions: where each one's incoming messages go.
 #[derive(Debug, Default)]
 pub struct SseSessions {
-    inboxes: DashMap<String, mpsc::Sender<ClientJsonRpcMessage>>,
+    inboxes: DashMap<String, Inbox>,
+}
+
+/// Where a session's messages go, and the credential that opened it: only that one may post.
+#[derive(Debug, Clone)]
+struct Inbox {
+    sender: mpsc::Sender<ClientJsonRpcMessage>,
+    owner: Credential,
 }
 
 impl SseSessions {
@@ -40,21 +49,30 @@ impl SseSessions {
 #[derive(Clone)]
 pub struct SseState {
     pub sessions: Arc<SseSessions>,
-    pub make_server: Arc<dyn Fn() -> ConductorServer + Send + Sync>,
+    pub make_server: Arc<dyn Fn(Owner) -> ConductorServer + Send + Sync>,
     pub shutdown: CancellationToken,
 }
 
 /// `GET /sse`: a new session, and its stream of events.
-pub async fn open(State(state): State<SseState>) -> Response {
+pub async fn open(
+    State(state): State<SseState>,
+    Extension(owner): Extension<Credential>,
+) -> Response {
     let id = new_session_id();
     let (inbox, from_client) = mpsc::channel::<ClientJsonRpcMessage>(CHANNEL_CAPACITY);
     let (to_client, mut outbox) = mpsc::channel::<ServerJsonRpcMessage>(CHANNEL_CAPACITY);
-    state.sessions.inboxes.insert(id.clone(), inbox);
+    state.sessions.inboxes.insert(
+        id.clone(),
+        Inbox {
+            sender: inbox,
+            owner,
+        },
+    );
 
     let mut from_client = from_client;
     let incoming = futures::stream::poll_fn(move |cx| from_client.poll_recv(cx));
     let transport = SinkStreamTransport::new(PollSender::new(to_client), incoming);
-    let server = (state.make_server)();
+    let server = (state.make_server)(owner.owner());
     let session_id = id.clone();
     let sessions = state.sessions.clone();
     let shutdown = state.shutdown.clone();
@@ -126,6 +144,7 @@ pub struct SessionQuery {
 /// `POST /messages?sessionId=...`: one message for a session, answered on its stream.
 pub async fn post(
     State(state): State<SseState>,
+    Extension(credential): Extension<Credential>,
     Query(query): Query<SessionQuery>,
     body: axum::body::Bytes,
 ) -> Response {
@@ -140,11 +159,13 @@ pub async fn post(
         Ok(message) => message,
         Err(error) => return super::json_rpc_error(-32600, &format!("invalid request: {error}")),
     };
+    // A session opened with another credential is as unknown as one that never was.
     let Some(inbox) = state
         .sessions
         .inboxes
         .get(&session_id)
-        .map(|inbox| inbox.clone())
+        .filter(|inbox| inbox.owner == credential)
+        .map(|inbox| inbox.sender.clone())
     else {
         return (
             StatusCode::NOT_FOUND,

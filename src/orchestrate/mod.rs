@@ -69,6 +69,23 @@ pub trait Tools: Send + Sync {
     ) -> Result<CallToolResult, CallError>;
 }
 
+/// Who a run belongs to: only its owner can read it back or resume it; to anyone else it does
+/// not exist. The local user over stdio and the CLI; over HTTP, the credential the session
+/// was opened with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owner(Arc<str>);
+
+impl Owner {
+    /// Whoever started conductor: a stdio session, the CLI.
+    pub fn local() -> Self {
+        Owner(Arc::from("local"))
+    }
+
+    pub fn named(name: impl Into<Arc<str>>) -> Self {
+        Owner(name.into())
+    }
+}
+
 /// Enough finished runs for anyone's day; past it, the oldest go first.
 const MOST_RUNS_KEPT: usize = 1000;
 
@@ -96,6 +113,7 @@ struct KeptRun {
     kept_at: Instant,
     keeping: u64,
     record: Arc<RunRecord>,
+    owner: Owner,
     /// The workflow it ran: a resumption must bring the same steps and inputs.
     workflow: Arc<Workflow>,
 }
@@ -126,18 +144,18 @@ impl Runs {
         }
     }
 
-    /// A kept run and the workflow it ran.
-    pub fn get(&self, run_id: &str) -> Option<(Arc<RunRecord>, Arc<Workflow>)> {
+    /// A kept run of `owner`'s and the workflow it ran.
+    pub fn get(&self, run_id: &str, owner: &Owner) -> Option<(Arc<RunRecord>, Arc<Workflow>)> {
         let kept = self.kept.lock().ok()?;
         kept.by_id
             .get(run_id)
-            .filter(|run| run.kept_at.elapsed() < self.keep_for)
+            .filter(|run| run.kept_at.elapsed() < self.keep_for && run.owner == *owner)
             .map(|run| (run.record.clone(), run.workflow.clone()))
     }
 
-    /// A kept run as a resource: its report, as JSON.
-    pub fn read(&self, run_id: &str, uri: &str) -> Option<ReadResourceResult> {
-        let (record, _) = self.get(run_id)?;
+    /// A kept run of `owner`'s as a resource: its report, as JSON.
+    pub fn read(&self, run_id: &str, uri: &str, owner: &Owner) -> Option<ReadResourceResult> {
+        let (record, _) = self.get(run_id, owner)?;
         let text = serde_json::to_string_pretty(&record.report).ok()?;
         let contents = ResourceContents::TextResourceContents {
             uri: uri.to_owned(),
@@ -148,7 +166,7 @@ impl Runs {
         Some(ReadResourceResult::new(vec![contents]))
     }
 
-    fn keep(&self, record: Arc<RunRecord>, workflow: Arc<Workflow>) {
+    fn keep(&self, record: Arc<RunRecord>, workflow: Arc<Workflow>, owner: Owner) {
         let Ok(mut kept) = self.kept.lock() else {
             return;
         };
@@ -169,6 +187,7 @@ impl Runs {
             kept_at: now,
             keeping,
             record,
+            owner,
             workflow,
         };
         kept.by_id.insert(run_id, run);
@@ -241,6 +260,8 @@ impl SavedPlans {
 /// Validates and runs workflows.
 pub struct Orchestrator {
     tools: Arc<dyn Tools>,
+    /// Whose runs this orchestrator makes, reads and resumes.
+    owner: Owner,
     expressions: Arc<Expressions>,
     runs: Arc<Runs>,
     saved_plans: Arc<SavedPlans>,
@@ -256,6 +277,7 @@ impl Orchestrator {
     pub fn new(tools: Arc<dyn Tools>, runs: Arc<Runs>) -> Self {
         Orchestrator {
             tools,
+            owner: Owner::local(),
             expressions: Arc::new(Expressions::new()),
             runs,
             saved_plans: Arc::default(),
@@ -267,14 +289,27 @@ impl Orchestrator {
     pub fn with_tools(&self, tools: Arc<dyn Tools>) -> Self {
         Orchestrator {
             tools,
+            owner: self.owner.clone(),
             expressions: self.expressions.clone(),
             runs: self.runs.clone(),
             saved_plans: self.saved_plans.clone(),
         }
     }
 
-    pub fn runs(&self) -> &Arc<Runs> {
-        &self.runs
+    /// The same orchestrator, making and reading `owner`'s runs.
+    pub fn with_owner(&self, owner: Owner) -> Self {
+        Orchestrator {
+            tools: self.tools.clone(),
+            owner,
+            expressions: self.expressions.clone(),
+            runs: self.runs.clone(),
+            saved_plans: self.saved_plans.clone(),
+        }
+    }
+
+    /// A kept run of this orchestrator's owner, as a resource.
+    pub fn read_run(&self, run_id: &str, uri: &str) -> Option<ReadResourceResult> {
+        self.runs.read(run_id, uri, &self.owner)
     }
 
     /// The `orchestrate` tool as clients list it.
@@ -359,13 +394,15 @@ impl Orchestrator {
         let report = record.report.clone();
         if mode == Mode::Run {
             // Kept as it ran (moved, not copied), for a resumption to be compared with.
-            self.runs.keep(record, Arc::new(validated.workflow));
+            self.runs
+                .keep(record, Arc::new(validated.workflow), self.owner.clone());
         }
         report
     }
 
     fn check_resume(&self, run_id: &str, workflow: &Workflow) -> Result<Arc<RunRecord>, Problem> {
-        let Some((record, ran)) = self.runs.get(run_id) else {
+        // Another owner's run is as unknown as one that never was.
+        let Some((record, ran)) = self.runs.get(run_id, &self.owner) else {
             return Err(Problem {
                 path: "/resume/run_id".to_owned(),
                 code: "unknown_run".to_owned(),
@@ -581,13 +618,18 @@ mod tests {
     fn past_the_most_kept_the_oldest_runs_go_first() {
         let runs = Runs::new(Duration::from_secs(3600));
         for n in 0..MOST_RUNS_KEPT + 5 {
-            runs.keep(record(&format!("run-{n}")), ran(n));
+            runs.keep(record(&format!("run-{n}")), ran(n), Owner::local());
         }
         for n in 0..5 {
-            assert!(runs.get(&format!("run-{n}")).is_none(), "run-{n} kept");
+            assert!(
+                runs.get(&format!("run-{n}"), &Owner::local()).is_none(),
+                "run-{n} kept"
+            );
         }
         for n in [5, 6, MOST_RUNS_KEPT + 4] {
-            let (kept, workflow) = runs.get(&format!("run-{n}")).expect("kept");
+            let (kept, workflow) = runs
+                .get(&format!("run-{n}"), &Owner::local())
+                .expect("kept");
             assert_eq!(
                 (kept.report.run_id.as_str(), workflow.timeout_ms),
                 (format!("run-{n}").as_str(), Some(n as u64))
@@ -599,12 +641,36 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_run_is_given_only_to_its_owner() {
+        let runs = Runs::new(Duration::from_secs(3600));
+        let (alice, bob) = (Owner::named("http:0"), Owner::named("http:1"));
+        runs.keep(record("mine"), ran(0), alice.clone());
+        assert!(runs.get("mine", &alice).is_some());
+        assert!(runs.get("mine", &bob).is_none());
+        assert!(runs.read("mine", "conductor://runs/mine", &bob).is_none());
+        assert!(runs.get("mine", &Owner::local()).is_none());
+    }
+
+    #[test]
+    fn run_ids_are_random() {
+        let ids: std::collections::HashSet<String> = (0..100).map(|_| new_run_id()).collect();
+        assert_eq!(ids.len(), 100);
+        for id in &ids {
+            // 128 random bits: nobody guesses one from another.
+            assert_eq!(id.len(), "r_".len() + 32, "{id}");
+        }
+    }
+
+    #[test]
     fn expired_runs_are_forgotten_when_the_next_is_kept() {
         let runs = Runs::new(Duration::from_millis(20));
-        runs.keep(record("old"), ran(0));
+        runs.keep(record("old"), ran(0), Owner::local());
         std::thread::sleep(Duration::from_millis(30));
-        assert!(runs.get("old").is_none(), "expired runs are not given out");
-        runs.keep(record("new"), ran(0));
+        assert!(
+            runs.get("old", &Owner::local()).is_none(),
+            "expired runs are not given out"
+        );
+        runs.keep(record("new"), ran(0), Owner::local());
         let kept = runs.kept.lock().unwrap();
         assert_eq!(kept.by_id.keys().collect::<Vec<_>>(), ["new"]);
         assert_eq!(kept.oldest_first.len(), 1);
@@ -613,16 +679,17 @@ mod tests {
     #[test]
     fn a_run_kept_again_is_not_forgotten_with_its_first_keeping() {
         let runs = Runs::new(Duration::from_secs(3600));
-        runs.keep(record("again"), ran(1));
-        runs.keep(record("between"), ran(0));
-        runs.keep(record("again"), ran(2));
+        runs.keep(record("again"), ran(1), Owner::local());
+        runs.keep(record("between"), ran(0), Owner::local());
+        runs.keep(record("again"), ran(2), Owner::local());
         for n in 0..MOST_RUNS_KEPT - 1 {
-            runs.keep(record(&format!("run-{n}")), ran(0));
+            runs.keep(record(&format!("run-{n}")), ran(0), Owner::local());
         }
         // Full: the first keeping of `again` went, then `between`; the second keeping stays.
-        assert!(runs.get("between").is_none());
+        assert!(runs.get("between", &Owner::local()).is_none());
         assert_eq!(
-            runs.get("again").map(|(_, workflow)| workflow.timeout_ms),
+            runs.get("again", &Owner::local())
+                .map(|(_, workflow)| workflow.timeout_ms),
             Some(Some(2))
         );
     }

@@ -68,6 +68,12 @@ impl ConductorServer {
         }
     }
 
+    /// The session's workflow runs belong to `owner`: only it can read or resume them.
+    pub fn owned_by(mut self, owner: orchestrate::Owner) -> Self {
+        self.orchestrator = Arc::new(self.orchestrator.with_owner(owner));
+        self
+    }
+
     /// Register each HTTP session's front in `fronts`, so the HTTP layer answers its plain
     /// tool calls itself (see [`Front`]).
     pub fn with_fronts(mut self, fronts: Arc<Fronts>) -> Self {
@@ -362,7 +368,7 @@ impl ServerHandler for ConductorServer {
         // futures of these handlers are large (see docs/performance.md).
         Box::pin(async move {
             if let Some(run_id) = orchestrate::run_id_of(&request.uri) {
-                return match self.orchestrator.runs().read(run_id, &request.uri) {
+                return match self.orchestrator.read_run(run_id, &request.uri) {
                     Some(result) => Ok(ReadResourceResponse::Complete(result)),
                     None => Err(McpError::resource_not_found(
                         format!(

@@ -909,3 +909,145 @@ async fn front_calls_are_cancelled_and_keep_their_session_alive() {
     let (status, _, _) = post(&server.mcp(), &ping.to_string(), &borrowed(&headers)).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+/// A session belongs to the credential that opened it: the same session id presented with
+/// another valid token is unknown (404), for Streamable HTTP and the legacy transport alike,
+/// while its owner goes on being served.
+#[tokio::test]
+async fn a_session_is_served_only_to_the_credential_that_opened_it() {
+    const OTHER: &str = "another-test-token-9876543210";
+    let config = TestConfig::new(&format!(
+        "[http]\ntokens = [\"{TOKEN}\", \"{OTHER}\"]\n\n[servers.echo]\ncommand = \"{{fixture}}\"\nargs = [\"echo\"]\n"
+    ));
+    let server = HttpConductor::start(&config).await;
+    let bearer = |token: &str| format!("Bearer {token}");
+    let (status, headers, _) = post(
+        &server.mcp(),
+        &initialize().to_string(),
+        &[("authorization", &bearer(TOKEN))],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let session_id = headers["mcp-session-id"].to_str().unwrap().to_owned();
+    let (owner_bearer, other_bearer) = (bearer(TOKEN), bearer(OTHER));
+    let owner = [
+        ("authorization", owner_bearer.as_str()),
+        ("mcp-session-id", session_id.as_str()),
+        ("mcp-protocol-version", "2025-06-18"),
+    ];
+    let mut intruder = owner;
+    intruder[0].1 = other_bearer.as_str();
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string();
+    let (status, _, _) = post(&server.mcp(), &initialized, &owner).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}).to_string();
+    let (status, _, body) = post(&server.mcp(), &list, &intruder).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(!body.contains("echo__echo"), "{body}");
+    // Its stream and its end are refused the same way.
+    let get = reqwest::Client::new()
+        .get(server.mcp())
+        .header("accept", "text/event-stream")
+        .header("authorization", bearer(OTHER))
+        .header("mcp-session-id", &session_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), StatusCode::NOT_FOUND);
+    let delete = reqwest::Client::new()
+        .delete(server.mcp())
+        .header("authorization", bearer(OTHER))
+        .header("mcp-session-id", &session_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete.status(), StatusCode::NOT_FOUND);
+
+    let (status, _, body) = post(&server.mcp(), &list, &owner).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body.contains("echo__echo"),
+        "the owner is still served: {body}"
+    );
+
+    // The legacy transport: a session opened over `GET /sse` with one token takes no
+    // message posted with the other.
+    let mut events = reqwest::Client::new()
+        .get(format!("{}/sse", server.base))
+        .header("authorization", bearer(TOKEN))
+        .send()
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    let endpoint = loop {
+        let chunk = events.chunk().await.unwrap().expect("the endpoint event");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+        if let Some(line) = seen.lines().find(|line| line.starts_with("data:")) {
+            break line["data:".len()..].trim().to_owned();
+        }
+    };
+    let posted = |token: &str| {
+        reqwest::Client::new()
+            .post(format!("{}{endpoint}", server.base))
+            .header("content-type", "application/json")
+            .header("authorization", bearer(token))
+            .body(initialize().to_string())
+            .send()
+    };
+    assert_eq!(posted(OTHER).await.unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(posted(TOKEN).await.unwrap().status(), StatusCode::ACCEPTED);
+}
+
+/// A run belongs to the credential that made it: another client, with a token of its own,
+/// can neither read its report nor resume it, and is told the run does not exist.
+#[tokio::test]
+async fn a_run_is_read_and_resumed_only_by_the_credential_that_made_it() {
+    const OTHER: &str = "another-test-token-9876543210";
+    let config = TestConfig::new(&format!(
+        "[http]\ntokens = [\"{TOKEN}\", \"{OTHER}\"]\n\n[servers.echo]\ncommand = \"{{fixture}}\"\nargs = [\"echo\"]\n"
+    ));
+    let server = HttpConductor::start(&config).await;
+    let alice = http_session(&server.mcp(), Some(TOKEN)).await;
+    let bob = http_session(&server.mcp(), Some(OTHER)).await;
+    let steps = json!([{"id": "a", "tool": "echo__echo", "args": {"text": "alice's secret"}}]);
+    let report = call(&alice, "orchestrate", json!({"steps": steps}))
+        .await
+        .structured_content
+        .expect("a report");
+    let run_id = report["run_id"].as_str().expect("a run id").to_owned();
+    let uri = format!("conductor://runs/{run_id}");
+    let read = || rmcp::model::ReadResourceRequestParams::new(uri.clone());
+    let mine = alice
+        .read_resource(read())
+        .await
+        .expect("the owner reads its run");
+    assert!(format!("{mine:?}").contains("alice's secret"));
+    let error = bob
+        .read_resource(read())
+        .await
+        .expect_err("another credential's run is unknown");
+    assert!(error.to_string().contains("no kept run"), "{error}");
+
+    let resumed = call(
+        &bob,
+        "orchestrate",
+        json!({"steps": steps, "resume": {"run_id": run_id}}),
+    )
+    .await
+    .structured_content
+    .expect("a report");
+    assert_eq!(resumed["status"], "invalid", "{resumed:#}");
+    assert_eq!(resumed["errors"][0]["code"], "unknown_run", "{resumed:#}");
+    // A second session of the same credential (the same agent, reconnected) may resume it.
+    let again = http_session(&server.mcp(), Some(TOKEN)).await;
+    let resumed = call(
+        &again,
+        "orchestrate",
+        json!({"steps": steps, "resume": {"run_id": run_id}}),
+    )
+    .await
+    .structured_content
+    .expect("a report");
+    assert_ne!(resumed["status"], "invalid", "{resumed:#}");
+}

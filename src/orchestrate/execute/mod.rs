@@ -494,14 +494,8 @@ fn step_view(state: &StepState) -> Value {
     view
 }
 
-/// Run ids: time-ordered and unique within the process.
+/// Run ids: random, so that nobody can guess another's run (a run's id is all it takes to
+/// name it in a `resume` or a read, which its owner check then refuses).
 pub fn new_run_id() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let millis = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis());
-    format!(
-        "r_{millis:x}_{:04x}",
-        COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff
-    )
+    format!("r_{}", uuid::Uuid::new_v4().simple())
 }
