@@ -17,7 +17,8 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::maps::DashMap;
-use rmcp::model::{ClientRequest, PingRequest};
+use rmcp::model::{ClientRequest, PingRequest, ServerResult};
+use rmcp::service::ServiceError;
 use tokio::sync::{mpsc, watch};
 
 use crate::breaker::{Breaker, BreakerState};
@@ -826,10 +827,9 @@ impl Registry {
                     return; // its end is reported by its own event
                 }
                 let ping = ClientRequest::PingRequest(PingRequest::default());
-                let answered = tokio::time::timeout(timeout, connection.peer.send_request(ping))
-                    .await
-                    .is_ok_and(|answer| answer.is_ok());
-                if answered {
+                let answer =
+                    tokio::time::timeout(timeout, connection.peer.send_request(ping)).await;
+                if answer.is_ok_and(|answer| answers_a_ping(&answer)) {
                     continue;
                 }
                 let Some(registry) = registry.upgrade() else {
@@ -975,6 +975,16 @@ enum Opening {
 
 /// The wait before restart attempt `attempt` (from 1): `first`, doubling, at most
 /// [`MAX_RESTART_DELAY`].
+/// Whether a ping's outcome shows the server alive: any answer does, an error too (servers
+/// that dropped `ping`, as 2026-07-28 did, answer -32601). Only silence or a broken
+/// connection does not.
+fn answers_a_ping(outcome: &Result<ServerResult, ServiceError>) -> bool {
+    matches!(
+        outcome,
+        Ok(_) | Err(ServiceError::McpError(_) | ServiceError::UnexpectedResponse)
+    )
+}
+
 pub fn restart_delay(first: Duration, attempt: u32) -> Duration {
     let doublings = attempt.saturating_sub(1).min(16);
     first.saturating_mul(1 << doublings).min(MAX_RESTART_DELAY)
@@ -1027,6 +1037,10 @@ fn recover(
     })
 }
 
+/// How long a session's new child may take to ask for its client's roots before its first
+/// call goes ahead (see [`Session::connection`]).
+const ROOTS_GRACE: Duration = Duration::from_millis(300);
+
 /// A client session's own children, for servers with `isolation = "session"`. Dropped with the
 /// session, which stops them.
 #[derive(Debug)]
@@ -1058,7 +1072,13 @@ impl Session {
     }
 
     /// This session's own connection to `spec`'s server, started on first use.
-    pub async fn connection(&self, spec: &ServerSpec) -> Result<Arc<Connection>, String> {
+    /// `capabilities` are what the calling client declared for the call (a 2026-07-28
+    /// client declares them per request), which its child is offered.
+    pub async fn connection(
+        &self,
+        spec: &ServerSpec,
+        capabilities: Option<&rmcp::model::ClientCapabilities>,
+    ) -> Result<Arc<Connection>, String> {
         debug_assert_eq!(spec.supervision.isolation, Isolation::Session);
         let current = |connections: &DashMap<ServerName, Arc<Connection>>| {
             connections
@@ -1077,9 +1097,13 @@ impl Session {
             .registry
             .upgrade()
             .ok_or_else(|| "conductor is stopping".to_owned())?;
-        let client = self
-            .client()
-            .and_then(|client| client.peer_info().map(|info| info.capabilities.clone()));
+        let client = self.client().map(|peer| {
+            let declared = capabilities
+                .cloned()
+                .or_else(|| peer.peer_info().map(|info| info.capabilities.clone()))
+                .unwrap_or_default();
+            (peer, declared)
+        });
         // Boxed: opening a connection is a large future, and every call to a session's server
         // awaits this one.
         let connection = Box::pin(Connection::open(
@@ -1091,6 +1115,17 @@ impl Session {
         .await
         .map_err(|error| format!("server `{}`: {error}", spec.name))?;
         tracing::info!(server = %spec.name, session = self.id, pid = connection.pid, "started a child for a session");
+        // A child that uses roots asks for its client's as it starts; its first call waits
+        // for the answer a little (servers that never ask cost the grace once per child), so
+        // the call does not find the child without them.
+        let client_has_roots = self
+            .client()
+            .and_then(|client| client.peer_info())
+            .is_some_and(|info| info.capabilities.roots.is_some())
+            && capabilities.is_none_or(|declared| declared.roots.is_some());
+        if client_has_roots {
+            connection.roots_given(ROOTS_GRACE).await;
+        }
         let connection = Arc::new(connection);
         self.connections
             .insert(spec.name.clone(), connection.clone());

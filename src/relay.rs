@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::maps::DashMap;
-use rmcp::model::{ClientCapabilities, ListRootsResult, ProgressNotificationParam, ProgressToken};
+use rmcp::model::{ClientCapabilities, ProgressNotificationParam, ProgressToken};
 use rmcp::service::{Peer, RoleServer, SubscriptionSink};
 
 use crate::bridge::Asks;
@@ -33,7 +33,25 @@ pub struct Origin {
     /// Where the call's progress goes instead of to the client's session (the HTTP front's
     /// stream of the call).
     pub progress_to: Option<ProgressTo>,
+    /// The client session the request was made in (`None` outside any, as the CLI's): what
+    /// tells two clients apart on a shared connection.
+    pub session: Option<u64>,
 }
+
+/// Why a downstream's request cannot be passed to a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoAsker {
+    /// No request of any client is in flight on a shared connection: whoever used it last
+    /// may not be who it is asking for.
+    NoCall,
+    /// Calls of several clients are in flight on a shared connection, and the request does
+    /// not say which one it belongs to.
+    Ambiguous,
+}
+
+/// What a downstream's request says of the request it belongs to: over Streamable HTTP, the
+/// id of conductor's request on whose response stream it came; elsewhere nothing.
+pub type InboundOf<'a> = Option<&'a rmcp::model::RequestId>;
 
 /// Where a call's progress goes, under the client's token.
 pub type ProgressTo = tokio::sync::mpsc::UnboundedSender<ProgressNotificationParam>;
@@ -70,10 +88,6 @@ pub struct Relay {
     subscriptions: DashMap<(ServerName, String), Vec<Subscriber>>,
     /// Guards subscribe/unsubscribe so a resource's first and last subscribers are counted right.
     subscribing: Mutex<()>,
-    /// The roots conductor last fetched from a client that declared them: a server's
-    /// `roots/list` outside any call is answered with these, since the client it would go to
-    /// may have left by the time a server asks.
-    known_roots: Mutex<Option<ListRootsResult>>,
     /// Counts `subscriptions/listen` streams, for their subscriber ids.
     listeners: AtomicU64,
 }
@@ -84,6 +98,8 @@ struct Active {
     registration: u64,
     /// The progress token rmcp gave it as it went out; `None` until then.
     token: Option<ProgressToken>,
+    /// Its JSON-RPC id on the connection, once it went out (rmcp's requests only).
+    request_id: Option<rmcp::model::RequestId>,
     origin: Origin,
 }
 
@@ -96,14 +112,16 @@ pub struct InCall<'a> {
 }
 
 impl InCall<'_> {
-    /// The request went out with this progress token: progress carrying it is the caller's.
-    pub fn sent(&self, token: ProgressToken) {
+    /// The request went out with this id and progress token: progress carrying the token is
+    /// the caller's, and so is a request the server sends on the id's response stream.
+    pub fn sent(&self, id: rmcp::model::RequestId, token: ProgressToken) {
         if let Some(mut active) = self.relay.active.get_mut(&self.connection)
             && let Some(entry) = active
                 .iter_mut()
                 .find(|entry| entry.registration == self.registration)
         {
             entry.token = Some(token);
+            entry.request_id = Some(id);
         }
     }
 }
@@ -125,6 +143,7 @@ impl Relay {
         self.active.entry(connection).or_default().push(Active {
             registration,
             token: None,
+            request_id: None,
             origin,
         });
         InCall {
@@ -143,47 +162,66 @@ impl Relay {
             .map(|entry| entry.origin.clone())
     }
 
-    /// The client a connection's own requests and log messages go to: that of its latest
-    /// request in flight, or else of its last request.
-    pub fn client_of(&self, connection: ConnectionId) -> Option<Peer<RoleServer>> {
-        self.asker_of(connection).map(|origin| origin.peer)
+    /// The client a connection's log messages go to: as [`Relay::asker_of`] says, or none.
+    pub fn client_of(&self, connection: ConnectionId, own_child: bool) -> Option<Peer<RoleServer>> {
+        self.asker_of(connection, None, own_child)
+            .ok()
+            .map(|origin| origin.peer)
     }
 
-    /// Like [`Relay::client_of`], with what is known of the request it was made for.
-    pub fn asker_of(&self, connection: ConnectionId) -> Option<Origin> {
-        if let Some(origin) = self.caller_of(connection) {
-            return Some(origin);
+    /// Who a downstream's request (sampling, elicitation, roots) is for, never a guess: the
+    /// request it came on the response stream of (`inbound`, Streamable HTTP); else the one
+    /// client with calls in flight on the connection. A session's own child (`own_child`)
+    /// has one client, whose last request answers even between calls. On a shared connection
+    /// with calls of several clients in flight, or none, there is no telling who it is for.
+    pub fn asker_of(
+        &self,
+        connection: ConnectionId,
+        inbound: InboundOf<'_>,
+        own_child: bool,
+    ) -> Result<Origin, NoAsker> {
+        if let Some(active) = self.active.get(&connection) {
+            if let Some(id) = inbound
+                && let Some(entry) = active
+                    .iter()
+                    .find(|entry| entry.request_id.as_ref() == Some(id))
+            {
+                return Ok(entry.origin.clone());
+            }
+            if let Some(latest) = active.last() {
+                let one_client = own_child
+                    || active
+                        .iter()
+                        .all(|entry| entry.origin.session == latest.origin.session);
+                return if one_client {
+                    Ok(latest.origin.clone())
+                } else {
+                    Err(NoAsker::Ambiguous)
+                };
+            }
         }
-        let peer = self.last.get(&connection)?.clone();
+        if !own_child {
+            return Err(NoAsker::NoCall);
+        }
+        let peer = self.last.get(&connection).ok_or(NoAsker::NoCall)?.clone();
         if peer.is_transport_closed() {
-            return None;
+            return Err(NoAsker::NoCall);
         }
-        Some(Origin {
+        Ok(Origin {
             capabilities: declared_capabilities(&peer),
             peer,
             progress_token: None,
             asks: None,
             progress_to: None,
+            session: None,
         })
     }
 
-    /// Who the latest request in flight on a connection was made for.
-    pub fn caller_of(&self, connection: ConnectionId) -> Option<Origin> {
+    /// Whether any request is in flight on a connection.
+    pub fn in_call(&self, connection: ConnectionId) -> bool {
         self.active
             .get(&connection)
-            .and_then(|active| active.last().map(|entry| entry.origin.clone()))
-    }
-
-    /// Remember the roots a client just gave: servers asking outside any call get these.
-    pub fn remember_roots(&self, roots: ListRootsResult) {
-        if let Ok(mut known) = self.known_roots.lock() {
-            *known = Some(roots);
-        }
-    }
-
-    /// The roots last fetched from a client, if any client has given them.
-    pub fn known_roots(&self) -> Option<ListRootsResult> {
-        self.known_roots.lock().ok()?.clone()
+            .is_some_and(|active| !active.is_empty())
     }
 
     /// Forget a connection that ended.

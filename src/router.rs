@@ -18,16 +18,16 @@ use rmcp::ErrorData as McpError;
 use rmcp::model::RequestId;
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResult, CancelledNotification,
-    CancelledNotificationParam, ClientRequest, ClientResult, CompleteRequest,
-    CompleteRequestParams, ErrorCode, GetPromptRequest, GetPromptRequestParams, JsonObject,
-    ReadResourceRequest, ReadResourceRequestParams, Reference, ResourceContents, ServerResult,
-    SetLevelRequest, SetLevelRequestParams, SubscribeRequest, SubscribeRequestParams,
-    UnsubscribeRequest, UnsubscribeRequestParams,
+    CancelledNotificationParam, ClientRequest, CompleteRequest, CompleteRequestParams, ErrorCode,
+    GetPromptRequest, GetPromptRequestParams, JsonObject, ReadResourceRequest,
+    ReadResourceRequestParams, Reference, ResourceContents, ServerResult, SetLevelRequest,
+    SetLevelRequestParams, SubscribeRequest, SubscribeRequestParams, UnsubscribeRequest,
+    UnsubscribeRequestParams,
 };
 use rmcp::model::{
     CancelTaskParams, CancelTaskRequest, ClientCapabilities, GetTaskParams, GetTaskRequest,
-    InputRequests, InputResponses, ListRootsRequest, ProgressToken, ProtocolVersion, ServerRequest,
-    Task, TaskPayload, UpdateTaskParams, UpdateTaskRequest,
+    InputRequests, InputResponses, ProgressToken, ProtocolVersion, Task, TaskPayload,
+    UpdateTaskParams, UpdateTaskRequest,
 };
 use rmcp::service::{Peer, PeerRequestOptions, RoleClient, RoleServer, ServiceError};
 use serde_json::value::RawValue;
@@ -40,10 +40,6 @@ use crate::downstream::{Connection, Heard, Reply, TextLane};
 use crate::registry::{Registry, Session};
 use crate::relay::{self, InCall, Origin, ProgressTo, UpdateTarget};
 use crate::retry::FailureKind;
-
-/// How long a client gets to give its roots when conductor fetches them; a client that went
-/// away without its transport noticing must not hold the fetch forever.
-const ROOTS_ANSWER: Duration = Duration::from_secs(10);
 
 /// Why a request did not get an answer from its downstream.
 #[derive(Debug, thiserror::Error)]
@@ -528,7 +524,7 @@ impl Router {
             .registry
             .spec(server)
             .ok_or_else(|| CallError::Unavailable(format!("no server `{server}`")))?;
-        let connection = self.connection(&spec).await?;
+        let connection = self.connection(&spec, caller).await?;
         if !connection.listens_for_resources() {
             return self
                 .request(server, what, request, None, caller)
@@ -657,35 +653,14 @@ impl Router {
         }
     }
 
-    /// Fetch a client's roots, keep them for the servers' `roots/list` outside any call, and
-    /// tell every running server to ask again. A client that does not answer in time leaves
-    /// the roots known before it.
-    pub async fn learn_roots(&self, client: &Peer<RoleServer>) {
-        let request = ServerRequest::ListRootsRequest(ListRootsRequest::default());
-        let asked = bridge::ask(client, None, "roots/list", request);
-        match tokio::time::timeout(ROOTS_ANSWER, asked).await {
-            Ok(Ok(ClientResult::ListRootsResult(roots))) => {
-                self.registry.relay().remember_roots(roots);
-                self.roots_changed().await;
-            }
-            Ok(Ok(_)) => tracing::debug!("a client answered roots/list with something else"),
-            Ok(Err(error)) => tracing::debug!(error = %error, "a client did not give its roots"),
-            Err(_) => tracing::debug!("a client did not give its roots in time"),
-        }
-    }
-
-    /// Tell every running server that the client's roots changed, so they ask again.
-    async fn roots_changed(&self) {
-        let config = self.registry.config();
-        let mut connections: Vec<Arc<Connection>> = config
-            .servers
-            .iter()
-            .filter_map(|spec| self.registry.pick(&spec.name))
-            .collect();
-        if let Some(session) = &self.session {
-            connections.extend(session.connections());
-        }
-        for connection in connections {
+    /// The session's client says its roots changed: tell the session's own children, which
+    /// ask it again. Shared servers keep the roots of their config (see
+    /// `DownstreamClient::list_roots`), so they are not told.
+    pub async fn roots_changed(&self) {
+        let Some(session) = &self.session else {
+            return;
+        };
+        for connection in session.connections() {
             if let Err(error) = connection.peer.notify_roots_list_changed().await {
                 tracing::debug!(server = %connection.server, error = %error, "could not pass roots/list_changed on");
             }
@@ -774,10 +749,16 @@ impl Router {
 
     /// The connection this router's calls to `spec`'s server go to: the session's own child,
     /// or the least busy shared one (started now if the server is lazy and idle).
-    async fn connection(&self, spec: &ServerSpec) -> Result<Arc<Connection>, CallError> {
+    async fn connection(
+        &self,
+        spec: &ServerSpec,
+        caller: &Caller,
+    ) -> Result<Arc<Connection>, CallError> {
         let connection = match &self.session {
             Some(session) if spec.supervision.isolation == Isolation::Session => {
-                session.connection(spec).await
+                session
+                    .connection(spec, caller.capabilities.as_deref())
+                    .await
             }
             _ => self.registry.connection(&spec.name).await,
         };
@@ -793,7 +774,7 @@ impl Router {
         caller: &Caller,
     ) -> Result<Answer, CallError> {
         let connection = tokio::select! {
-            connection = self.connection(spec) => connection?,
+            connection = self.connection(spec, caller) => connection?,
             () = caller.cancel.cancelled() => return Err(CallError::Cancelled),
         };
         let _busy = connection.busy();
@@ -998,6 +979,7 @@ impl Router {
                 capabilities: caller.capabilities.clone(),
                 asks: caller.asks.clone(),
                 progress_to: caller.progress_to.clone(),
+                session: self.session.as_ref().map(|session| session.id()),
             };
             self.registry.relay().register(connection.id, origin)
         })
@@ -1022,7 +1004,7 @@ impl Router {
             .await
             .map_err(|error| classify(server, what, error))?;
         if let Some(in_call) = &in_call {
-            in_call.sent(handle.progress_token.clone());
+            in_call.sent(handle.id.clone(), handle.progress_token.clone());
         }
         let id = handle.id.clone();
         let peer = handle.peer.clone();

@@ -135,6 +135,9 @@ pub struct ServerSpec {
     pub handshake: Handshake,
     pub supervision: Supervision,
     pub tools: ToolRules,
+    /// The roots a shared server is given when it asks (`roots`, as URIs); a client's own
+    /// roots reach only its session's children, never a server other clients share.
+    pub roots: Vec<String>,
 }
 
 impl ServerSpec {
@@ -147,6 +150,7 @@ impl ServerSpec {
             || self.supervision.start != new.supervision.start
             || self.supervision.isolation != new.supervision.isolation
             || self.supervision.replicas != new.supervision.replicas
+            || self.roots != new.roots
     }
 
     /// The timeout of one call to the tool `original`, unless a workflow step sets its own.

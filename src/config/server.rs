@@ -47,6 +47,23 @@ pub(super) fn read_server(
     let args = table.strings("args", problems);
     let env_vars = table.string_map("env", problems);
     let inherit_env = table.strings("inherit_env", problems);
+    let roots = table
+        .strings("roots", problems)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|root| {
+            let span = root.span();
+            let root = expanded(Some(root), "roots", problems)?;
+            root_uri(&root, folder).or_else(|| {
+                problems.add_with_hint(
+                    span,
+                    format!("server `{}`: `roots`: `{root}` is not a folder or a URI", name.get_ref()),
+                    Some("give an absolute or relative folder (`/home/me/notes`, `notes`) or a URI (`file:///home/me/notes`)"),
+                );
+                None
+            })
+        })
+        .collect();
     let cwd = table.string("cwd", problems);
     let headers = table.string_map("headers", problems);
     let enabled = table.bool("enabled", problems).unwrap_or(true);
@@ -299,7 +316,22 @@ pub(super) fn read_server(
         handshake,
         supervision,
         tools,
+        roots,
     })
+}
+
+/// A root as the URI a server is given: a URI stays as it is; a folder, relative to the
+/// config's folder, becomes a `file://` URI.
+fn root_uri(root: &str, folder: &Path) -> Option<String> {
+    if root.is_empty() {
+        return None;
+    }
+    if root.contains("://") {
+        return Some(root.to_owned());
+    }
+    let path = folder.join(root);
+    let path = std::path::absolute(&path).unwrap_or(path);
+    Some(format!("file://{}", path.display()))
 }
 
 /// `protocol = "initialize" | "discover" | "auto"`: how conductor opens its session with the

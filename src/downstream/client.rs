@@ -12,16 +12,18 @@ use rmcp::model::{
     CreateMessageRequestParams, CreateMessageResult, ElicitRequest, ElicitRequestParams,
     ElicitResult, Implementation, ListRootsRequest, ListRootsResult, LoggingLevel,
     LoggingMessageNotificationParam, ProgressNotificationParam, ResourceUpdatedNotificationParam,
-    ServerRequest,
+    Root, ServerRequest,
 };
-use rmcp::service::{NotificationContext, RequestContext, RoleClient};
+use rmcp::service::{
+    InboundStreamOrigin, NotificationContext, Peer, RequestContext, RoleClient, RoleServer,
+};
 use rmcp::{ClientHandler, ErrorData as McpError};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ConnectionId, Event, ListKind};
 use crate::bridge::{self, Ask};
 use crate::config::ServerName;
-use crate::relay::{self, Relay, UpdateTarget};
+use crate::relay::{self, NoAsker, Relay, UpdateTarget};
 
 /// Handles one downstream connection's notifications and requests: list changes and its end
 /// become [`Event`]s; progress, log messages and its requests to a client go, through the
@@ -32,8 +34,12 @@ pub struct DownstreamClient {
     connection: ConnectionId,
     events: mpsc::UnboundedSender<Event>,
     relay: Arc<Relay>,
-    /// For a session's own child, what its one client can do.
-    client: Option<ClientCapabilities>,
+    /// For a session's own child, its one client and what it declared it can answer.
+    client: Option<(Peer<RoleServer>, ClientCapabilities)>,
+    /// The roots its config gives it, for a shared server.
+    roots: Vec<String>,
+    /// Told once the server has been given roots.
+    gave_roots: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl DownstreamClient {
@@ -42,7 +48,9 @@ impl DownstreamClient {
         connection: ConnectionId,
         events: mpsc::UnboundedSender<Event>,
         relay: Arc<Relay>,
-        client: Option<ClientCapabilities>,
+        client: Option<(Peer<RoleServer>, ClientCapabilities)>,
+        roots: Vec<String>,
+        gave_roots: tokio::sync::watch::Sender<bool>,
     ) -> Self {
         DownstreamClient {
             server,
@@ -50,25 +58,43 @@ impl DownstreamClient {
             events,
             relay,
             client,
+            roots,
+            gave_roots: Arc::new(gave_roots),
         }
     }
 
-    /// Pass a downstream's request to the client of its latest request, if that client can
-    /// answer it; the answer comes back unchanged. A 2026-07-28 client gets it as an input
-    /// request of its call (see [`crate::bridge`]).
+    /// Pass a downstream's request to the client it is for, if that client can answer it;
+    /// the answer comes back unchanged. A 2026-07-28 client gets it as an input request of
+    /// its call (see [`crate::bridge`]). Where conductor cannot tell which client it is for,
+    /// it refuses rather than guess: the request may carry one client's data.
     async fn ask_client(
         &self,
         method: &str,
         request: ServerRequest,
+        context: &RequestContext<RoleClient>,
     ) -> Result<ClientResult, McpError> {
-        let Some(origin) = self.relay.asker_of(self.connection) else {
-            return Err(McpError::internal_error(
-                format!(
-                    "conductor has no client to pass `{method}` from `{}` to",
-                    self.server
-                ),
-                None,
-            ));
+        let inbound = match context.extensions.get::<InboundStreamOrigin>() {
+            Some(InboundStreamOrigin::OutboundRequest(id)) => Some(id),
+            _ => None,
+        };
+        let origin = match self
+            .relay
+            .asker_of(self.connection, inbound, self.client.is_some())
+        {
+            Ok(origin) => origin,
+            Err(why) => {
+                let server = &self.server;
+                let message = match why {
+                    NoAsker::NoCall => format!(
+                        "conductor refused `{method}` from `{server}`: no client call is in flight on it, so there is no client to ask"
+                    ),
+                    NoAsker::Ambiguous => format!(
+                        "conductor refused `{method}` from `{server}`: calls of several clients are in flight on this shared server and it cannot tell which one is asking; set `isolation = \"session\"` on `[servers.{server}]` to give each client its own"
+                    ),
+                };
+                tracing::warn!(server = %server, method, "{message}");
+                return Err(McpError::internal_error(message, None));
+            }
         };
         let capabilities = origin.capabilities.as_deref();
         if let Some(asks) = &origin.asks
@@ -93,6 +119,35 @@ impl DownstreamClient {
         bridge::ask(&origin.peer, capabilities, method, request).await
     }
 
+    /// The roots the server is given: a shared server's are those of its config, whoever
+    /// is calling, so no client can widen or narrow what every other client's calls see.
+    /// A session's own child gets its client's: through the call in flight (which reaches
+    /// a 2026-07-28 client as input), or else straight from a client that declared roots;
+    /// one that did not has none to give.
+    async fn roots_for(
+        &self,
+        context: &RequestContext<RoleClient>,
+    ) -> Result<ListRootsResult, McpError> {
+        let Some((client, declared)) = &self.client else {
+            return Ok(configured_roots(&self.roots));
+        };
+        if self.relay.in_call(self.connection) {
+            let request = ServerRequest::ListRootsRequest(ListRootsRequest::default());
+            return match self.ask_client("roots/list", request, context).await? {
+                ClientResult::ListRootsResult(result) => Ok(result),
+                _ => Err(unexpected("roots/list")),
+            };
+        }
+        if declared.roots.is_none() {
+            return Ok(configured_roots(&self.roots));
+        }
+        let request = ServerRequest::ListRootsRequest(ListRootsRequest::default());
+        match bridge::ask(client, None, "roots/list", request).await? {
+            ClientResult::ListRootsResult(result) => Ok(result),
+            _ => Err(unexpected("roots/list")),
+        }
+    }
+
     fn list_changed(&self, kind: ListKind) {
         let _ = self.events.send(Event::ListChanged {
             server: self.server.clone(),
@@ -114,8 +169,10 @@ impl ClientHandler for DownstreamClient {
             .enable_tasks()
             .build();
         capabilities.elicitation = Some(Default::default());
-        if let Some(client) = &self.client {
-            capabilities.roots.clone_from(&client.roots);
+        if let Some((_, client)) = &self.client {
+            if self.roots.is_empty() {
+                capabilities.roots.clone_from(&client.roots);
+            }
             capabilities.sampling.clone_from(&client.sampling);
             capabilities.elicitation.clone_from(&client.elicitation);
         }
@@ -128,10 +185,13 @@ impl ClientHandler for DownstreamClient {
     async fn create_message(
         &self,
         params: CreateMessageRequestParams,
-        _context: RequestContext<RoleClient>,
+        context: RequestContext<RoleClient>,
     ) -> Result<CreateMessageResult, McpError> {
         let request = ServerRequest::CreateMessageRequest(CreateMessageRequest::new(params));
-        match self.ask_client("sampling/createMessage", request).await? {
+        match self
+            .ask_client("sampling/createMessage", request, &context)
+            .await?
+        {
             ClientResult::CreateMessageResult(result) => Ok(*result),
             _ => Err(unexpected("sampling/createMessage")),
         }
@@ -140,10 +200,13 @@ impl ClientHandler for DownstreamClient {
     async fn create_elicitation(
         &self,
         params: ElicitRequestParams,
-        _context: RequestContext<RoleClient>,
+        context: RequestContext<RoleClient>,
     ) -> Result<ElicitResult, McpError> {
         let request = ServerRequest::ElicitRequest(ElicitRequest::new(params));
-        match self.ask_client("elicitation/create", request).await? {
+        match self
+            .ask_client("elicitation/create", request, &context)
+            .await?
+        {
             ClientResult::ElicitResult(result) => Ok(result),
             _ => Err(unexpected("elicitation/create")),
         }
@@ -151,20 +214,13 @@ impl ClientHandler for DownstreamClient {
 
     async fn list_roots(
         &self,
-        _context: RequestContext<RoleClient>,
+        context: RequestContext<RoleClient>,
     ) -> Result<ListRootsResult, McpError> {
-        // Outside any call the roots are those conductor last fetched from a client (see
-        // `Router::learn_roots`): the client itself may be gone by now. Servers ask as soon as
-        // they start, before any client is here: no client, no roots (server-filesystem, for
-        // one, then keeps its configured folders).
-        if self.relay.caller_of(self.connection).is_none() {
-            return Ok(self.relay.known_roots().unwrap_or_default());
+        let roots = self.roots_for(&context).await;
+        if roots.is_ok() {
+            self.gave_roots.send_replace(true);
         }
-        let request = ServerRequest::ListRootsRequest(ListRootsRequest::default());
-        match self.ask_client("roots/list", request).await? {
-            ClientResult::ListRootsResult(result) => Ok(result),
-            _ => Err(unexpected("roots/list")),
-        }
+        roots
     }
 
     async fn on_progress(
@@ -209,7 +265,7 @@ impl ClientHandler for DownstreamClient {
         _context: NotificationContext<RoleClient>,
     ) {
         let server = &self.server;
-        if let Some(client) = self.relay.client_of(self.connection) {
+        if let Some(client) = self.relay.client_of(self.connection, self.client.is_some()) {
             // The server's name says where it came from; its own logger name follows.
             let mut forwarded = params.clone();
             forwarded.logger = Some(match &params.logger {
@@ -235,6 +291,11 @@ impl ClientHandler for DownstreamClient {
             _ => tracing::error!(server = %server, logger, %data, "downstream log"),
         }
     }
+}
+
+/// The roots a server's config gives it, as `roots/list` answers them.
+fn configured_roots(roots: &[String]) -> ListRootsResult {
+    ListRootsResult::new(roots.iter().map(|uri| Root::new(uri.clone())).collect())
 }
 
 fn unexpected(method: &str) -> McpError {

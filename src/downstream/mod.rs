@@ -20,7 +20,7 @@ use rmcp::model::{
 };
 use rmcp::service::MergedList;
 use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
-use rmcp::service::{Peer, RoleClient, RunningServiceCancellationToken, ServiceError};
+use rmcp::service::{Peer, RoleClient, RoleServer, RunningServiceCancellationToken, ServiceError};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use tokio::sync::mpsc;
@@ -126,6 +126,8 @@ pub struct Connection {
     /// A 2026-07-28 server's resource subscriptions, as one `subscriptions/listen` stream.
     /// An async lock, held while a new stream is acknowledged: changes apply in order.
     resource_stream: tokio::sync::Mutex<Option<ResourceStream>>,
+    /// Turns true once the server has been given roots (see [`Connection::roots_given`]).
+    roots_given: tokio::sync::watch::Receiver<bool>,
 }
 
 /// An open `subscriptions/listen` stream for resource updates, and the task passing them on.
@@ -155,6 +157,13 @@ impl Drop for Busy<'_> {
 }
 
 impl Connection {
+    /// Wait until the server has been given roots, or `grace` has passed: a server that
+    /// asks for roots does so as it starts, and its first call must not race the answer.
+    pub async fn roots_given(&self, grace: Duration) {
+        let mut given = self.roots_given.clone();
+        let _ = tokio::time::timeout(grace, given.wait_for(|given| *given)).await;
+    }
+
     /// Start or reach the server and complete the MCP handshake, within its startup timeout.
     /// `client` is the one client a session's own child serves: the child is offered only
     /// what that client can do. Shared connections (`None`) are offered everything.
@@ -162,7 +171,7 @@ impl Connection {
         spec: &ServerSpec,
         events: mpsc::UnboundedSender<Event>,
         relay: Arc<Relay>,
-        client: Option<ClientCapabilities>,
+        client: Option<(Peer<RoleServer>, ClientCapabilities)>,
     ) -> Result<Connection, ConnectError> {
         let opening = async {
             match &spec.transport {
@@ -461,15 +470,23 @@ async fn serve<T, E, A>(
     opened: Opened,
     events: mpsc::UnboundedSender<Event>,
     relay: Arc<Relay>,
-    client: Option<ClientCapabilities>,
+    client: Option<(Peer<RoleServer>, ClientCapabilities)>,
 ) -> Result<Connection, ConnectError>
 where
     T: rmcp::transport::IntoTransport<RoleClient, E, A>,
     E: std::error::Error + Send + Sync + 'static,
 {
     let id = next_connection_id();
-    let client =
-        DownstreamClient::new(spec.name.clone(), id, events.clone(), relay.clone(), client);
+    let (gave_roots, roots_given) = tokio::sync::watch::channel(false);
+    let client = DownstreamClient::new(
+        spec.name.clone(),
+        id,
+        events.clone(),
+        relay.clone(),
+        client,
+        spec.roots.clone(),
+        gave_roots,
+    );
     let lifecycle = match spec.handshake {
         Handshake::Initialize => ClientLifecycleMode::Initialize,
         Handshake::Discover => ClientLifecycleMode::Discover {
@@ -525,6 +542,7 @@ where
         cancel: std::sync::Mutex::new(Some(cancel)),
         task: std::sync::Mutex::new(Some(task)),
         resource_stream: tokio::sync::Mutex::new(None),
+        roots_given,
     })
 }
 

@@ -214,11 +214,11 @@ impl ServerHandler for ConductorServer {
         .await
     }
 
-    async fn on_roots_list_changed(&self, context: NotificationContext<RoleServer>) {
-        // In a task of its own: fetching the roots waits for this client's answer, which
-        // must not wait behind this notification.
+    async fn on_roots_list_changed(&self, _context: NotificationContext<RoleServer>) {
+        // In a task of its own: the children asking again must not wait behind this
+        // notification.
         let router = self.router.clone();
-        tokio::spawn(async move { router.learn_roots(&context.peer).await });
+        tokio::spawn(async move { router.roots_changed().await });
     }
 
     async fn list_tools(
@@ -443,16 +443,6 @@ impl ServerHandler for ConductorServer {
             let _ = self.front.set(front);
         }
         let peer = context.peer;
-        // Servers asked for roots as they started, before this client was here: conductor
-        // fetches this client's roots, and the servers are told to ask again.
-        if peer
-            .peer_info()
-            .is_some_and(|info| info.capabilities.roots.is_some())
-        {
-            let router = self.router.clone();
-            let client = peer.clone();
-            tokio::spawn(async move { router.learn_roots(&client).await });
-        }
         let changes = self.router.registry().subscribe();
         tokio::spawn(async move {
             follow_catalog(changes, |kind| {

@@ -652,7 +652,8 @@ async fn stateless_requests_get_plain_json_answers() {
 #[tokio::test]
 async fn server_everything_asks_the_typescript_clients_through_conductor() {
     let config = TestConfig::new(&format!(
-        "[servers.everything]\ncommand = \"node\"\nargs = [\"{}\"]\n",
+        // Each client's own child: a shared server is given the roots of its config.
+        "[servers.everything]\ncommand = \"node\"\nargs = [\"{}\"]\nisolation = \"session\"\n",
         super::support::node_server("server-everything"),
     ));
     let server = HttpConductor::start(&config).await;
@@ -684,18 +685,11 @@ async fn server_everything_asks_the_typescript_clients_through_conductor() {
             "a sample from node",
             &elicited,
         );
-        // server-everything keeps the roots it fetched when it started, before any client was
-        // here; a client that declares roots makes conductor tell it to ask again, which it
-        // does in the background: the client's roots reach it within a call or two. (A
-        // 2026-07-28 client takes no requests outside its own calls, so it cannot be asked.)
+        // Each run is a new client, given a child of its own, which has the client's roots
+        // before its first call. (A 2026-07-28 client takes no requests outside its own
+        // calls, so it cannot be asked as the child starts.)
         if mode == "legacy" {
-            let mut roots = Value::Null;
-            for _ in 0..5 {
-                roots = run("everything__get-roots-list", "{}").await;
-                if roots["call"].to_string().contains("file:///work/notes") {
-                    break;
-                }
-            }
+            let roots = run("everything__get-roots-list", "{}").await;
             assert!(
                 roots["call"].to_string().contains("file:///work/notes"),
                 "{pairing}: {roots:#}"

@@ -442,7 +442,8 @@ async fn large_catalogs_are_paged_both_ways() {
 #[tokio::test]
 async fn server_everything_asks_the_python_client_through_conductor() {
     let config = TestConfig::new(&format!(
-        "[servers.everything]\ncommand = \"node\"\nargs = [\"{}\"]\n",
+        // Each client's own child: a shared server is given the roots of its config.
+        "[servers.everything]\ncommand = \"node\"\nargs = [\"{}\"]\nisolation = \"session\"\n",
         node_server("server-everything"),
     ));
     let answering = [

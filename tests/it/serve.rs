@@ -532,7 +532,7 @@ impl RawSession {
 async fn a_2026_clients_calls_on_stdio_are_answered_as_rmcp_answers_them() {
     let config = TestConfig::new(
         "[servers.math]\ncommand = \"{fixture}\"\nargs = [\"math\"]\n\n\
-         [servers.slow]\ncommand = \"{fixture}\"\nargs = [\"slow\"]\n",
+         [servers.slow]\ncommand = \"{fixture}\"\nargs = [\"slow\"]\nisolation = \"session\"\n",
     );
     let mut raw = RawSession::start(&config);
     let meta = json!({
@@ -985,7 +985,8 @@ fn without_run_details(mut result: Value) -> Value {
 
 #[tokio::test]
 async fn a_downstream_asks_the_client_through_conductor() {
-    let config = slow_fixture("");
+    // The client's own child: a shared server is given the roots of its config instead.
+    let config = slow_fixture("isolation = \"session\"");
     let client = super::support::TestClient {
         answers: true,
         ..Default::default()
@@ -1031,7 +1032,7 @@ async fn every_pairing_of_protocol_versions_works() {
             "initialize"
         };
         let config = TestConfig::new(&format!(
-            "[servers.slow]\ncommand = \"{{fixture}}\"\nargs = [\"slow\"]\nprotocol = \"{handshake}\"\nenv = {{ FIXTURE_PROTOCOL = \"{downstream}\" }}\n"
+            "[servers.slow]\ncommand = \"{{fixture}}\"\nargs = [\"slow\"]\nprotocol = \"{handshake}\"\nisolation = \"session\"\nenv = {{ FIXTURE_PROTOCOL = \"{downstream}\" }}\n"
         ));
         let http = super::support::HttpConductor::start(&config).await;
         for (client_version, over_http) in versions
@@ -1251,27 +1252,98 @@ async fn a_restarted_server_is_subscribed_again() {
     }
 }
 
-/// Servers ask for roots as they start and when told the roots changed, outside any call:
-/// conductor answers with the roots it fetched from the client that declared them, and still
-/// does once that client has left (a one-call command-line client is gone before a server
-/// that restarts asks again).
+/// A shared server gets the roots its config names, whoever connects: a client that declares
+/// roots of its own (`file:///work`) changes nothing for it, at start, after the client
+/// comes, when the client says its roots changed, or when the server restarts.
 #[tokio::test]
-async fn servers_asking_outside_a_call_get_the_roots_a_client_gave() {
+async fn a_shared_server_gets_the_roots_of_its_config_never_a_clients() {
     let config = content_config(
-        "restart_delay = \"50ms\"\n",
-        ", FIXTURE_CRASH_AFTER_MS = \"2000\"",
+        "restart_delay = \"50ms\"\nroots = [\"/srv/shared\"]\n",
+        ", FIXTURE_CRASH_AFTER_MS = \"1500\"",
     );
     let server = super::support::HttpConductor::start(&config).await;
-    wait_for_event(&config, "roots []").await;
+    wait_for_event(&config, "roots [file:///srv/shared]").await;
     let client = super::support::TestClient {
         answers: true,
         ..super::support::TestClient::default()
     };
     let session = super::support::http_session_as(&server.mcp(), None, client).await;
+    session.notify_roots_list_changed().await.unwrap();
+    call(&session, "content__kinds", json!({})).await;
+    // The fixture restarts every 1.5 s and asks again as it starts.
+    config
+        .wait_for_recorded("roots [file:///srv/shared]", 2)
+        .await;
+    assert_eq!(config.recorded("roots [file:///work]"), 0);
+}
+
+/// A server with `isolation = "session"` gets its own client's roots, and only its own: the
+/// child of a client that declared roots gets them, the child of one that did not gets
+/// the config's (none).
+#[tokio::test]
+async fn a_sessions_own_child_gets_its_own_clients_roots() {
+    let config = content_config("isolation = \"session\"\n", "");
+    let server = super::support::HttpConductor::start(&config).await;
+    let with_roots = super::support::TestClient {
+        answers: true,
+        ..super::support::TestClient::default()
+    };
+    let first = super::support::http_session_as(&server.mcp(), None, with_roots).await;
+    let second = super::support::http_session(&server.mcp(), None).await;
+    call(&first, "content__kinds", json!({})).await;
+    call(&second, "content__kinds", json!({})).await;
     wait_for_event(&config, "roots [file:///work]").await;
-    session.cancel().await.unwrap();
-    // The fixture restarts every 2 s and asks again as it starts.
-    config.wait_for_recorded("roots [file:///work]", 2).await;
+    wait_for_event(&config, "roots []").await;
+    assert_eq!(config.recorded("roots [file:///work]"), 1);
+}
+
+/// Two clients with calls in flight on one shared server: a request the server makes during
+/// one of them cannot be told apart by its origin over stdio, so conductor refuses it rather
+/// than hand one client's prompt to the other; with `isolation = "session"` each client's
+/// child asks its own client.
+#[tokio::test]
+async fn a_downstreams_request_never_reaches_another_client() {
+    for isolation in ["shared", "session"] {
+        let config = TestConfig::new(&format!(
+            "[servers.slow]\ncommand = \"{{fixture}}\"\nargs = [\"slow\"]\nisolation = \"{isolation}\"\n"
+        ));
+        let server = super::support::HttpConductor::start(&config).await;
+        let answering = || super::support::TestClient {
+            answers: true,
+            ..super::support::TestClient::default()
+        };
+        let asker = super::support::http_session_as(&server.mcp(), None, answering()).await;
+        let bystander = super::support::http_session_as(&server.mcp(), None, answering()).await;
+        // The asker's call waits before asking, so the bystander's call is in flight, and
+        // is the latest, when the server asks.
+        let asked = call(
+            &asker,
+            "slow__ask",
+            json!({"prompt": "the asker's secret", "wait_ms": 600}),
+        );
+        let waiting = async {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            call(&bystander, "slow__sleep", json!({"ms": 1500})).await
+        };
+        let (asked, _) = tokio::join!(asked, waiting);
+        let asked = text_of(&asked);
+        let bystander_asked = bystander.service().recorder.count("sampling/createMessage");
+        assert_eq!(
+            bystander_asked, 0,
+            "{isolation}: the bystander was asked: {asked}"
+        );
+        if isolation == "shared" {
+            assert!(
+                asked.contains("sampling failed") && asked.contains("isolation = \"session\""),
+                "{isolation}: {asked}"
+            );
+        } else {
+            assert_eq!(
+                asked, "sampled: the asker's secret; roots: 1",
+                "{isolation}"
+            );
+        }
+    }
 }
 
 /// A session that ends without unsubscribing: its server is told once no session is left

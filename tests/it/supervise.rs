@@ -251,6 +251,22 @@ async fn a_hung_server_misses_its_ping_and_is_restarted() {
     );
 }
 
+/// Any answer to a ping proves the server is alive, an error too (servers of 2026-07-28 answer
+/// -32601): it is never restarted for answering.
+#[tokio::test]
+async fn a_server_that_answers_pings_with_an_error_is_alive() {
+    let config = TestConfig::new(&crashy(
+        "refuses",
+        "ping_interval = \"100ms\"\nping_timeout = \"1s\"\nrestart_delay = \"50ms\"\nenv = { FIXTURE_PING = \"refuse\" }",
+    ));
+    let session = super::support::serve(&config).await;
+    let first = pid_of(&session, "refuses__pid").await;
+    // Ten pings, each answered with an error.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(pid_of(&session, "refuses__pid").await, first, "restarted");
+    assert!(alive(first));
+}
+
 #[tokio::test]
 async fn garbage_and_huge_messages_are_answered_clearly() {
     let config = TestConfig::new(
