@@ -210,6 +210,7 @@ pub fn app(
         .nest_service("/mcp", service)
         .merge(legacy_routes)
         .layer(middleware::from_fn_with_state(shared.clone(), check_post))
+        .layer(middleware::from_fn(delete_answers_ok))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             check_host_and_origin,
@@ -299,6 +300,17 @@ async fn authenticate(
             .and_then(|id| id.to_str().ok())
     {
         bind_session(&shared, opened, credential).await;
+    }
+    response
+}
+
+/// rmcp answers a session's `DELETE` with 202; the reference servers answer 200, and the
+/// Python SDK logs anything else as a failed close on every exit.
+async fn delete_answers_ok(request: Request, next: Next) -> Response {
+    let deleting = request.method() == axum::http::Method::DELETE;
+    let mut response = next.run(request).await;
+    if deleting && response.status() == StatusCode::ACCEPTED {
+        *response.status_mut() = StatusCode::OK;
     }
     response
 }

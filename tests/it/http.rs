@@ -468,7 +468,8 @@ async fn delete_ends_a_session_and_sessions_are_isolated() {
         .send()
         .await
         .unwrap();
-    assert!(deleted.status().is_success(), "{}", deleted.status());
+    // 200, as the reference servers answer: the Python SDK logs anything else as a failed close.
+    assert_eq!(deleted.status(), StatusCode::OK);
     let ping = json!({"jsonrpc": "2.0", "id": 2, "method": "ping"}).to_string();
     let (status, _, _) = post(
         &server.mcp(),
