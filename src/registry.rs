@@ -973,8 +973,6 @@ enum Opening {
     Restart,
 }
 
-/// The wait before restart attempt `attempt` (from 1): `first`, doubling, at most
-/// [`MAX_RESTART_DELAY`].
 /// Whether a ping's outcome shows the server alive: any answer does, an error too (servers
 /// that dropped `ping`, as 2026-07-28 did, answer -32601). Only silence or a broken
 /// connection does not.
@@ -985,6 +983,8 @@ fn answers_a_ping(outcome: &Result<ServerResult, ServiceError>) -> bool {
     )
 }
 
+/// The wait before restart attempt `attempt` (from 1): `first`, doubling, at most
+/// [`MAX_RESTART_DELAY`].
 pub fn restart_delay(first: Duration, attempt: u32) -> Duration {
     let doublings = attempt.saturating_sub(1).min(16);
     first.saturating_mul(1 << doublings).min(MAX_RESTART_DELAY)
@@ -1104,6 +1104,13 @@ impl Session {
                 .unwrap_or_default();
             (peer, declared)
         });
+        // A child offered roots asks for them as it starts, and is answered straight from a
+        // client that can be asked outside a call (`DownstreamClient::list_roots`): its first
+        // call waits for that answer a little (servers that never ask cost the grace once
+        // per child), so the call does not find the child without them.
+        let roots_coming = client.as_ref().is_some_and(|(peer, declared)| {
+            declared.roots.is_some() && crate::relay::declares_roots(peer)
+        });
         // Boxed: opening a connection is a large future, and every call to a session's server
         // awaits this one.
         let connection = Box::pin(Connection::open(
@@ -1115,15 +1122,7 @@ impl Session {
         .await
         .map_err(|error| format!("server `{}`: {error}", spec.name))?;
         tracing::info!(server = %spec.name, session = self.id, pid = connection.pid, "started a child for a session");
-        // A child that uses roots asks for its client's as it starts; its first call waits
-        // for the answer a little (servers that never ask cost the grace once per child), so
-        // the call does not find the child without them.
-        let client_has_roots = self
-            .client()
-            .and_then(|client| client.peer_info())
-            .is_some_and(|info| info.capabilities.roots.is_some())
-            && capabilities.is_none_or(|declared| declared.roots.is_some());
-        if client_has_roots {
+        if roots_coming {
             connection.roots_given(ROOTS_GRACE).await;
         }
         let connection = Arc::new(connection);

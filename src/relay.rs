@@ -348,3 +348,11 @@ pub fn declared_capabilities(
     peer.peer_info()
         .map(|info| std::sync::Arc::new(info.capabilities.clone()))
 }
+
+/// Whether a client declared roots for its session (with `initialize`): such a client can be
+/// asked for them outside any call. A 2026-07-28 client declares per request, and takes no
+/// request outside its own calls.
+pub fn declares_roots(peer: &Peer<RoleServer>) -> bool {
+    peer.peer_info()
+        .is_some_and(|info| info.capabilities.roots.is_some())
+}

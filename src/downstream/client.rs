@@ -138,7 +138,7 @@ impl DownstreamClient {
                 _ => Err(unexpected("roots/list")),
             };
         }
-        if declared.roots.is_none() {
+        if declared.roots.is_none() || !relay::declares_roots(client) {
             return Ok(configured_roots(&self.roots));
         }
         let request = ServerRequest::ListRootsRequest(ListRootsRequest::default());
