@@ -270,8 +270,8 @@ async fn authenticate(
             None => return unauthorized(presented.is_empty()),
         }
     };
-    let session = header_text(&request, "mcp-session-id").map(str::to_owned);
-    if let Some(session) = &session
+    let session = header_text(&request, "mcp-session-id");
+    if let Some(session) = session
         && shared
             .owners
             .get(session)
@@ -281,19 +281,14 @@ async fn authenticate(
             session = %session,
             "a request named a session opened with another credential; answered as unknown"
         );
-        return (
-            StatusCode::NOT_FOUND,
-            axum::Json(json!({
-                "jsonrpc": "2.0",
-                "id": null,
-                "error": {"code": -32600, "message": "session not found"},
-            })),
-        )
-            .into_response();
+        let mut response = json_rpc_error(-32600, "session not found");
+        *response.status_mut() = StatusCode::NOT_FOUND;
+        return response;
     }
+    let opens_session = session.is_none();
     request.extensions_mut().insert(credential);
     let response = SERVING.scope(credential, next.run(request)).await;
-    if session.is_none()
+    if opens_session
         && let Some(opened) = response
             .headers()
             .get("mcp-session-id")
