@@ -1024,25 +1024,23 @@ async fn a_run_is_read_and_resumed_only_by_the_credential_that_made_it() {
         .expect_err("another credential's run is unknown");
     assert!(error.to_string().contains("no kept run"), "{error}");
 
-    let resumed = call(
-        &bob,
-        "orchestrate",
-        json!({"steps": steps, "resume": {"run_id": run_id}}),
-    )
-    .await
-    .structured_content
-    .expect("a report");
+    let resumed = resume(&bob, &steps, &run_id).await;
     assert_eq!(resumed["status"], "invalid", "{resumed:#}");
     assert_eq!(resumed["errors"][0]["code"], "unknown_run", "{resumed:#}");
     // A second session of the same credential (the same agent, reconnected) may resume it.
     let again = http_session(&server.mcp(), Some(TOKEN)).await;
-    let resumed = call(
-        &again,
+    let resumed = resume(&again, &steps, &run_id).await;
+    assert_ne!(resumed["status"], "invalid", "{resumed:#}");
+}
+
+/// The report of `orchestrate` resuming run `run_id` of `steps`, called by `session`.
+async fn resume(session: &super::support::Session, steps: &Value, run_id: &str) -> Value {
+    call(
+        session,
         "orchestrate",
         json!({"steps": steps, "resume": {"run_id": run_id}}),
     )
     .await
     .structured_content
-    .expect("a report");
-    assert_ne!(resumed["status"], "invalid", "{resumed:#}");
+    .expect("a report")
 }
