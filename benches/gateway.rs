@@ -1,10 +1,11 @@
 //! Conductor against the direct path, side by side in one run: `cargo bench --bench gateway`
 //! reproduces `docs/performance.md`; `cargo bench --bench gateway -- --quick` (or
 //! `cargo test --bench gateway -- --quick`, as CI does) runs every measurement once, small, as
-//! a smoke test. `-- --only NAME` runs one group (`calls`, `http`, `catalog`, `startup`,
+//! a smoke test. `-- --only NAME` runs one group (`calls`, `http`, `streams`, `catalog`, `startup`,
 //! `memory`, `orchestrate`). For profiling, `GATEWAY_CALLS=N` sets the calls per load run and
 //! `GATEWAY_WRAP="valgrind --tool=callgrind ..."` runs conductor (over stdio) under a tool;
-//! `GATEWAY_CONCURRENCY=1` (or `1,16`) runs the load comparisons at those concurrencies only.
+//! `GATEWAY_CONCURRENCY=1` (or `1,16`) runs the load comparisons at those concurrencies only;
+//! `GATEWAY_CONDUCTOR=PATH` measures another build of conductor (a copy of an earlier commit's).
 //!
 //! Every figure is the median of `REPS` repetitions, each measuring the direct path (this
 //! benchmark's client talking to its echo server) and the path through conductor with the
@@ -32,7 +33,8 @@ use std::time::{Duration, Instant};
 
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ListToolsResult,
-    PaginatedRequestParams, ProtocolVersion, ServerCapabilities, ServerConfig, Tool,
+    NumberOrString, PaginatedRequestParams, ProgressNotificationParam, ProgressToken,
+    ProtocolVersion, RequestMetaObject, ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::{
     ClientLifecycleMode, ClientServiceExt, Peer, RequestContext, RoleClient, RoleServer,
@@ -97,8 +99,14 @@ impl ServerHandler for Echo {
     async fn call_tool(
         &self,
         request: CallToolRequestParams,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
+        // A caller that asks for progress gets one report first, as a tool that works a while
+        // would send: over Streamable HTTP the answer is then a stream.
+        if let Some(token) = context.meta.get_progress_token() {
+            let progress = ProgressNotificationParam::new(token, 1.0);
+            let _ = context.peer.notify_progress(progress).await;
+        }
         let text = request
             .arguments
             .as_ref()
@@ -230,14 +238,15 @@ async fn direct_stdio(lifecycle: Lifecycle, args: &[&str]) -> (Client, u32) {
 }
 
 /// The command that runs conductor with `args`: with `GATEWAY_WRAP="valgrind
-/// --tool=callgrind"` (say), under that command.
+/// --tool=callgrind"` (say), under that command; with `GATEWAY_CONDUCTOR=PATH`, another build
+/// of conductor (to compare two commits in one session).
 fn conductor_command(args: &[&str]) -> (String, Vec<String>) {
     let mut command: Vec<String> = std::env::var("GATEWAY_WRAP")
         .unwrap_or_default()
         .split_whitespace()
         .map(str::to_owned)
         .collect();
-    command.push(CONDUCTOR.to_owned());
+    command.push(std::env::var("GATEWAY_CONDUCTOR").unwrap_or_else(|_| CONDUCTOR.to_owned()));
     command.extend(args.iter().map(|arg| (*arg).to_owned()));
     let program = command.remove(0);
     (program, command)
@@ -336,19 +345,41 @@ struct Load {
     per_second: f64,
 }
 
-/// `total` calls of `tool`, `concurrency` at a time.
+/// `total` calls of `tool` with `{"text": "hello"}`, `concurrency` at a time.
 async fn load(peer: &Peer<RoleClient>, tool: &str, concurrency: usize, total: usize) -> Load {
+    let arguments = json!({"text": "hello"});
+    load_calls(peer, tool, &arguments, false, concurrency, total).await
+}
+
+/// `total` calls of `tool` with `arguments`, `concurrency` at a time; with `progress`, each
+/// call carries a progress token (so a Streamable HTTP server answers it as an SSE stream).
+async fn load_calls(
+    peer: &Peer<RoleClient>,
+    tool: &str,
+    arguments: &serde_json::Value,
+    progress: bool,
+    concurrency: usize,
+    total: usize,
+) -> Load {
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
             let (peer, next, tool) = (peer.clone(), next.clone(), tool.to_owned());
+            let arguments = arguments.as_object().cloned().unwrap();
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
-                let arguments = json!({"text": "hello"}).as_object().cloned().unwrap();
-                while next.fetch_add(1, Ordering::Relaxed) < total {
-                    let params =
+                loop {
+                    let number = next.fetch_add(1, Ordering::Relaxed);
+                    if number >= total {
+                        break;
+                    }
+                    let mut params =
                         CallToolRequestParams::new(tool.clone()).with_arguments(arguments.clone());
+                    if progress {
+                        let token = ProgressToken(NumberOrString::Number(number as i64));
+                        params.meta = Some(RequestMetaObject::with_progress_token(token));
+                    }
                     let sent = Instant::now();
                     let result = peer.call_tool(params).await.unwrap();
                     assert_ne!(result.is_error, Some(true), "{result:?}");
@@ -581,6 +612,100 @@ impl Bench {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
             wait_for_exit(pid.as_raw() as u32).await;
         }
+        drop((echo.child, conductor.child));
+    }
+
+    /// Calls whose answer comes as a stream of events (over Streamable HTTP, an SSE response):
+    /// those with a progress token, to which the echo tool reports progress once, and
+    /// `orchestrate`, which reports each step. Against the same call over stdio and answered as
+    /// plain JSON, one call at a time.
+    async fn streamed_answers(&self) {
+        let config = config(self.dir.path(), "streams", 1, &[]);
+        let (stdio, stdio_pid) = conductor_stdio(Lifecycle::Initialize, &config).await;
+        let echo = echo_http(&[]).await;
+        let direct_http = http_client(&echo.url).await;
+        let conductor = conductor_http(&config).await;
+        let http = http_client(&conductor.url).await;
+        let hello = json!({"text": "hello"});
+        let two_steps = json!({"steps": [
+            {"id": "first", "tool": "echo__echo", "args": {"text": "hello"}},
+            {"id": "second", "tool": "echo__echo", "args": {"text": "${{ steps.first.output.text }}"}}
+        ]});
+        let rows: [(&str, &Peer<RoleClient>, &str, &serde_json::Value, bool); 7] = [
+            (
+                "echo over HTTP, direct, plain",
+                direct_http.peer(),
+                "echo",
+                &hello,
+                false,
+            ),
+            (
+                "echo over HTTP, direct, with progress (an SSE answer)",
+                direct_http.peer(),
+                "echo",
+                &hello,
+                true,
+            ),
+            (
+                "conductor over stdio, with progress",
+                stdio.peer(),
+                "echo__echo",
+                &hello,
+                true,
+            ),
+            (
+                "conductor over HTTP, plain (a JSON answer)",
+                http.peer(),
+                "echo__echo",
+                &hello,
+                false,
+            ),
+            (
+                "conductor over HTTP, with progress (an SSE answer)",
+                http.peer(),
+                "echo__echo",
+                &hello,
+                true,
+            ),
+            (
+                "two-step `orchestrate` with a progress token, conductor over stdio",
+                stdio.peer(),
+                "orchestrate",
+                &two_steps,
+                true,
+            ),
+            (
+                "two-step `orchestrate` with a progress token, conductor over HTTP (an SSE answer)",
+                http.peer(),
+                "orchestrate",
+                &two_steps,
+                true,
+            ),
+        ];
+        let total = if self.quick { 20 } else { 1_000 };
+        let mut runs: Vec<Vec<Load>> = vec![Vec::new(); rows.len()];
+        for (_, peer, tool, arguments, progress) in &rows {
+            load_calls(peer, tool, arguments, *progress, 1, total / 10 + 1).await;
+        }
+        // Alternating, so a slow minute on this machine falls on every row alike.
+        for _ in 0..self.reps {
+            for ((_, peer, tool, arguments, progress), runs) in rows.iter().zip(&mut runs) {
+                runs.push(load_calls(peer, tool, arguments, *progress, 1, total).await);
+            }
+        }
+        println!("\n### Answers sent as a stream, one call at a time\n");
+        println!("| call | p50 µs | p99 µs | calls/s |");
+        println!("| --- | ---: | ---: | ---: |");
+        for ((label, ..), runs) in rows.iter().zip(&runs) {
+            println!(
+                "| {label} | {:.0} | {:.0} | {:.0} |",
+                median_by(runs, |run| micros(run.p50)),
+                median_by(runs, |run| micros(run.p99)),
+                median_by(runs, |run| run.per_second),
+            );
+        }
+        let _ = stdio.cancel().await;
+        wait_for_exit(stdio_pid).await;
         drop((echo.child, conductor.child));
     }
 
@@ -883,6 +1008,9 @@ fn main() {
         }
         if wanted("http") {
             bench.calls_over_http().await;
+        }
+        if wanted("streams") {
+            bench.streamed_answers().await;
         }
         if wanted("catalog") {
             bench.catalog().await;

@@ -236,6 +236,14 @@ pub async fn serve(
     // Routes made into services once: axum would otherwise rebuild the router for every
     // connection (docs/performance.md).
     let app = app.with_state::<()>(());
+    // No Nagle: an SSE answer is written as several small writes (its priming event, then
+    // each message), and Nagle holds each after the first until the client's delayed ACK,
+    // about 40 ms every time (docs/performance.md).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %error, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app.into_make_service())
         .with_graceful_shutdown(shutdown)
         .await
