@@ -40,7 +40,7 @@ pub struct Cli {
     )]
     config: PathBuf,
     /// Log filter for stderr, such as `debug` or `mcp_conductor=debug` (default: `info` when
-    /// serving, `warn` otherwise; `RUST_LOG` works too).
+    /// serving, with rmcp's own at `warn`, and `warn` otherwise; `RUST_LOG` works too).
     #[arg(long, global = true)]
     log: Option<String>,
     #[command(subcommand)]
@@ -119,7 +119,9 @@ impl Cli {
 
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         let default_log = if matches!(self.command, Command::Serve { .. }) {
-            "info"
+            // rmcp logs each service's start and end at info: a line or more for every
+            // request of a 2026-07-28 client over HTTP.
+            "info,rmcp=warn"
         } else {
             "warn"
         };

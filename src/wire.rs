@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
 
 use memchr::memmem::Finder;
-use rmcp::model::{ErrorData, NumberOrString};
+use rmcp::model::{ErrorCode, NumberOrString};
 use rmcp::service::{RxJsonRpcMessage, ServiceRole, TxJsonRpcMessage};
 use rmcp::transport::Transport;
 use serde::Deserialize;
@@ -305,57 +305,199 @@ impl<Role: ServiceRole, R> LineTransport<Role, R> {
         match parsed {
             Ok(message) => Some(message),
             Err(error) => {
-                self.refuse(text, error);
+                self.refuse(line, error);
                 None
             }
         }
     }
 
-    /// A line rmcp's types do not take. As rmcp's own transport does: text that is not JSON
-    /// and notifications outside MCP are ignored; well-formed JSON that is no MCP message
-    /// gets an "Invalid request" error.
-    fn refuse(&self, text: Option<&str>, error: serde_json::Error) {
-        use serde_json::error::Category;
-        if matches!(error.classify(), Category::Syntax | Category::Eof) {
-            tracing::debug!(error = %error, "ignoring a line that is not JSON");
+    /// A line rmcp's types do not take: answered as JSON-RPC says ([`refusal`]), with the
+    /// request's id where it can be read, so the peer is never left waiting. Responses and
+    /// notifications get no answer.
+    fn refuse(&self, line: &[u8], error: serde_json::Error) {
+        let Some(refusal) = refusal(line) else {
+            tracing::debug!(error = %error, "ignoring a message that is not MCP and wants no answer");
             return;
-        }
-        if let Some(peek) = text.and_then(Peek::of)
-            && peek.id.is_none()
-            && let Some(method) = &peek.method
-            && !is_mcp_notification(method)
-        {
-            tracing::trace!(method = %method, "ignoring a notification outside MCP");
-            return;
-        }
-        tracing::debug!(error = %error, "refusing a message that is not MCP");
-        let refusal = TxJsonRpcMessage::<Role>::error(
-            ErrorData::invalid_request("Invalid request", None),
-            None,
-        );
+        };
+        tracing::debug!(error = %error, refusal = %refusal.message, "refusing a message that is not MCP");
         let writer = self.writer.clone();
         // Written apart: `receive` may be cancelled at any await.
         tokio::spawn(async move {
-            if let Ok(line) = serde_json::to_vec(&refusal) {
+            if let Ok(line) = serde_json::to_vec(&refusal.to_json()) {
                 let _ = writer.write_line(line).await;
             }
         });
     }
 }
 
-fn is_mcp_notification(method: &str) -> bool {
+/// Why a message no MCP type takes is refused, as JSON-RPC 2.0 says: the code, the words,
+/// and the id to answer with where the message has one that can be read (else `null`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub id: Option<NumberOrString>,
+    pub code: i32,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(id: Option<NumberOrString>, code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            id,
+            code: code.0,
+            message: message.into(),
+        }
+    }
+
+    /// The error response, as JSON (`id` is `null` where none could be read).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": self.id,
+            "error": {"code": self.code, "message": self.message},
+        })
+    }
+}
+
+/// What to answer a message (its whole text) that rmcp's types do not take, or `None` for one
+/// that gets no answer: a response, or a notification (JSON-RPC answers neither).
+pub fn refusal(text: &[u8]) -> Option<Refusal> {
+    use serde_json::Value;
+    let message = match serde_json::from_slice::<Value>(text) {
+        Ok(Value::Object(message)) => message,
+        Ok(Value::Array(_)) => {
+            return Some(Refusal::new(
+                None,
+                ErrorCode::INVALID_REQUEST,
+                "invalid request: a batch (a JSON array) is not accepted; MCP removed JSON-RPC batching in 2025-06-18, send each message on its own",
+            ));
+        }
+        Ok(_) => {
+            return Some(Refusal::new(
+                None,
+                ErrorCode::INVALID_REQUEST,
+                "invalid request: a JSON-RPC message is a JSON object",
+            ));
+        }
+        Err(error) => {
+            return Some(Refusal::new(
+                None,
+                ErrorCode::PARSE_ERROR,
+                format!("parse error: {error}"),
+            ));
+        }
+    };
+    let id = match message.get("id") {
+        None => None,
+        Some(id) => match serde_json::from_value::<NumberOrString>(id.clone()) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                return Some(Refusal::new(
+                    None,
+                    ErrorCode::INVALID_REQUEST,
+                    format!("invalid request: `id` must be a string or an integer, not {id}"),
+                ));
+            }
+        },
+    };
+    let method = message.get("method");
+    if method.is_none() && (message.contains_key("result") || message.contains_key("error")) {
+        return None;
+    }
+    let invalid = |words: String| Some(Refusal::new(id.clone(), ErrorCode::INVALID_REQUEST, words));
+    if message.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return invalid("invalid request: `jsonrpc` must be \"2.0\"".to_owned());
+    }
+    let Some(method) = method else {
+        return invalid("invalid request: no `method`".to_owned());
+    };
+    let Some(method) = method.as_str() else {
+        return invalid(format!(
+            "invalid request: `method` must be a string, not {method}"
+        ));
+    };
+    // A notification gets no answer, even a refusal.
+    id.as_ref()?;
+    let (code, message) = request_problem(method, message.get("params").cloned());
+    Some(Refusal::new(id, code, message))
+}
+
+/// Why a request of `method` that could not be read is refused: an unknown method, or what
+/// is wrong with the params of a known one.
+pub fn request_problem(method: &str, params: Option<serde_json::Value>) -> (ErrorCode, String) {
+    match params_problem(method, params) {
+        Some(problem) => (ErrorCode::INVALID_PARAMS, problem),
+        None if !is_mcp_request(method) => (
+            ErrorCode::METHOD_NOT_FOUND,
+            format!("method not found: `{method}`"),
+        ),
+        None => (
+            ErrorCode::INVALID_REQUEST,
+            format!("invalid request: a `{method}` request this server cannot read"),
+        ),
+    }
+}
+
+/// What is wrong with the `params` of a request of an MCP method (of a known method only).
+#[allow(
+    deprecated,
+    reason = "logging is deprecated in 2026-07-28; older clients still set levels"
+)]
+fn params_problem(method: &str, params: Option<serde_json::Value>) -> Option<String> {
+    use rmcp::model::*;
+    use serde::de::DeserializeOwned;
+    fn problem<T: DeserializeOwned>(params: Option<serde_json::Value>) -> Option<String> {
+        serde_json::from_value::<T>(params.unwrap_or_else(|| serde_json::json!({})))
+            .err()
+            .map(|error| error.to_string())
+    }
+    if let Some(params) = &params
+        && !params.is_object()
+        && is_mcp_request(method)
+    {
+        return Some(format!(
+            "invalid params for `{method}`: `params` must be an object, not {params}"
+        ));
+    }
+    let problem = match method {
+        "initialize" => problem::<InitializeRequestParams>(params),
+        "tools/call" => problem::<CallToolRequestParams>(params),
+        "prompts/get" => problem::<GetPromptRequestParams>(params),
+        "resources/read" => problem::<ReadResourceRequestParams>(params),
+        "resources/subscribe" => problem::<SubscribeRequestParams>(params),
+        "resources/unsubscribe" => problem::<UnsubscribeRequestParams>(params),
+        "completion/complete" => problem::<CompleteRequestParams>(params),
+        "logging/setLevel" => problem::<SetLevelRequestParams>(params),
+        "tools/list" | "prompts/list" | "resources/list" | "resources/templates/list" => {
+            problem::<PaginatedRequestParams>(params)
+        }
+        _ => None,
+    }?;
+    Some(format!("invalid params for `{method}`: {problem}"))
+}
+
+fn is_mcp_request(method: &str) -> bool {
     matches!(
         method,
-        "notifications/cancelled"
-            | "notifications/initialized"
-            | "notifications/message"
-            | "notifications/progress"
-            | "notifications/prompts/list_changed"
-            | "notifications/resources/list_changed"
-            | "notifications/resources/updated"
-            | "notifications/roots/list_changed"
-            | "notifications/subscriptions/acknowledged"
-            | "notifications/tools/list_changed"
+        "initialize"
+            | "ping"
+            | "server/discover"
+            | "tools/list"
+            | "tools/call"
+            | "prompts/list"
+            | "prompts/get"
+            | "resources/list"
+            | "resources/templates/list"
+            | "resources/read"
+            | "resources/subscribe"
+            | "resources/unsubscribe"
+            | "completion/complete"
+            | "logging/setLevel"
+            | "subscriptions/listen"
+            | "tasks/get"
+            | "tasks/list"
+            | "tasks/result"
+            | "tasks/cancel"
+            | "tasks/update"
     )
 }
 

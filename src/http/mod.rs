@@ -17,7 +17,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::StreamExt;
 use rmcp::model::{
-    ProgressNotification, ProgressNotificationParam, ServerJsonRpcMessage, ServerNotification,
+    ProgressNotification, ProgressNotificationParam, ProtocolVersion, ServerJsonRpcMessage,
+    ServerNotification,
 };
 use rmcp::transport::common::server_side_http::ServerSseMessage;
 use rmcp::transport::streamable_http_server::session::local::{LocalSessionManager, SessionConfig};
@@ -177,12 +178,24 @@ pub fn app(
             .with_fronts(session_fronts.clone())
     });
     let factory = make_server.clone();
-    let service: StreamableHttpService<ConductorServer, LocalSessionManager> =
-        StreamableHttpService::new(
-            move || Ok(factory(serving_owner())),
-            sessions.clone(),
-            config,
-        );
+    let with_sessions = StreamableHttpService::new(
+        move || Ok(factory(serving_owner())),
+        sessions.clone(),
+        config.clone(),
+    );
+    // A 2026-07-28 client cancels a request by closing its response stream. rmcp takes that
+    // as a cancel only for a stream it does not keep for resumption, so those clients' requests
+    // go to a service without an event store (they have no sessions to resume in).
+    let factory = make_server.clone();
+    let stateless = StreamableHttpService::new(
+        move || Ok(factory(serving_owner())),
+        Arc::new(LocalSessionManager::default()),
+        config,
+    );
+    let services = Arc::new(McpServices {
+        with_sessions,
+        stateless,
+    });
     let legacy = Arc::new(sse::SseSessions::default());
     let shared = Arc::new(Shared {
         registry,
@@ -207,7 +220,7 @@ pub fn app(
             shutdown,
         });
     let mcp = axum::Router::new()
-        .nest_service("/mcp", service)
+        .route("/mcp", axum::routing::any(serve_mcp).with_state(services))
         .merge(legacy_routes)
         .layer(middleware::from_fn_with_state(shared.clone(), check_post))
         .layer(middleware::from_fn(delete_answers_ok))
@@ -225,6 +238,36 @@ pub fn app(
         .route("/readyz", get(readyz))
         .with_state(shared)
         .merge(mcp)
+}
+
+/// rmcp's Streamable HTTP service, twice: for clients with sessions (their streams kept, to
+/// resume), and for 2026-07-28 clients, which have none (their streams not kept, so closing
+/// one cancels its request).
+struct McpServices {
+    with_sessions: StreamableHttpService<ConductorServer, LocalSessionManager>,
+    stateless: StreamableHttpService<ConductorServer, LocalSessionManager>,
+}
+
+async fn serve_mcp(State(services): State<Arc<McpServices>>, request: Request) -> Response {
+    let service = if cancels_by_closing(request.headers()) {
+        &services.stateless
+    } else {
+        &services.with_sessions
+    };
+    service.handle(request).await.map(Body::new)
+}
+
+/// Whether a request is a 2026-07-28 client's, outside any session: such a client cancels a
+/// request by closing its stream.
+fn cancels_by_closing(headers: &axum::http::HeaderMap) -> bool {
+    !headers.contains_key("mcp-session-id")
+        && headers
+            .get("mcp-protocol-version")
+            .and_then(|version| version.to_str().ok())
+            .is_some_and(|version| {
+                version.starts_with(|c: char| c.is_ascii_digit())
+                    && version >= ProtocolVersion::V_2026_07_28.as_str()
+            })
 }
 
 /// Serve `app` on `listener` until `shutdown` resolves, then let requests in flight finish.
@@ -365,9 +408,8 @@ async fn check_post(State(shared): State<Arc<Shared>>, request: Request, next: N
         )
             .into_response();
     };
-    let initialize = match opens_session(&bytes) {
-        Ok(initialize) => initialize,
-        Err(refused) => return refused.into_response(),
+    let Some(initialize) = opens_session(&bytes) else {
+        return refusal_response(&bytes);
     };
     let session = parts
         .headers
@@ -393,29 +435,38 @@ async fn check_post(State(shared): State<Arc<Shared>>, request: Request, next: N
     {
         return answered;
     }
-    next.run(Request::from_parts(parts, Body::from(bytes)))
-        .await
-}
-
-/// Why a POST body is refused.
-enum BadBody {
-    NotJson(serde_json::Error),
-    NotJsonRpc,
-}
-
-impl BadBody {
-    fn into_response(self) -> Response {
-        match self {
-            BadBody::NotJson(error) => json_rpc_error(-32700, &format!("parse error: {error}")),
-            BadBody::NotJsonRpc => {
-                json_rpc_error(-32600, "invalid request: not a JSON-RPC 2.0 message")
-            }
-        }
+    let sent_as_json = is_sent_as_json(&parts.headers);
+    // Cheap to keep: the body's bytes are shared, not copied.
+    let kept = bytes.clone();
+    let response = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    // rmcp answers a JSON body its types do not take with 415 and plain text: answer as
+    // JSON-RPC says instead, with the request's id where it can be read.
+    if response.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE && sent_as_json {
+        return refusal_response(&kept);
     }
+    response
 }
 
-/// Whether a POST body, which must be JSON-RPC 2.0, is an `initialize`.
-fn opens_session(body: &[u8]) -> Result<bool, BadBody> {
+/// A JSON-RPC error for a body no MCP type takes (see [`crate::wire::refusal`]): with the
+/// request's id and 200, as any error answer to a request, where the id can be read; else
+/// 400 and a `null` id. A notification's or a response's gets 202 and no body.
+fn refusal_response(body: &[u8]) -> Response {
+    let Some(refusal) = crate::wire::refusal(body) else {
+        return StatusCode::ACCEPTED.into_response();
+    };
+    let status = if refusal.id.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    (status, axum::Json(refusal.to_json())).into_response()
+}
+
+/// Whether a POST body, which must be JSON-RPC 2.0, is an `initialize`; `None` for a body
+/// that is not one JSON-RPC message.
+fn opens_session(body: &[u8]) -> Option<bool> {
     /// What is checked of a message; the rest is skipped, not parsed.
     #[derive(serde::Deserialize)]
     struct Message<'a> {
@@ -424,47 +475,41 @@ fn opens_session(body: &[u8]) -> Result<bool, BadBody> {
         #[serde(borrow, default)]
         method: Option<&'a RawValue>,
     }
-    let is_message = |message: &Message| message.jsonrpc.map(RawValue::get) == Some("\"2.0\"");
-    let parsed = if body.trim_ascii_start().starts_with(b"[") {
-        serde_json::from_slice::<Vec<Message>>(body)
-            .map(|batch| (!batch.is_empty() && batch.iter().all(is_message), false))
-    } else {
-        serde_json::from_slice::<Message>(body).map(|message| {
-            let initialize = message.method.map(RawValue::get) == Some("\"initialize\"");
-            (is_message(&message), initialize)
-        })
-    };
-    match parsed {
-        Ok((true, initialize)) => Ok(initialize),
-        // Valid JSON of another shape (a string, an array of numbers) is no message either.
-        Ok((false, _)) => Err(BadBody::NotJsonRpc),
-        Err(error) if error.classify() == serde_json::error::Category::Data => {
-            Err(BadBody::NotJsonRpc)
-        }
-        Err(error) => Err(BadBody::NotJson(error)),
+    let message = serde_json::from_slice::<Message>(body).ok()?;
+    if message.jsonrpc.map(RawValue::get) != Some("\"2.0\"") {
+        return None;
     }
+    Some(message.method.map(RawValue::get) == Some("\"initialize\""))
 }
 
 /// A body sent as JSON by a client that takes both kinds of answer, in the plain form every
 /// client sends. Anything else (weights, parameters, a missing type) goes to rmcp, which
 /// answers it or refuses it (406, 415) with its own words.
 fn rmcp_would_read(headers: &axum::http::HeaderMap) -> bool {
-    let values = |name| {
-        headers
-            .get_all(name)
-            .into_iter()
-            .filter_map(|value| value.to_str().ok())
-    };
     let accepts = |wanted: &str| {
-        values(header::ACCEPT)
+        header_values(headers, header::ACCEPT)
             .flat_map(|value| value.split(','))
             .any(|kind| kind.trim().eq_ignore_ascii_case(wanted))
     };
-    let sent_as_json = values(header::CONTENT_TYPE).any(|value| {
+    is_sent_as_json(headers) && accepts("application/json") && accepts("text/event-stream")
+}
+
+/// Whether a request's body says it is JSON.
+fn is_sent_as_json(headers: &axum::http::HeaderMap) -> bool {
+    header_values(headers, header::CONTENT_TYPE).any(|value| {
         let essence = value.split(';').next().unwrap_or(value);
         essence.trim().eq_ignore_ascii_case("application/json")
-    });
-    sent_as_json && accepts("application/json") && accepts("text/event-stream")
+    })
+}
+
+fn header_values(
+    headers: &axum::http::HeaderMap,
+    name: header::HeaderName,
+) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .filter_map(|value| value.to_str().ok())
 }
 
 /// Answer a session's plain tool call (or its cancellation) here, as its front does, if the

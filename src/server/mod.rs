@@ -16,11 +16,12 @@ use rmcp::ServerHandler;
 use rmcp::model::{CacheScope, InputResponses, ProgressNotificationParam, ProgressToken};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, CompleteRequestParams, CompleteResult,
-    ContentBlock, GetPromptRequestParams, GetPromptResponse, Implementation, JsonObject,
-    ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
-    PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse, ResultType,
-    ServerCapabilities, ServerConfig, ServerResult, SetLevelRequestParams, SubscribeRequestParams,
-    SubscriptionFilter, Tool, UnsubscribeRequestParams,
+    ContentBlock, CustomRequest, CustomResult, GetPromptRequestParams, GetPromptResponse,
+    Implementation, JsonObject, ListPromptsResult, ListResourceTemplatesResult,
+    ListResourcesResult, ListToolsResult, PaginatedRequestParams, ReadResourceRequestParams,
+    ReadResourceResponse, ResultType, ServerCapabilities, ServerConfig, ServerResult,
+    SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter, Tool,
+    UnsubscribeRequestParams,
 };
 use rmcp::service::{NotificationContext, Peer, RequestContext, RoleServer, SubscriptionContext};
 use serde_json::Value;
@@ -212,6 +213,17 @@ impl ServerHandler for ConductorServer {
                 .map_err(subscription_error)
         })
         .await
+    }
+
+    /// rmcp takes any request it cannot read as a custom one, a known method with malformed
+    /// params included: those get "invalid params" with what is wrong, not "not found".
+    async fn on_custom_request(
+        &self,
+        request: CustomRequest,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CustomResult, McpError> {
+        let (code, message) = crate::wire::request_problem(&request.method, request.params);
+        Err(McpError::new(code, message, None))
     }
 
     async fn on_roots_list_changed(&self, _context: NotificationContext<RoleServer>) {

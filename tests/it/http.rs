@@ -4,7 +4,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use super::support::{
-    CONDUCTOR, HttpConductor, TestConfig, call, http_session, py_client, text_of, tool_names,
+    CONDUCTOR, HttpConductor, RawStdio, TestConfig, call, http_session, py_client, text_of,
+    tool_names,
 };
 
 const TOKEN: &str = "a-test-token-0123456789";
@@ -1043,4 +1044,144 @@ async fn resume(session: &super::support::Session, steps: &Value, run_id: &str) 
     .await
     .structured_content
     .expect("a report")
+}
+
+/// Messages no MCP type takes, and what JSON-RPC says each gets: `(message, id, code)`, the
+/// id `null` where none can be read.
+fn malformed_messages() -> Vec<(&'static str, Value, i64)> {
+    vec![
+        ("{not json", Value::Null, -32700),
+        (
+            r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#,
+            Value::Null,
+            -32600,
+        ),
+        (r#""a string""#, Value::Null, -32600),
+        (
+            r#"{"jsonrpc":"2.0","id":{"a":1},"method":"ping"}"#,
+            Value::Null,
+            -32600,
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":"x"}"#,
+            json!(2),
+            -32602,
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":5}}"#,
+            json!(3),
+            -32602,
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":"four","method":"tools/call","params":{"name":"echo__echo","arguments":"s"}}"#,
+            json!("four"),
+            -32602,
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":5,"method":"tools/list","params":[1]}"#,
+            json!(5),
+            -32602,
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":6,"method":"no/such"}"#,
+            json!(6),
+            -32601,
+        ),
+        (r#"{"jsonrpc":"2.0","id":7}"#, json!(7), -32600),
+        (r#"{"id":8,"method":"ping"}"#, json!(8), -32600),
+    ]
+}
+
+fn assert_refused(message: &str, answer: &Value, id: &Value, code: i64) {
+    assert_eq!(answer["jsonrpc"], "2.0", "{message} => {answer}");
+    assert_eq!(&answer["id"], id, "{message} => {answer}");
+    assert_eq!(answer["error"]["code"], code, "{message} => {answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|words| words.len() > 10),
+        "{message} => {answer}"
+    );
+}
+
+/// Malformed messages get a JSON-RPC error with the request's id where it can be read and
+/// the code JSON-RPC names, over stdio and over HTTP alike, and the server goes on serving.
+#[tokio::test]
+async fn malformed_requests_get_json_rpc_errors_with_their_ids() {
+    let config = TestConfig::fixtures(&[("echo", "echo")]);
+
+    // Over stdio: each answer is the next line.
+    let mut stdio = RawStdio::start(&config).await;
+    let mut exchange =
+        async |line: &str| -> Value { serde_json::from_str(&stdio.exchange(line).await).unwrap() };
+    for (message, id, code) in malformed_messages() {
+        let answer = exchange(message).await;
+        assert_refused(message, &answer, &id, code);
+    }
+    let call = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+        "params": {"name": "echo__echo", "arguments": {"text": "still here"}}});
+    let answer = exchange(&call.to_string()).await;
+    assert_eq!(
+        answer["result"]["content"][0]["text"], "still here",
+        "{answer}"
+    );
+
+    // Over HTTP, in a session: an error with an id is an answer (200), one without is 400.
+    let server = HttpConductor::start(&config).await;
+    let session = raw_session(&server).await;
+    for (message, id, code) in malformed_messages() {
+        let (status, _, text) = post(&server.mcp(), message, &borrowed(&session)).await;
+        // As JSON, or (from rmcp) as a stream of one message.
+        let answer: Value = serde_json::from_str(&text)
+            .ok()
+            .or_else(|| sse_messages(&text).pop())
+            .unwrap_or_else(|| panic!("{message} => {status} and not JSON-RPC: {text}"));
+        assert_refused(message, &answer, &id, code);
+        let expected = if id.is_null() {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::OK
+        };
+        assert_eq!(status, expected, "{message} => {answer}");
+    }
+    let (_, _, text) = post(&server.mcp(), &call.to_string(), &borrowed(&session)).await;
+    assert!(text.contains("still here"), "{text}");
+}
+
+/// A call the client gives up is cancelled at the downstream, for clients of both eras and
+/// over both transports: the Python SDK cancels with `notifications/cancelled` in legacy
+/// mode, and, as a 2026-07-28 client over Streamable HTTP, by closing the call's stream
+/// after progress has come on it.
+#[tokio::test]
+async fn a_call_given_up_is_cancelled_downstream_for_clients_of_both_eras() {
+    let config = TestConfig::slow_fixture("", "");
+    let server = HttpConductor::start(&config).await;
+    let url = server.mcp();
+    let config_path = config.path.display().to_string();
+    let stdio = [CONDUCTOR, "serve", "--config", &config_path];
+    let targets: [(&str, &[&str]); 2] = [("HTTP", &[&url]), ("stdio", &stdio)];
+    let mut cancelled = 0;
+    for (transport, target) in targets {
+        for (mode, version) in [("legacy", "2025-11-25"), ("auto", "2026-07-28")] {
+            let options = [
+                "--mode",
+                mode,
+                "--call",
+                "slow__sleep",
+                // Progress first: its stream is open, and answering, when the client goes.
+                "--args",
+                r#"{"ms": 20000, "progress_every": 200}"#,
+                "--progress",
+                "--cancel-after",
+                "1",
+            ];
+            let out = py_client(&options, target).await;
+            assert_eq!(out["protocol_version"], version, "{transport}: {out:#}");
+            assert_eq!(out["cancelled"], true, "{transport}, {mode}: {out:#}");
+            cancelled += 1;
+            config
+                .wait_for_recorded("cancelled sleep 20000", cancelled)
+                .await;
+        }
+    }
 }

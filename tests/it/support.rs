@@ -516,3 +516,55 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `conductor serve` over stdio spoken to line by line, as raw text: for what a typed client
+/// cannot show (the exact bytes, malformed messages).
+pub struct RawStdio {
+    _child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl RawStdio {
+    /// Start conductor and go through the handshake (`initialize` at 2025-06-18).
+    pub async fn start(config: &TestConfig) -> Self {
+        let mut child = tokio::process::Command::new(CONDUCTOR)
+            .args(["serve", "--config"])
+            .arg(&config.path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("conductor starts");
+        let stdin = child.stdin.take().expect("piped stdin");
+        let lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let mut raw = RawStdio {
+            _child: child,
+            stdin,
+            lines,
+        };
+        let initialize = serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}});
+        // The notification that ends the handshake goes with it.
+        let initialized =
+            serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        let answer = raw.exchange(&format!("{initialize}\n{initialized}")).await;
+        assert!(answer.contains("\"result\""), "{answer}");
+        raw
+    }
+
+    /// Write `line` and read the next line back (within 10 s).
+    pub async fn exchange(&mut self, line: &str) -> String {
+        use tokio::io::AsyncWriteExt;
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("conductor reads");
+        tokio::time::timeout(Duration::from_secs(10), self.lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no answer to {line}"))
+            .expect("conductor writes")
+            .expect("a line")
+    }
+}

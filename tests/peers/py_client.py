@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Drive an MCP server with the official Python SDK client and print what it saw as JSON.
 
-  python py_client.py [--mode auto|legacy] [--call NAME --args JSON] [--read URI] [--progress] [--token T]
+  python py_client.py [--mode auto|legacy] [--call NAME --args JSON [--cancel-after SECONDS]] [--read URI] [--progress] [--token T] [--log-level LEVEL]
                       [--sampling-reply TEXT] [--elicit-accept JSON] [--roots URI,...] -- COMMAND ARGS...
   python py_client.py [options] -- http://127.0.0.1:PORT/mcp    (or .../sse for legacy HTTP+SSE)
 
@@ -34,8 +34,10 @@ def parse() -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--args", default="{}")
     parser.add_argument("--read")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--cancel-after", type=float, help="give up the call after this many seconds (a cancel)")
     parser.add_argument("--env", action="append", default=[])
     parser.add_argument("--token")
+    parser.add_argument("--log-level", help="2026-07-28: ask for log messages at or above this level with each request")
     parser.add_argument("--sampling-reply", help="declare sampling; answer every request with this text")
     parser.add_argument("--elicit-accept", help="declare elicitation; accept every request with this JSON content")
     parser.add_argument("--roots", help="declare roots; answer roots/list with these comma-separated URIs")
@@ -63,6 +65,8 @@ async def run(ns: argparse.Namespace, command: list[str]) -> dict[str, Any]:
         target = StdioServerParameters(command=command[0], args=command[1:], env=env)
     out: dict[str, Any] = {"progress": 0, "sampling": 0, "elicitation": 0, "roots": 0, "logging": 0}
     kwargs: dict[str, Any] = {"mode": ns.mode, "read_timeout_seconds": 60}
+    if ns.log_level:
+        kwargs["log_level"] = ns.log_level
     if ns.sampling_reply is not None:
         async def sampling(ctx: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
             out["sampling"] += 1
@@ -109,9 +113,19 @@ async def run(ns: argparse.Namespace, command: list[str]) -> dict[str, Any]:
             async def progress(done: float, total: float | None, message: str | None) -> None:
                 out["progress"] += 1
 
-            result = await client.call_tool(
+            call = client.call_tool(
                 ns.call, json.loads(ns.args), progress_callback=progress if ns.progress else None
             )
+            if ns.cancel_after is not None:
+                # The SDK's own way to give up a call: its task is cancelled (a 2026-07-28
+                # client over Streamable HTTP then closes the request's response stream).
+                with anyio.move_on_after(ns.cancel_after) as scope:
+                    await call
+                out["cancelled"] = scope.cancelled_caught
+                # Still connected: the cancel must reach the server before the client goes.
+                await anyio.sleep(1)
+                return out
+            result = await call
             out["call"] = {
                 "isError": result.is_error,
                 "content": [block(b) for b in result.content],
