@@ -72,9 +72,13 @@ pub enum CallError {
         server: ServerName,
         retry_in: Duration,
     },
-    /// The downstream answered with a JSON-RPC error: passed on as it is.
+    /// The downstream answered with a JSON-RPC error: passed on as it is. Boxed: an error
+    /// is large (its `data` a JSON value), and every call's result carries the type.
     #[error("server `{server}`: {error}")]
-    Downstream { server: ServerName, error: McpError },
+    Downstream {
+        server: ServerName,
+        error: Box<McpError>,
+    },
     /// A downstream's answer that is not a JSON-RPC result.
     #[error("the server's answer is not a result: {0}")]
     Unreadable(String),
@@ -193,6 +197,51 @@ impl From<ServerResult> for Answer {
 }
 
 impl Answer {
+    /// The answer without the `_meta` entry that names the server software that made it
+    /// (`io.modelcontextprotocol/serverInfo`, which 2026-07-28 servers put on results): the
+    /// client's server is conductor, and clients before 2026-07-28 never get the entry.
+    fn without_server_info(self) -> Answer {
+        match self {
+            Answer::Parsed(mut result) => {
+                let meta = match result.as_mut() {
+                    ServerResult::CallToolResult(result) => &mut result.meta,
+                    ServerResult::GetPromptResult(result) => &mut result.meta,
+                    ServerResult::ReadResourceResult(result) => &mut result.meta,
+                    ServerResult::CompleteResult(result) => &mut result.meta,
+                    _ => return Answer::Parsed(result),
+                };
+                if let Some(entries) = meta {
+                    entries.shift_remove(SERVER_INFO_KEY);
+                    if entries.is_empty() {
+                        *meta = None;
+                    }
+                }
+                Answer::Parsed(result)
+            }
+            Answer::ToolResult(text) => {
+                // Most results have none: skip the parse for them.
+                static SERVER_INFO: LazyLock<Finder> =
+                    LazyLock::new(|| Finder::new(SERVER_INFO_KEY.as_bytes()));
+                if SERVER_INFO.find(text.get().as_bytes()).is_none() {
+                    return Answer::ToolResult(text);
+                }
+                let Ok(mut result) = serde_json::from_str::<JsonObject>(text.get()) else {
+                    return Answer::ToolResult(text);
+                };
+                if let Some(serde_json::Value::Object(entries)) = result.get_mut("_meta") {
+                    entries.shift_remove(SERVER_INFO_KEY);
+                    if entries.is_empty() {
+                        result.shift_remove("_meta");
+                    }
+                }
+                match serde_json::value::to_raw_value(&result) {
+                    Ok(stripped) => Answer::ToolResult(stripped),
+                    Err(_) => Answer::ToolResult(text),
+                }
+            }
+        }
+    }
+
     /// The answer as rmcp's type. A tool result that is not one is read as whatever result
     /// it is, as rmcp reads a result it did not expect.
     pub fn into_result(self) -> Result<ServerResult, CallError> {
@@ -205,6 +254,9 @@ impl Answer {
         }
     }
 }
+
+/// The `_meta` key of a result that names the server software that made it.
+const SERVER_INFO_KEY: &str = "io.modelcontextprotocol/serverInfo";
 
 /// A request on its way to one server.
 #[derive(Debug, Clone)]
@@ -778,6 +830,28 @@ impl Router {
             () = caller.cancel.cancelled() => return Err(CallError::Cancelled),
         };
         let _busy = connection.busy();
+        let answer = self
+            .send_on(&connection, spec, what, request, timeout, caller)
+            .await?;
+        Ok(
+            if connection.info.protocol_version >= ProtocolVersion::V_2026_07_28 {
+                answer.without_server_info()
+            } else {
+                answer
+            },
+        )
+    }
+
+    /// Send a request on one connection, on its text lane where it can go as text.
+    async fn send_on(
+        &self,
+        connection: &Connection,
+        spec: &ServerSpec,
+        what: String,
+        request: Outgoing,
+        timeout: Option<Duration>,
+        caller: &Caller,
+    ) -> Result<Answer, CallError> {
         let request = match request {
             Outgoing::Request(request) => *request,
             // rmcp's progress-reset timeouts need rmcp's own requests.
@@ -791,7 +865,7 @@ impl Router {
                     && !spec.timeout_resets_on_progress
                 {
                     return self
-                        .exchange_text(&connection, lane, spec, &what, call, timeout, caller)
+                        .exchange_text(connection, lane, spec, &what, call, timeout, caller)
                         .await;
                 }
                 tool_request(call).map_err(|error| CallError::Failed {
@@ -803,7 +877,7 @@ impl Router {
         };
         // Boxed: rmcp's request futures are large, and the text lane's calls should not
         // carry their size (see docs/performance.md).
-        Box::pin(self.send_parsed(&connection, spec, what, request, timeout, caller))
+        Box::pin(self.send_parsed(connection, spec, what, request, timeout, caller))
             .await
             .map(Answer::from)
     }
@@ -950,7 +1024,7 @@ impl Router {
                         .unwrap_or_else(|_| McpError::internal_error("the task failed", None));
                     return Err(CallError::Downstream {
                         server: spec.name.clone(),
-                        error,
+                        error: Box::new(error),
                     });
                 }
                 TaskPayload::Cancelled => {
@@ -1086,7 +1160,7 @@ impl Router {
                 Heard::Reply(Some(Reply::Result(result))) => Ok(Answer::ToolResult(result)),
                 Heard::Reply(Some(Reply::Error(error))) => Err(CallError::Downstream {
                     server: server.clone(),
-                    error,
+                    error: Box::new(error),
                 }),
                 Heard::Reply(None) => Err(closed()),
             };
@@ -1176,7 +1250,7 @@ async fn ask_for_input(
         .await
         .map_err(|error| CallError::Downstream {
             server: spec.name.clone(),
-            error,
+            error: Box::new(error),
         })
 }
 
@@ -1222,7 +1296,10 @@ fn classify(server: &ServerName, what: &str, error: ServiceError) -> CallError {
     let server = server.clone();
     let what = what.to_owned();
     match error {
-        ServiceError::McpError(error) => CallError::Downstream { server, error },
+        ServiceError::McpError(error) => CallError::Downstream {
+            server,
+            error: Box::new(error),
+        },
         ServiceError::Timeout { timeout } => CallError::Timeout {
             server,
             what,

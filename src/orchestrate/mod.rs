@@ -501,7 +501,7 @@ fn keep_standard_formats(value: &mut Value) {
                 .and_then(Value::as_str)
                 .is_some_and(|format| !STANDARD_FORMATS.contains(&format));
             if nonstandard {
-                map.remove("format");
+                map.shift_remove("format");
             }
             map.values_mut().for_each(keep_standard_formats);
         }

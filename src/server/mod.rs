@@ -587,7 +587,7 @@ fn tool_response(outcome: Result<ServerResult, CallError>) -> Result<CallToolRes
         Err(error @ CallError::UnknownTool { .. }) => {
             Err(McpError::invalid_params(error.to_string(), None))
         }
-        Err(CallError::Downstream { error, .. }) => Err(error),
+        Err(CallError::Downstream { error, .. }) => Err(*error),
         // A tool that fails still answers, with a message the model can act on.
         Err(error) => Ok(CallToolResponse::Complete(CallToolResult::error(vec![
             ContentBlock::text(error.to_string()),
@@ -659,7 +659,7 @@ fn list_cache_hint(router: &Router, kind: ListKind) -> (Option<u64>, Option<Cach
 /// A subscription that could not be made: a downstream's own error passes through as it is.
 fn subscription_error(error: CallError) -> McpError {
     match error {
-        CallError::Downstream { error, .. } => error,
+        CallError::Downstream { error, .. } => *error,
         CallError::UnknownResource { .. } => McpError::invalid_params(error.to_string(), None),
         other => McpError::internal_error(other.to_string(), None),
     }
@@ -792,7 +792,7 @@ fn mark_complete(result_type: &mut Option<ResultType>) {
 
 fn protocol_error(error: CallError) -> McpError {
     match error {
-        CallError::Downstream { error, .. } => error,
+        CallError::Downstream { error, .. } => *error,
         error @ (CallError::UnknownPrompt { .. } | CallError::UnknownTool { .. }) => {
             McpError::invalid_params(error.to_string(), None)
         }

@@ -577,3 +577,150 @@ async fn a_child_sees_only_the_safe_environment_and_what_its_config_names() {
     assert!(unexpected.is_empty(), "the child saw {unexpected:?}");
     session.cancel().await.unwrap();
 }
+
+/// What one script of client steps saw of server-everything, as JSON text (key order and all),
+/// with `prefix` taken off the names conductor gives its tools and prompts.
+async fn everything_transcript(session: &super::support::Session, prefix: &str) -> Vec<String> {
+    let text = |value: &dyn erased::Serialize| {
+        serde_json::to_string(&value).expect("rmcp's types serialize")
+    };
+    let mut lines = Vec::new();
+    let mut tools = session.list_all_tools().await.unwrap();
+    tools.sort_by(|a, b| a.name.cmp(&b.name));
+    for mut tool in tools {
+        tool.name = tool.name.trim_start_matches(prefix).to_owned().into();
+        lines.push(format!("tool {}", text(&tool)));
+    }
+    let mut prompts = session.list_all_prompts().await.unwrap();
+    prompts.sort_by(|a, b| a.name.cmp(&b.name));
+    for mut prompt in prompts {
+        prompt.name = prompt.name.trim_start_matches(prefix).to_owned();
+        lines.push(format!("prompt {}", text(&prompt)));
+    }
+    for (tool, arguments) in [
+        ("echo", json!({"message": "hi"})),
+        ("get-sum", json!({"a": 2, "b": 40})),
+        ("get-structured-content", json!({"location": "New York"})),
+        (
+            "get-annotated-message",
+            json!({"messageType": "error", "includeImage": false}),
+        ),
+    ] {
+        let result = call(session, &format!("{prefix}{tool}"), arguments).await;
+        lines.push(format!("call {tool} {}", text(&result)));
+    }
+    lines
+}
+
+/// Serialize anything through one function without naming each type.
+mod erased {
+    pub trait Serialize {
+        fn to_value(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Serialize for T {
+        fn to_value(&self) -> serde_json::Value {
+            serde_json::to_value(self).expect("serializes")
+        }
+    }
+    impl serde::Serialize for dyn Serialize + '_ {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            self.to_value().serialize(serializer)
+        }
+    }
+}
+
+/// The same client steps against server-everything directly and through conductor, over
+/// stdio and over Streamable HTTP, see the same tools, prompts and results, down to the order
+/// of each object's keys (a schema's `properties` included).
+#[tokio::test]
+async fn server_everything_looks_the_same_directly_and_through_conductor() {
+    let mut command = tokio::process::Command::new("node");
+    command.arg(node_server("server-everything"));
+    let (transport, _) = rmcp::transport::TokioChildProcess::builder(command)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // A client that answers sampling, elicitation and roots, as conductor does for its
+    // downstreams: server-everything offers the tools that ask only to such a client.
+    let client = || super::support::TestClient {
+        answers: true,
+        ..Default::default()
+    };
+    let direct = super::support::connect_as(client(), transport).await;
+    let direct = everything_transcript(&direct, "").await;
+    assert!(direct.len() > 10, "{direct:#?}");
+
+    let config = TestConfig::new(&format!(
+        "[servers.everything]\ncommand = \"node\"\nargs = [\"{}\"]\n",
+        node_server("server-everything"),
+    ));
+    let session = super::support::serve_as(&config, &[], client()).await;
+    let through_stdio = everything_transcript(&session, "everything__").await;
+    let server = super::support::HttpConductor::start(&config).await;
+    let session = super::support::http_session_as(&server.mcp(), None, client()).await;
+    let through_http = everything_transcript(&session, "everything__").await;
+    // And as the bytes a client reads: the schema's properties in the server's order
+    // (`prompt` first), not sorted.
+    let mut raw = super::support::RawStdio::start(&config).await;
+    let listed = raw
+        .exchange(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#)
+        .await;
+    let tool = listed
+        .find(r#""name":"everything__trigger-sampling-request""#)
+        .expect("the sampling tool is listed");
+    let at = |key: &str| listed[tool..].find(key).expect("a property of the tool");
+    assert!(
+        at(r#""prompt":"#) < at(r#""maxTokens":"#),
+        "{}",
+        &listed[tool..]
+    );
+    for (transport, mut through) in [("stdio", through_stdio), ("HTTP", through_http)] {
+        // Conductor's own tool; and one this client, which cannot be asked for input, is not
+        // offered directly: conductor offers a shared server every capability (and refuses
+        // the request, naming why, when the client lacks it).
+        through.retain(|line| {
+            !line.starts_with(r#"tool {"name":"orchestrate""#)
+                && !line.starts_with(r#"tool {"name":"trigger-elicitation-request""#)
+        });
+        let only_direct: Vec<_> = direct
+            .iter()
+            .filter(|line| !through.contains(line))
+            .collect();
+        let only_through: Vec<_> = through
+            .iter()
+            .filter(|line| !direct.contains(line))
+            .collect();
+        assert!(
+            only_direct.is_empty() && only_through.is_empty(),
+            "over {transport}, seen only directly: {only_direct:#?}\n\nonly through conductor: {only_through:#?}"
+        );
+    }
+}
+
+/// A 2026-07-28 server stamps its results with its own identity
+/// (`_meta["io.modelcontextprotocol/serverInfo"]`); through conductor, whose client's server
+/// is conductor, no result carries it: not a tool's result (passed as text), nor a prompt's
+/// (parsed).
+#[tokio::test]
+async fn a_downstreams_identity_stamp_stays_behind() {
+    let root = super::support::project_root();
+    let config = TestConfig::new(&format!(
+        "[servers.py]\ncommand = \"{}\"\nargs = [\"{}\"]\nprotocol = \"discover\"\n",
+        super::support::python(),
+        root.join("tests/peers/py_fixture_server.py").display()
+    ));
+    let mut raw = super::support::RawStdio::start(&config).await;
+    for request in [
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+               "params": {"name": "py__test_simple_text", "arguments": {}}}),
+        json!({"jsonrpc": "2.0", "id": 2, "method": "prompts/get",
+               "params": {"name": "py__test_simple_prompt", "arguments": {}}}),
+    ] {
+        let answer = raw.exchange(&request.to_string()).await;
+        assert!(answer.contains("\"result\""), "{request} => {answer}");
+        assert!(
+            !answer.contains("io.modelcontextprotocol/serverInfo"),
+            "{request} => {answer}"
+        );
+    }
+}

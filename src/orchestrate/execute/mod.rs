@@ -211,7 +211,7 @@ impl<'a> Scheduler<'a> {
         loop {
             while let Some(index) = ready.pop_front() {
                 match self.decide(index, context) {
-                    Decision::Settle(state) => self.settle(index, state, context, &mut ready),
+                    Decision::Settle(state) => self.settle(index, *state, context, &mut ready),
                     Decision::Run(scope) => {
                         self.reran[index] = true;
                         let step = self.validated.workflow.steps[index].clone();
@@ -251,7 +251,7 @@ impl<'a> Scheduler<'a> {
     fn decide(&self, index: usize, context: &Context) -> Decision {
         let step = &self.validated.workflow.steps[index];
         let ended = |status: StepStatus, reason: String| {
-            Decision::Settle(StepState {
+            Decision::Settle(Box::new(StepState {
                 report: StepReport {
                     status,
                     tool: step.tool.clone(),
@@ -259,7 +259,7 @@ impl<'a> Scheduler<'a> {
                     ..StepReport::default()
                 },
                 ..StepState::default()
-            })
+            }))
         };
         if context.cancel.is_cancelled() {
             return ended(StepStatus::Cancelled, "the run was cancelled".to_owned());
@@ -318,7 +318,7 @@ impl<'a> Scheduler<'a> {
         {
             let mut state = previous.clone();
             state.report.reused = true;
-            return Decision::Settle(state);
+            return Decision::Settle(Box::new(state));
         }
         Decision::Run(self.scope(&context.run_id, Some(befores)))
     }
@@ -466,7 +466,8 @@ impl<'a> Scheduler<'a> {
 }
 
 enum Decision {
-    Settle(StepState),
+    /// Boxed: a state is large, and most steps run.
+    Settle(Box<StepState>),
     Run(Scope),
 }
 
