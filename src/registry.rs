@@ -415,6 +415,7 @@ impl Registry {
             client: std::sync::OnceLock::new(),
             connections: DashMap::default(),
             opening: tokio::sync::Mutex::new(()),
+            log_level: std::sync::Mutex::new(None),
         });
         self.sessions.insert(session.id, Arc::downgrade(&session));
         session
@@ -1052,9 +1053,30 @@ pub struct Session {
     connections: DashMap<ServerName, Arc<Connection>>,
     /// One child started at a time, so concurrent first calls share it.
     opening: tokio::sync::Mutex<()>,
+    /// The level the client last set with `logging/setLevel`, for 2026-07-28 servers, which
+    /// are asked for log messages per request instead.
+    #[allow(
+        deprecated,
+        reason = "logging is deprecated in 2026-07-28; older clients still set levels"
+    )]
+    log_level: std::sync::Mutex<Option<rmcp::model::LoggingLevel>>,
 }
 
+#[allow(
+    deprecated,
+    reason = "logging is deprecated in 2026-07-28; older clients still set levels"
+)]
 impl Session {
+    pub fn set_log_level(&self, level: rmcp::model::LoggingLevel) {
+        if let Ok(mut kept) = self.log_level.lock() {
+            *kept = Some(level);
+        }
+    }
+
+    pub fn log_level(&self) -> Option<rmcp::model::LoggingLevel> {
+        self.log_level.lock().ok().and_then(|kept| *kept)
+    }
+
     /// Tells sessions apart, for subscriptions.
     pub fn id(&self) -> u64 {
         self.id

@@ -7,14 +7,14 @@
 
 #![allow(
     deprecated,
-    reason = "roots are deprecated in 2026-07-28; older peers still use them"
+    reason = "roots and logging are deprecated in 2026-07-28; older peers still use them"
 )]
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::maps::DashMap;
-use rmcp::model::{ClientCapabilities, ProgressNotificationParam, ProgressToken};
+use rmcp::model::{ClientCapabilities, LoggingLevel, ProgressNotificationParam, ProgressToken};
 use rmcp::service::{Peer, RoleServer, SubscriptionSink};
 
 use crate::bridge::Asks;
@@ -36,6 +36,29 @@ pub struct Origin {
     /// The client session the request was made in (`None` outside any, as the CLI's): what
     /// tells two clients apart on a shared connection.
     pub session: Option<u64>,
+    /// Which of the downstream's log messages during the request the client gets.
+    pub logs: Logs,
+}
+
+/// Which log messages a client gets during its request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Logs {
+    All,
+    /// A 2026-07-28 client's: those at or above the level its request named.
+    AtLeast(LoggingLevel),
+    /// A 2026-07-28 client that named no level.
+    None,
+}
+
+impl Logs {
+    pub fn wants(self, level: LoggingLevel) -> bool {
+        match self {
+            Logs::All => true,
+            // Declared from least to most severe.
+            Logs::AtLeast(lowest) => level as u8 >= lowest as u8,
+            Logs::None => false,
+        }
+    }
 }
 
 /// Why a downstream's request cannot be passed to a client.
@@ -164,9 +187,13 @@ impl Relay {
 
     /// The client a connection's log messages go to: as [`Relay::asker_of`] says, or none.
     pub fn client_of(&self, connection: ConnectionId, own_child: bool) -> Option<Peer<RoleServer>> {
-        self.asker_of(connection, None, own_child)
-            .ok()
+        self.origin_of(connection, own_child)
             .map(|origin| origin.peer)
+    }
+
+    /// The client's request a downstream's notification belongs to, when it can be told.
+    pub fn origin_of(&self, connection: ConnectionId, own_child: bool) -> Option<Origin> {
+        self.asker_of(connection, None, own_child).ok()
     }
 
     /// Who a downstream's request (sampling, elicitation, roots) is for, never a guess: the
@@ -214,6 +241,7 @@ impl Relay {
             asks: None,
             progress_to: None,
             session: None,
+            logs: Logs::All,
         })
     }
 

@@ -25,9 +25,9 @@ use rmcp::model::{
     UnsubscribeRequestParams,
 };
 use rmcp::model::{
-    CancelTaskParams, CancelTaskRequest, ClientCapabilities, GetTaskParams, GetTaskRequest,
-    InputRequests, InputResponses, ProgressToken, ProtocolVersion, Task, TaskPayload,
-    UpdateTaskParams, UpdateTaskRequest,
+    CancelTaskParams, CancelTaskRequest, ClientCapabilities, GetMeta, GetTaskParams,
+    GetTaskRequest, InputRequests, InputResponses, LoggingLevel, ProgressToken, ProtocolVersion,
+    Task, TaskPayload, UpdateTaskParams, UpdateTaskRequest,
 };
 use rmcp::service::{Peer, PeerRequestOptions, RoleClient, RoleServer, ServiceError};
 use serde_json::value::RawValue;
@@ -38,7 +38,7 @@ use crate::catalog::ResourceRoute;
 use crate::config::{Isolation, ServerName, ServerSpec, format_duration};
 use crate::downstream::{Connection, Heard, Reply, TextLane};
 use crate::registry::{Registry, Session};
-use crate::relay::{self, InCall, Origin, ProgressTo, UpdateTarget};
+use crate::relay::{self, InCall, Logs, Origin, ProgressTo, UpdateTarget};
 use crate::retry::FailureKind;
 
 /// Why a request did not get an answer from its downstream.
@@ -313,6 +313,9 @@ pub struct Caller {
     pub asks: Option<Asks>,
     /// Where the call's progress goes instead of the client's session.
     pub progress_to: Option<ProgressTo>,
+    /// The lowest level of log messages a 2026-07-28 client asked for with its request
+    /// (`_meta` `io.modelcontextprotocol/logLevel`); without one it gets none.
+    pub log_level: Option<LoggingLevel>,
 }
 
 impl Caller {
@@ -321,6 +324,17 @@ impl Caller {
         Caller {
             cancel,
             ..Caller::default()
+        }
+    }
+
+    /// Which of a downstream's log messages during the call reach the client: for a
+    /// 2026-07-28 client, those at or above the level its request named; for older clients,
+    /// all (they set levels with `logging/setLevel`, passed on to the servers).
+    pub fn logs(&self) -> Logs {
+        match (self.takes_input_required(), self.log_level) {
+            (false, _) => Logs::All,
+            (true, Some(level)) => Logs::AtLeast(level),
+            (true, None) => Logs::None,
         }
     }
 
@@ -682,6 +696,9 @@ impl Router {
 
     /// Set the log level of every ready server that logs; one that fails is logged and skipped.
     pub async fn set_level(&self, params: SetLevelRequestParams, caller: &Caller) {
+        if let Some(session) = &self.session {
+            session.set_log_level(params.level);
+        }
         let servers: Vec<ServerName> = self
             .registry
             .config()
@@ -1043,6 +1060,23 @@ impl Router {
         }
     }
 
+    /// The level a 2026-07-28 server is asked to send log messages at during a request, as
+    /// the caller would get them directly: the level a 2026-07-28 client named, or none; for
+    /// an older client, the level its session set, or every message (as older servers send
+    /// before a level is set).
+    fn log_level_for(&self, caller: &Caller) -> Option<LoggingLevel> {
+        match caller.logs() {
+            Logs::AtLeast(level) => Some(level),
+            Logs::None => None,
+            Logs::All => Some(
+                self.session
+                    .as_ref()
+                    .and_then(|session| session.log_level())
+                    .unwrap_or(LoggingLevel::Debug),
+            ),
+        }
+    }
+
     /// Register a request about to go out on `connection` for the caller's client: what the
     /// downstream sends back during it goes there.
     fn register(&self, connection: &Connection, caller: &Caller) -> Option<InCall<'_>> {
@@ -1054,6 +1088,7 @@ impl Router {
                 asks: caller.asks.clone(),
                 progress_to: caller.progress_to.clone(),
                 session: self.session.as_ref().map(|session| session.id()),
+                logs: caller.logs(),
             };
             self.registry.relay().register(connection.id, origin)
         })
@@ -1071,6 +1106,12 @@ impl Router {
     ) -> Result<ServerResult, CallError> {
         let server = &spec.name;
         let options = request_options(spec, timeout);
+        let mut request = request;
+        if connection.info.protocol_version >= ProtocolVersion::V_2026_07_28
+            && let Some(level) = self.log_level_for(caller)
+        {
+            request.get_meta_mut().set_log_level(level);
+        }
         let in_call = self.register(connection, caller);
         let handle = connection
             .peer

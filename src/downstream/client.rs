@@ -265,7 +265,10 @@ impl ClientHandler for DownstreamClient {
         _context: NotificationContext<RoleClient>,
     ) {
         let server = &self.server;
-        if let Some(client) = self.relay.client_of(self.connection, self.client.is_some()) {
+        if let Some(origin) = self.relay.origin_of(self.connection, self.client.is_some())
+            && origin.logs.wants(params.level)
+        {
+            let client = origin.peer;
             // The server's name says where it came from; its own logger name follows.
             let mut forwarded = params.clone();
             forwarded.logger = Some(match &params.logger {

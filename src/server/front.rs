@@ -5,6 +5,10 @@
 //! writing out again are skipped, which were most of conductor's work per call
 //! (docs/performance.md). Everything else, and every call this path cannot answer exactly as
 //! rmcp would, is rmcp's.
+#![allow(
+    deprecated,
+    reason = "logging is deprecated in 2026-07-28; its clients still name a level per request"
+)]
 
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
@@ -14,7 +18,7 @@ use rmcp::ErrorData as McpError;
 use rmcp::ServiceExt;
 use rmcp::model::{
     CacheScope, CallToolResponse, ClientCapabilities, ErrorCode, JsonObject, ListToolsResult,
-    ProgressToken, ProtocolVersion, RequestId, ServerJsonRpcMessage, ServerResult,
+    LoggingLevel, ProgressToken, ProtocolVersion, RequestId, ServerJsonRpcMessage, ServerResult,
 };
 use rmcp::service::{Peer, RoleServer, RunningService, ServerInitializeError};
 use serde::de::IgnoredAny;
@@ -251,6 +255,9 @@ struct Meta<'a> {
     protocol_version: Option<std::borrow::Cow<'a, str>>,
     #[serde(rename = "io.modelcontextprotocol/clientCapabilities", borrow, default)]
     client_capabilities: Option<&'a RawValue>,
+    /// The lowest level of log messages a 2026-07-28 request asks for.
+    #[serde(rename = "io.modelcontextprotocol/logLevel", default)]
+    log_level: Option<LoggingLevel>,
 }
 
 #[derive(Deserialize)]
@@ -493,6 +500,7 @@ impl Front {
                 Caller {
                     protocol: Some(ProtocolVersion::V_2026_07_28),
                     capabilities: Some(per_request.capabilities(meta.client_capabilities?)?),
+                    log_level: meta.log_level,
                     ..self.caller.clone()
                 }
             }

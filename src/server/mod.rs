@@ -97,6 +97,7 @@ impl ConductorServer {
             capabilities: context.client_capabilities().map(Arc::new),
             asks: None,
             progress_to: None,
+            log_level: context.meta.log_level(),
         }
     }
 }

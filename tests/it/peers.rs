@@ -724,3 +724,36 @@ async fn a_downstreams_identity_stamp_stays_behind() {
         );
     }
 }
+
+/// Log messages cross eras as they would reach the client directly: the Python SDK client
+/// in each mode, with and without a per-request log level, gets as many from the Python SDK
+/// server's logging tool through conductor (in front of it opened with `initialize` and with
+/// `server/discover`) as it gets from that server directly.
+#[tokio::test]
+async fn log_messages_reach_clients_of_each_era_as_directly() {
+    let root = super::support::project_root();
+    let fixture = root.join("tests/peers/py_fixture_server.py");
+    let fixture = fixture.display().to_string();
+    let python = super::support::python();
+    let runs: [&[&str]; 3] = [
+        &["--mode", "legacy"],
+        &["--mode", "auto"],
+        &["--mode", "auto", "--log-level", "info"],
+    ];
+    for client in runs {
+        let mut options = client.to_vec();
+        options.extend(["--call", "test_tool_with_logging"]);
+        let direct = super::support::py_client(&options, &[&python, &fixture]).await;
+        let expected = &direct["logging"];
+        for handshake in ["initialize", "discover"] {
+            let config = TestConfig::new(&format!(
+                "[servers.py]\ncommand = \"{python}\"\nargs = [\"{fixture}\"]\nprotocol = \"{handshake}\"\nprefix = false\n",
+            ));
+            let through = python_client(&config, &options).await;
+            assert_eq!(
+                &through["logging"], expected,
+                "client {client:?}, downstream {handshake}: through {through:#} against directly {direct:#}"
+            );
+        }
+    }
+}
