@@ -228,6 +228,8 @@ pub struct Registry {
     config: RwLock<Arc<Config>>,
     servers: DashMap<ServerName, Slot>,
     catalog: watch::Sender<Arc<Catalog>>,
+    /// The list-changed notifications servers sent, counted into every catalog published.
+    announced: std::sync::Mutex<crate::catalog::Announcements>,
     /// Where connections report what happens to them.
     events: mpsc::UnboundedSender<Event>,
     /// Client requests being served, so shutdown can let them finish.
@@ -278,6 +280,7 @@ impl Registry {
         let registry = Arc::new(Registry {
             servers: DashMap::default(),
             catalog: watch::Sender::new(Arc::new(Catalog::default())),
+            announced: std::sync::Mutex::default(),
             config: RwLock::new(Arc::new(config)),
             events: events_tx,
             in_flight: AtomicUsize::new(0),
@@ -911,10 +914,13 @@ impl Registry {
                     .then(|| (slot.spec.clone(), slot.listing.clone()))
             })
             .collect();
-        let catalog = Catalog::build(
+        let mut catalog = Catalog::build(
             &config.separator,
             slots.iter().map(|(spec, listing)| (&**spec, listing)),
         );
+        if let Ok(announced) = self.announced.lock() {
+            catalog.announced = *announced;
+        }
         for warning in &catalog.warnings {
             tracing::warn!("{warning}");
         }
@@ -954,10 +960,13 @@ impl Registry {
             }
             _ => false,
         };
-        if changed {
-            tracing::info!(server = %server, ?kind, "downstream list changed");
-            self.publish();
+        tracing::info!(server = %server, ?kind, changed, "downstream list changed");
+        // Clients are told whether or not the list reads differently now: directly, they
+        // would have been.
+        if let Ok(mut announced) = self.announced.lock() {
+            announced.count(kind);
         }
+        self.publish();
     }
 }
 

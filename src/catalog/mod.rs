@@ -92,6 +92,29 @@ pub struct Catalog {
     resource_servers: Vec<ServerName>,
     /// Clashes and other things a user may want to fix, as sentences.
     pub warnings: Vec<String>,
+    /// How many times each kind of list was announced changed by a server: clients are told
+    /// each time, even when the list reads the same again (as they would be directly).
+    pub announced: Announcements,
+}
+
+/// A count of list-changed notifications per kind of list.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Announcements {
+    pub tools: u64,
+    pub prompts: u64,
+    pub resources: u64,
+}
+
+impl Announcements {
+    pub fn count(&mut self, kind: crate::downstream::ListKind) {
+        use crate::downstream::ListKind;
+        let count = match kind {
+            ListKind::Tools => &mut self.tools,
+            ListKind::Prompts => &mut self.prompts,
+            ListKind::Resources => &mut self.resources,
+        };
+        *count += 1;
+    }
 }
 
 impl Catalog {

@@ -767,13 +767,17 @@ where
     while changes.changed().await.is_ok() {
         let current = changes.borrow_and_update().clone();
         let mut parts = Vec::new();
-        if last.tools() != current.tools() {
+        let (was, now) = (last.announced, current.announced);
+        if last.tools() != current.tools() || was.tools != now.tools {
             parts.push(Changed::Tools);
         }
-        if last.prompts() != current.prompts() {
+        if last.prompts() != current.prompts() || was.prompts != now.prompts {
             parts.push(Changed::Prompts);
         }
-        if last.resources() != current.resources() || last.templates() != current.templates() {
+        if last.resources() != current.resources()
+            || last.templates() != current.templates()
+            || was.resources != now.resources
+        {
             parts.push(Changed::Resources);
         }
         for part in parts {

@@ -448,14 +448,22 @@ async fn conformance(
     let scenarios: std::collections::BTreeMap<String, (u32, u32)> = stdout
         .lines()
         .filter_map(|line| {
-            let rest = line.strip_prefix("✓ ").or_else(|| line.strip_prefix("✗ "))?;
+            let rest = line
+                .strip_prefix("✓ ")
+                .or_else(|| line.strip_prefix("✗ "))?;
             let (name, counts) = rest.split_once(": ")?;
             let (passed, failed) = counts.split_once(" passed, ")?;
             let failed = failed.strip_suffix(" failed")?;
-            Some((name.to_owned(), (passed.parse().ok()?, failed.parse().ok()?)))
+            Some((
+                name.to_owned(),
+                (passed.parse().ok()?, failed.parse().ok()?),
+            ))
         })
         .collect();
-    assert!(scenarios.len() >= 30, "the suite ran against {url}: {stdout}");
+    assert!(
+        scenarios.len() >= 30,
+        "the suite ran against {url}: {stdout}"
+    );
     scenarios
 }
 
@@ -470,7 +478,10 @@ fn free_port() -> u16 {
 /// Wait until something accepts connections on `port`.
 async fn wait_for_port(port: u16) {
     for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -512,8 +523,7 @@ async fn the_conformance_suite_passes_through_what_it_passes_directly() {
         .unwrap();
     wait_for_port(fixture_port).await;
     wait_for_port(everything_port).await;
-    let fixture_direct =
-        conformance(&format!("http://127.0.0.1:{fixture_port}/mcp"), None).await;
+    let fixture_direct = conformance(&format!("http://127.0.0.1:{fixture_port}/mcp"), None).await;
     let everything_direct =
         conformance(&format!("http://127.0.0.1:{everything_port}/mcp"), None).await;
 
@@ -521,13 +531,19 @@ async fn the_conformance_suite_passes_through_what_it_passes_directly() {
     let setups = [
         (
             "the Python fixture, opened with initialize",
-            format!("command = \"{python}\"\nargs = [\"{}\"]\nprotocol = \"initialize\"", fixture.display()),
+            format!(
+                "command = \"{python}\"\nargs = [\"{}\"]\nprotocol = \"initialize\"",
+                fixture.display()
+            ),
             &fixture_direct,
             Some(baseline.as_path()),
         ),
         (
             "the Python fixture, opened with server/discover",
-            format!("command = \"{python}\"\nargs = [\"{}\"]\nprotocol = \"discover\"", fixture.display()),
+            format!(
+                "command = \"{python}\"\nargs = [\"{}\"]\nprotocol = \"discover\"",
+                fixture.display()
+            ),
             &fixture_direct,
             Some(baseline.as_path()),
         ),
@@ -542,8 +558,7 @@ async fn the_conformance_suite_passes_through_what_it_passes_directly() {
         let config = TestConfig::new(&format!("[servers.fx]\n{server}\nprefix = false\n"));
         // Several threads: the default on a small machine is one, and the suite is the widest
         // use of the HTTP side there is.
-        let conductor =
-            HttpConductor::start_with(&config, &[("CONDUCTOR_THREADS", "3")]).await;
+        let conductor = HttpConductor::start_with(&config, &[("CONDUCTOR_THREADS", "3")]).await;
         let through = conformance(&conductor.mcp(), baseline).await;
         for (scenario, (passed, _)) in direct {
             // The checks conductor answers itself: these call `test_simple_text` and

@@ -262,6 +262,15 @@ async fn list_changes_downstream_reach_the_client() {
         .await
         .unwrap();
     assert_eq!(to_json(&read.contents)[0]["text"], "added resource doc");
+
+    // A server that says its lists changed when they read the same: the client is told
+    // anyway, as it would be directly.
+    call(&session, "live__announce", json!({})).await;
+    for (list, times) in [("tools", 2), ("prompts", 2), ("resources", 2)] {
+        recorder
+            .wait_for(&format!("notifications/{list}/list_changed"), times)
+            .await;
+    }
 }
 
 /// A config with the `slow` fixture as server `slow`, recording its events to the config's
