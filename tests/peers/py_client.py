@@ -32,6 +32,7 @@ def parse() -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--mode", default="auto")
     parser.add_argument("--call")
     parser.add_argument("--args", default="{}")
+    parser.add_argument("--repeat", type=int, default=1, help="make the call this many times; report the last")
     parser.add_argument("--read")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--cancel-after", type=float, help="give up the call after this many seconds (a cancel)")
@@ -126,6 +127,8 @@ async def run(ns: argparse.Namespace, command: list[str]) -> dict[str, Any]:
                 await anyio.sleep(1)
                 return out
             result = await call
+            for _ in range(ns.repeat - 1):
+                result = await client.call_tool(ns.call, json.loads(ns.args))
             out["call"] = {
                 "isError": result.is_error,
                 "content": [block(b) for b in result.content],
