@@ -4,7 +4,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use super::support::{
-    CONDUCTOR, HttpConductor, RawStdio, TestConfig, call, http_session, py_client, text_of,
+    CONDUCTOR, HttpConductor, RawSession, TestConfig, call, http_session, py_client, text_of,
     tool_names,
 };
 
@@ -1239,7 +1239,7 @@ async fn malformed_requests_get_json_rpc_errors_with_their_ids() {
     let config = TestConfig::fixtures(&[("echo", "echo")]);
 
     // Over stdio: each answer is the next line.
-    let mut stdio = RawStdio::start(&config).await;
+    let mut stdio = RawSession::initialized(&config).await;
     let mut exchange =
         async |line: &str| -> Value { serde_json::from_str(&stdio.exchange(line).await).unwrap() };
     for (message, id, code) in malformed_messages() {

@@ -661,7 +661,7 @@ async fn server_everything_looks_the_same_directly_and_through_conductor() {
     let through_http = everything_transcript(&session, "everything__").await;
     // And as the bytes a client reads: the schema's properties in the server's order
     // (`prompt` first), not sorted.
-    let mut raw = super::support::RawStdio::start(&config).await;
+    let mut raw = super::support::RawSession::initialized(&config).await;
     let listed = raw
         .exchange(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#)
         .await;
@@ -709,7 +709,7 @@ async fn a_downstreams_identity_stamp_stays_behind() {
         super::support::python(),
         root.join("tests/peers/py_fixture_server.py").display()
     ));
-    let mut raw = super::support::RawStdio::start(&config).await;
+    let mut raw = super::support::RawSession::initialized(&config).await;
     for request in [
         json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                "params": {"name": "py__test_simple_text", "arguments": {}}}),

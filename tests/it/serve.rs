@@ -1,7 +1,6 @@
 //! `conductor serve` as a real child process, spoken to over stdio by an rmcp client, in front
 //! of fixture servers over stdio and Streamable HTTP.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use rmcp::model::{
@@ -10,9 +9,8 @@ use rmcp::model::{
 };
 use rmcp::service::{PeerRequestOptions, ServiceError};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use super::support::{HttpFixture, TestConfig, call, serve, text_of};
+use super::support::{HttpFixture, RawSession, TestConfig, call, serve, text_of};
 
 fn to_json<T: serde::Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap()
@@ -455,81 +453,6 @@ async fn a_task_made_of_a_call_is_followed_to_its_result_or_cancelled() {
     wait_for_event(&config, "task task-1 for 20000 ms").await;
     handle.cancel(None).await.unwrap();
     wait_for_event(&config, "cancelled task task-1").await;
-}
-
-/// Conductor serving stdio to a test that writes and reads the raw lines itself.
-struct RawSession {
-    child: tokio::process::Child,
-    stdin: tokio::process::ChildStdin,
-    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-}
-
-impl RawSession {
-    fn start(config: &TestConfig) -> RawSession {
-        let mut child = tokio::process::Command::new(super::support::CONDUCTOR)
-            .args(["serve", "--config"])
-            .arg(&config.path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        RawSession {
-            child,
-            stdin,
-            lines,
-        }
-    }
-
-    /// A session past its handshake, as a client on 2025-06-18.
-    async fn initialized(config: &TestConfig) -> RawSession {
-        let mut raw = RawSession::start(config);
-        let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {},
-            "clientInfo": {"name": "raw", "version": "0"}}});
-        raw.send(&initialize).await;
-        raw.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
-            .await;
-        assert_eq!(raw.next().await["id"], 0);
-        raw
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id().expect("conductor is running")
-    }
-
-    /// Close conductor's stdin, as a host that goes away does, and wait (up to 20 s) for it
-    /// to exit.
-    async fn close(self) -> std::process::ExitStatus {
-        let RawSession {
-            mut child, stdin, ..
-        } = self;
-        drop(stdin);
-        tokio::time::timeout(Duration::from_secs(20), child.wait())
-            .await
-            .expect("conductor exits")
-            .unwrap()
-    }
-
-    async fn send(&mut self, message: &Value) {
-        self.stdin
-            .write_all(format!("{message}\n").as_bytes())
-            .await
-            .unwrap();
-    }
-
-    /// The next line conductor writes, within 10 s.
-    async fn next(&mut self) -> Value {
-        let line = tokio::time::timeout(Duration::from_secs(10), self.lines.next_line())
-            .await
-            .expect("a line in time")
-            .unwrap()
-            .expect("a line, not a closed connection");
-        serde_json::from_str(&line).unwrap()
-    }
 }
 
 /// A 2026-07-28 client on stdio begins without `initialize` and names its version and

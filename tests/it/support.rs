@@ -12,7 +12,7 @@ use rmcp::model::{
 use rmcp::service::{NotificationContext, RoleClient, RunningService};
 use rmcp::transport::TokioChildProcess;
 use rmcp::{ClientHandler, ServiceExt};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Notify;
 
 pub const FIXTURE: &str = env!("CARGO_BIN_EXE_mcp-fixture");
@@ -517,17 +517,15 @@ where
     }
 }
 
-/// `conductor serve` over stdio spoken to line by line, as raw text: for what a typed client
-/// cannot show (the exact bytes, malformed messages).
-pub struct RawStdio {
-    _child: tokio::process::Child,
+/// Conductor serving stdio to a test that writes and reads the raw lines itself.
+pub struct RawSession {
+    child: tokio::process::Child,
     stdin: tokio::process::ChildStdin,
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
 
-impl RawStdio {
-    /// Start conductor and go through the handshake (`initialize` at 2025-06-18).
-    pub async fn start(config: &TestConfig) -> Self {
+impl RawSession {
+    pub fn start(config: &TestConfig) -> RawSession {
         let mut child = tokio::process::Command::new(CONDUCTOR)
             .args(["serve", "--config"])
             .arg(&config.path)
@@ -536,35 +534,73 @@ impl RawStdio {
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .expect("conductor starts");
-        let stdin = child.stdin.take().expect("piped stdin");
-        let lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        let mut raw = RawStdio {
-            _child: child,
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        RawSession {
+            child,
             stdin,
             lines,
-        };
+        }
+    }
+
+    /// A session past its handshake, as a client on 2025-06-18.
+    pub async fn initialized(config: &TestConfig) -> RawSession {
+        let mut raw = RawSession::start(config);
         let initialize = serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}});
-        // The notification that ends the handshake goes with it.
-        let initialized =
-            serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-        let answer = raw.exchange(&format!("{initialize}\n{initialized}")).await;
-        assert!(answer.contains("\"result\""), "{answer}");
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "0"}}});
+        raw.send(&initialize).await;
+        raw.send(&serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await;
+        assert_eq!(raw.next().await["id"], 0);
         raw
     }
 
-    /// Write `line` and read the next line back (within 10 s).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("conductor is running")
+    }
+
+    /// Close conductor's stdin, as a host that goes away does, and wait (up to 20 s) for it
+    /// to exit.
+    pub async fn close(self) -> std::process::ExitStatus {
+        let RawSession {
+            mut child, stdin, ..
+        } = self;
+        drop(stdin);
+        tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .expect("conductor exits")
+            .unwrap()
+    }
+
+    pub async fn send(&mut self, message: &serde_json::Value) {
+        self.stdin
+            .write_all(format!("{message}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+
+    /// The next line conductor writes, within 10 s.
+    pub async fn next(&mut self) -> serde_json::Value {
+        let line = tokio::time::timeout(Duration::from_secs(10), self.lines.next_line())
+            .await
+            .expect("a line in time")
+            .unwrap()
+            .expect("a line, not a closed connection");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// Write `line` as it is (well-formed or not) and read the next line back as text.
     pub async fn exchange(&mut self, line: &str) -> String {
-        use tokio::io::AsyncWriteExt;
         self.stdin
             .write_all(format!("{line}\n").as_bytes())
             .await
-            .expect("conductor reads");
+            .unwrap();
         tokio::time::timeout(Duration::from_secs(10), self.lines.next_line())
             .await
             .unwrap_or_else(|_| panic!("no answer to {line}"))
-            .expect("conductor writes")
-            .expect("a line")
+            .unwrap()
+            .expect("a line, not a closed connection")
     }
 }
