@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use rmcp::ErrorData as McpError;
 use rmcp::model::{
-    ClientCapabilities, ClientResult, InputRequest, InputRequests, InputRequiredResult,
-    InputResponses, ServerRequest, ServerResult,
+    ClientCapabilities, ClientResult, ElicitRequestParams, InputRequest, InputRequests,
+    InputRequiredResult, InputResponses, ServerRequest, ServerResult,
 };
 use rmcp::service::{Peer, RoleServer};
 use serde_json::Value;
@@ -270,7 +270,14 @@ pub fn capable(capabilities: Option<&ClientCapabilities>, request: &ServerReques
     };
     match request {
         ServerRequest::CreateMessageRequest(_) => capabilities.sampling.is_some(),
-        ServerRequest::ElicitRequest(_) => capabilities.elicitation.is_some(),
+        // An empty `elicitation` means the form mode alone (as before URL mode existed).
+        ServerRequest::ElicitRequest(request) => match &request.params {
+            ElicitRequestParams::UrlElicitationParams { .. } => capabilities
+                .elicitation
+                .as_ref()
+                .is_some_and(|elicitation| elicitation.url.is_some()),
+            _ => capabilities.elicitation.is_some(),
+        },
         ServerRequest::ListRootsRequest(_) => capabilities.roots.is_some(),
         _ => true,
     }

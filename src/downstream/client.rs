@@ -10,9 +10,10 @@ use std::sync::Arc;
 use rmcp::model::{
     ClientCapabilities, ClientConfig, ClientResult, CreateMessageRequest,
     CreateMessageRequestParams, CreateMessageResult, ElicitRequest, ElicitRequestParams,
-    ElicitResult, Implementation, ListRootsRequest, ListRootsResult, LoggingLevel,
-    LoggingMessageNotificationParam, ProgressNotificationParam, ResourceUpdatedNotificationParam,
-    Root, ServerRequest,
+    ElicitResult, ElicitationCapability, FormElicitationCapability, Implementation,
+    ListRootsRequest, ListRootsResult, LoggingLevel, LoggingMessageNotificationParam,
+    ProgressNotificationParam, ResourceUpdatedNotificationParam, Root, ServerRequest,
+    UrlElicitationCapability,
 };
 use rmcp::service::{
     InboundStreamOrigin, NotificationContext, Peer, RequestContext, RoleClient, RoleServer,
@@ -168,7 +169,12 @@ impl ClientHandler for DownstreamClient {
             .enable_sampling()
             .enable_tasks()
             .build();
-        capabilities.elicitation = Some(Default::default());
+        // Both modes: a server offers URL elicitation's tools only to clients that take it.
+        capabilities.elicitation = Some(
+            ElicitationCapability::new()
+                .with_form(FormElicitationCapability::default())
+                .with_url(UrlElicitationCapability::default()),
+        );
         if let Some((_, client)) = &self.client {
             if self.roots.is_empty() {
                 capabilities.roots.clone_from(&client.roots);

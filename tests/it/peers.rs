@@ -808,3 +808,62 @@ async fn a_sessions_child_gets_its_clients_roots_as_it_starts_in_both_eras() {
         }
     }
 }
+
+/// The Python SDK client, in each of its modes, sees server-everything the same directly and
+/// through conductor over stdio: the same tools, prompts and resources (names without the
+/// prefix) and the same results, field for field.
+#[tokio::test]
+async fn the_python_client_sees_server_everything_the_same_directly_and_through_conductor() {
+    let everything = node_server("server-everything");
+    let config = TestConfig::new(&format!(
+        "[servers.everything]\ncommand = \"node\"\nargs = [\"{everything}\"]\n"
+    ));
+    // A client that answers sampling, elicitation and roots: server-everything offers the
+    // tools that ask only to such a client, and conductor offers it every capability.
+    let answering = [
+        "--sampling-reply",
+        "a sample",
+        "--elicit-accept",
+        r#"{"name": "Ada"}"#,
+        "--roots",
+        "file:///work/notes",
+    ];
+    let calls = [
+        ("echo", r#"{"message": "hi"}"#),
+        ("get-sum", r#"{"a": 2, "b": 40}"#),
+        ("get-structured-content", r#"{"location": "Chicago"}"#),
+        ("get-annotated-message", r#"{"messageType": "success"}"#),
+    ];
+    let strip = |names: &Value| -> Vec<String> {
+        let mut names: Vec<String> = names
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .filter(|name| *name != "orchestrate")
+            .map(|name| name.trim_start_matches("everything__").to_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    for mode in ["legacy", "auto"] {
+        for (tool, args) in calls {
+            let mut direct_options = vec!["--mode", mode, "--call", tool, "--args", args];
+            direct_options.extend(answering);
+            let direct = super::support::py_client(&direct_options, &["node", &everything]).await;
+            let public = format!("everything__{tool}");
+            let mut options = vec!["--mode", mode, "--call", &public, "--args", args];
+            options.extend(answering);
+            let through = python_client(&config, &options).await;
+            let what = format!("{mode}, {tool}");
+            assert_eq!(direct["call"], through["call"], "{what}");
+            for list in ["tools", "prompts", "resources"] {
+                assert_eq!(
+                    strip(&direct[list]),
+                    strip(&through[list]),
+                    "{what}: {list}"
+                );
+            }
+        }
+    }
+}
