@@ -1313,3 +1313,81 @@ async fn a_call_given_up_is_cancelled_downstream_for_clients_of_both_eras() {
         }
     }
 }
+
+/// The TypeScript SDK clients (v1, and v2 in both eras) see server-everything the same over
+/// Streamable HTTP directly (its own HTTP server) and through conductor: the same tools
+/// (without the prefix) and the same results, field for field.
+#[tokio::test]
+async fn the_typescript_clients_see_server_everything_the_same_directly_and_through_conductor() {
+    let everything = super::support::node_server("server-everything");
+    let port = free_port();
+    let _direct = tokio::process::Command::new("node")
+        .arg(&everything)
+        .arg("streamableHttp")
+        .env("PORT", port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for_port(port).await;
+    let direct_url = format!("http://127.0.0.1:{port}/mcp");
+    let config = TestConfig::new(&format!(
+        "[servers.everything]\ncommand = \"node\"\nargs = [\"{everything}\"]\n"
+    ));
+    let server = HttpConductor::start(&config).await;
+    let through_url = server.mcp();
+    let answering = [
+        "--sampling-reply",
+        "a sample",
+        "--elicit-accept",
+        r#"{"name": "Ada"}"#,
+        "--roots",
+        "file:///work/notes",
+    ];
+    let strip = |names: &Value| -> Vec<String> {
+        let mut names: Vec<String> = names
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .filter(|name| *name != "orchestrate")
+            .map(|name| name.trim_start_matches("everything__").to_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let clients: [(&str, &[&str]); 3] = [
+        ("v1", &[]),
+        ("v2", &["--mode", "legacy"]),
+        ("v2", &["--mode", "auto"]),
+    ];
+    for (sdk, mode) in clients {
+        for (tool, args) in [
+            ("echo", r#"{"message": "hi"}"#),
+            ("get-sum", r#"{"a": 2, "b": 40}"#),
+            ("get-structured-content", r#"{"location": "Chicago"}"#),
+        ] {
+            let mut options: Vec<&str> = mode.to_vec();
+            options.extend(answering);
+            let mut direct_options = options.clone();
+            direct_options.extend(["--call", tool, "--args", args]);
+            let (direct, _) = node_client(sdk, &direct_url, &direct_options).await;
+            let public = format!("everything__{tool}");
+            options.extend(["--call", &public, "--args", args]);
+            let (through, _) = node_client(sdk, &through_url, &options).await;
+            let what = format!("{sdk} {mode:?}, {tool}");
+            assert_eq!(direct["call"], through["call"], "{what}");
+            // A shared server is offered every capability (conductor refuses per request what
+            // the client lacks), so tools server-everything lists only for a capability this
+            // client did not declare (v1: URL-mode elicitation) may be listed through conductor.
+            let (direct_tools, mut through_tools) =
+                (strip(&direct["tools"]), strip(&through["tools"]));
+            through_tools.retain(|name| {
+                direct_tools.contains(name)
+                    || !super::support::EVERYTHING_CAPABILITY_GATED.contains(&name.as_str())
+            });
+            assert_eq!(direct_tools, through_tools, "{what}");
+        }
+    }
+}

@@ -675,12 +675,13 @@ async fn server_everything_looks_the_same_directly_and_through_conductor() {
         &listed[tool..]
     );
     for (transport, mut through) in [("stdio", through_stdio), ("HTTP", through_http)] {
-        // Conductor's own tool; and one this client, which cannot be asked for input, is not
-        // offered directly: conductor offers a shared server every capability (and refuses
-        // the request, naming why, when the client lacks it).
+        // Conductor's own tool; and those server-everything lists only for a capability this
+        // client did not declare (elicitation), which a shared server is offered.
         through.retain(|line| {
-            !line.starts_with(r#"tool {"name":"orchestrate""#)
-                && !line.starts_with(r#"tool {"name":"trigger-elicitation-request""#)
+            let gated = super::support::EVERYTHING_CAPABILITY_GATED
+                .iter()
+                .any(|name| line.starts_with(&format!(r#"tool {{"name":"{name}""#)));
+            !line.starts_with(r#"tool {"name":"orchestrate""#) && (!gated || direct.contains(line))
         });
         let only_direct: Vec<_> = direct
             .iter()

@@ -604,3 +604,14 @@ impl RawSession {
             .expect("a line, not a closed connection")
     }
 }
+
+/// server-everything's tools listed only to clients that declare sampling, elicitation (in
+/// each mode) or roots. Conductor offers a shared server every capability (and refuses per
+/// request what the client lacks), so through conductor these may be listed to a client that
+/// would not see them directly.
+pub const EVERYTHING_CAPABILITY_GATED: [&str; 4] = [
+    "trigger-sampling-request",
+    "trigger-elicitation-request",
+    "trigger-url-elicitation",
+    "get-roots-list",
+];
