@@ -542,6 +542,17 @@ fn duration_of(
     problems: &mut Problems,
 ) -> Option<Duration> {
     match parse_duration(text.get_ref()) {
+        Some(duration) if duration > MAX_DURATION => {
+            problems.add_with_hint(
+                text.span(),
+                format!(
+                    "`{path}`: `{}` is longer than conductor waits for anything",
+                    text.get_ref()
+                ),
+                Some("write at most a year: `8760h`"),
+            );
+            None
+        }
         Some(duration) => Some(duration),
         None => {
             problems.add_with_hint(
@@ -567,8 +578,18 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "h" => number * 3600.0,
         _ => return None,
     };
-    (seconds > 0.0 && seconds.is_finite()).then(|| Duration::from_secs_f64(seconds))
+    if seconds.is_nan() || seconds <= 0.0 {
+        return None;
+    }
+    // A number too large for a `Duration` saturates (and is refused as too long), never a
+    // panic.
+    Some(Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX))
+        .filter(|duration| !duration.is_zero())
 }
+
+/// The longest duration a config may give: waits are added to the clock, and a year is
+/// beyond any timeout, interval or delay anyone means.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Shows a duration the way the config writes it.
 pub fn format_duration(duration: Duration) -> String {
@@ -592,6 +613,12 @@ mod tests {
         assert_eq!(parse_duration("0s"), None);
         assert_eq!(parse_duration("30"), None);
         assert_eq!(parse_duration("3 days"), None);
+        // Too large for a `Duration`: the largest, refused as too long, never a panic.
+        assert_eq!(
+            parse_duration("100000000000000000000h"),
+            Some(Duration::MAX)
+        );
+        assert_eq!(parse_duration("1e400s"), None);
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(format_duration(Duration::from_secs(30)), "30s");
         assert_eq!(format_duration(Duration::from_micros(300)), "0ms");

@@ -603,3 +603,42 @@ async fn a_remote_server_fails_over_to_its_next_url() {
         Ok("via the second".to_owned())
     );
 }
+
+/// A value no `Duration` can hold, in a live reload, is refused with its place like any bad
+/// value; the watcher lives on, and the next good edit applies.
+#[tokio::test]
+async fn an_absurd_duration_in_a_reload_is_refused_and_the_watcher_goes_on() {
+    let config = TestConfig::fixtures(&[("one", "echo")]);
+    let session = super::support::serve(&config).await;
+    let good = std::fs::read_to_string(&config.path).unwrap();
+
+    let absurd = format!("[conductor]\ncall_timeout = \"100000000000000000000h\"\n\n{good}");
+    std::fs::write(&config.path, absurd).unwrap();
+    // Past two polls of the file, so the watcher has read the edit.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let grown = format!(
+        "{good}\n[servers.two]\ncommand = \"{}\"\nargs = [\"echo\"]\n",
+        super::support::FIXTURE
+    );
+    std::fs::write(&config.path, grown).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the next good edit applies",
+        || async {
+            tool_names(&session)
+                .await
+                .contains(&"two__echo".to_owned())
+                .then_some(())
+        },
+    )
+    .await;
+    // And `check` names the bad value's place.
+    let bad = TestConfig::new("[conductor]\ncall_timeout = \"100000000000000000000h\"\n");
+    let (code, _, stderr) = super::support::conductor_cli(&bad.path, &["check"]).await;
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("call_timeout") && stderr.contains("longer than"),
+        "{stderr}"
+    );
+}
