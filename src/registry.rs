@@ -447,6 +447,29 @@ impl Registry {
     }
 
     /// Why a server has no connection, for error messages.
+    /// The configured server a tool name outside the catalog belongs to by its prefix, when
+    /// that server offers nothing now (starting, restarting, reconnecting, failed, disabled):
+    /// its tools are missing for that reason, not because the name is wrong.
+    pub fn not_offering(&self, public_name: &str) -> Option<ServerName> {
+        let config = self.config();
+        config
+            .servers
+            .iter()
+            .filter(|spec| {
+                crate::catalog::prefix_of(spec).is_some_and(|prefix| {
+                    public_name
+                        .strip_prefix(prefix)
+                        .is_some_and(|rest| rest.starts_with(config.separator.as_str()))
+                })
+            })
+            .find(|spec| {
+                self.servers
+                    .get(&spec.name)
+                    .is_none_or(|slot| !slot.offered())
+            })
+            .map(|spec| spec.name.clone())
+    }
+
     pub fn unavailable_reason(&self, server: &ServerName) -> String {
         let Some(status) = self
             .servers

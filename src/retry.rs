@@ -27,7 +27,7 @@ pub enum FailureKind {
     ToolError,
     /// The server answered with a JSON-RPC error.
     ProtocolError,
-    /// The arguments were refused before any call.
+    /// The arguments, or the tool's name, were refused before any call.
     InvalidArgs,
     /// An expression read something that does not exist.
     ReferenceError,

@@ -94,8 +94,9 @@ impl CallError {
     /// How the call failed, for the retry policy.
     pub fn kind(&self) -> FailureKind {
         match self {
-            CallError::UnknownTool { .. }
-            | CallError::UnknownPrompt { .. }
+            // A wrong name stays wrong: a tool of a server that is down is `Unavailable`.
+            CallError::UnknownTool { .. } => FailureKind::InvalidArgs,
+            CallError::UnknownPrompt { .. }
             | CallError::UnknownResource { .. }
             | CallError::Unavailable(_)
             | CallError::Unroutable(_) => FailureKind::NotDelivered,
@@ -395,6 +396,11 @@ impl Router {
     ) -> Result<Answer, CallError> {
         let catalog = self.registry.catalog();
         let Some(entry) = catalog.tool(call.name()) else {
+            if let Some(server) = self.registry.not_offering(call.name()) {
+                return Err(CallError::Unavailable(
+                    self.registry.unavailable_reason(&server),
+                ));
+            }
             return Err(CallError::UnknownTool {
                 hint: catalog.nearest_tool(call.name()).map(str::to_owned),
                 name: call.name().to_owned(),

@@ -369,7 +369,8 @@ fn route(server: &ServerName, uri: &str) -> ResourceRoute {
     }
 }
 
-fn prefix_of(spec: &ServerSpec) -> Option<&str> {
+/// The prefix of a server's public names, if it has one.
+pub fn prefix_of(spec: &ServerSpec) -> Option<&str> {
     match &spec.prefix {
         Prefix::ServerName => Some(spec.name.as_str()),
         Prefix::Custom(prefix) => Some(prefix),

@@ -198,7 +198,11 @@ async fn a_crash_loop_is_given_up_with_its_last_error() {
     let error = try_call(&session, "looping__ok", json!({}))
         .await
         .unwrap_err();
-    assert!(error.contains("unknown tool `looping__ok`"), "{error}");
+    // Its tools are gone from the list, and a call says why, not "unknown tool".
+    assert!(
+        error.contains("server `looping` is down: gave up after 2 restarts"),
+        "{error}"
+    );
     assert_eq!(
         try_call(&session, "echo__echo", json!({"text": "still here"})).await,
         Ok("still here".to_owned())
@@ -641,4 +645,40 @@ async fn an_absurd_duration_in_a_reload_is_refused_and_the_watcher_goes_on() {
         stderr.contains("call_timeout") && stderr.contains("longer than"),
         "{stderr}"
     );
+}
+
+/// A mistyped tool name is refused at once with a hint, never retried; a tool of a server that
+/// is down is a tool error naming the server and why, not "unknown tool".
+#[tokio::test]
+async fn a_typo_is_refused_at_once_and_a_down_servers_tool_says_why() {
+    let config = TestConfig::new(&format!(
+        "[servers.one]\ncommand = \"{}\"\nargs = [\"echo\"]\n\n\
+         [servers.gone]\ncommand = \"/nonexistent/mcp-server\"\n",
+        super::support::FIXTURE
+    ));
+    let session = super::support::serve(&config).await;
+
+    let started = std::time::Instant::now();
+    let refused = session
+        .call_tool(CallToolRequestParams::new("one__ehco"))
+        .await
+        .expect_err("an unknown tool is a protocol error");
+    // Retried, it took at least the first backoff (250 ms or more).
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "refused after {:?}: retried",
+        started.elapsed()
+    );
+    assert!(
+        refused.to_string().contains("did you mean `one__echo`"),
+        "{refused}"
+    );
+
+    let down = session
+        .call_tool(CallToolRequestParams::new("gone__anything"))
+        .await
+        .expect("a tool error, not a protocol error");
+    assert_eq!(down.is_error, Some(true), "{down:?}");
+    let text = text_of(&down);
+    assert!(text.contains("server `gone` is down"), "{text}");
 }
