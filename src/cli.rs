@@ -339,7 +339,7 @@ fn spawn_config_watch(registry: &Arc<Registry>, path: PathBuf) {
                 }
                 Err(error) => {
                     tracing::error!(
-                        "the changed config has problems; keeping the running one:\n{error}"
+                        "the changed config has problems; keeping the running one:\n{error:#}"
                     );
                 }
             }

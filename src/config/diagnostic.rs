@@ -16,7 +16,9 @@ pub struct Problem {
 /// Why a config could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config `{}`: {source}", path.display())]
+    // The cause is the source, not in this text: error reports print the chain, which
+    // would say it twice.
+    #[error("cannot read config `{}`", path.display())]
     Read {
         path: PathBuf,
         #[source]

@@ -490,7 +490,7 @@ fn read_defaults(mut table: Table<'_, '_>, problems: &mut Problems) -> Defaults 
             problems.add_with_hint(
                 separator.span(),
                 format!("separator `{}` is not allowed", separator.get_ref()),
-                Some("use one or more of letters, digits, `_`, `-` and `.`; the default is `__`"),
+                Some("use one or more of letters, digits, `_` and `-`, the characters hosts accept in a tool's name; the default is `__`"),
             );
             DEFAULT_SEPARATOR.to_owned()
         }
@@ -510,11 +510,12 @@ fn read_defaults(mut table: Table<'_, '_>, problems: &mut Problems) -> Defaults 
     }
 }
 
+/// A separator hosts accept in a tool's name (`.` they do not: it would become `_`).
 fn is_valid_separator(separator: &str) -> bool {
     !separator.is_empty()
         && separator
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
 }
 
 /// Whether `name` may be offered to clients: `^[a-zA-Z0-9_-]{1,64}$`, what Claude and other

@@ -167,15 +167,18 @@ impl RunReport {
             .map(|(status, n)| format!("{n} {status}"))
             .collect();
         let mut text = format!(
-            "run {}: {} in {} ms ({})",
+            "run {}: {} in {} ms",
             self.run_id,
             serde_json::to_value(self.status)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_default(),
             self.duration_ms,
-            counts.join(", ")
         );
+        // A run that ran no step (a validation) has no counts to show.
+        if !counts.is_empty() {
+            text.push_str(&format!(" ({})", counts.join(", ")));
+        }
         for (id, step) in &self.steps {
             if let Some(error) = &step.error {
                 text.push_str(&format!("\n- {id}: {}", error.message));
@@ -212,5 +215,27 @@ pub fn status_name(status: StepStatus) -> &'static str {
         StepStatus::Skipped => "skipped",
         StepStatus::UpstreamFailed => "upstream_failed",
         StepStatus::Cancelled => "cancelled",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_summary_shows_step_counts_only_when_steps_ran() {
+        let validated = RunReport {
+            run_id: "r_1".to_owned(),
+            duration_ms: 2,
+            ..RunReport::default()
+        };
+        assert!(
+            !validated.summary().contains("()"),
+            "{}",
+            validated.summary()
+        );
+        let mut ran = validated.clone();
+        ran.steps.insert("a".to_owned(), StepReport::default());
+        assert!(ran.summary().contains("ms (1 "), "{}", ran.summary());
     }
 }

@@ -158,12 +158,13 @@ fn invalid_toml_is_reported_with_its_place() {
 
 #[test]
 fn a_missing_file_names_the_file() {
-    let error = Config::load(Path::new("/nonexistent/servers.toml")).unwrap_err();
-    assert!(
-        error
-            .to_string()
-            .starts_with("cannot read config `/nonexistent/servers.toml`"),
-        "{error}"
+    let error =
+        anyhow::Error::from(Config::load(Path::new("/nonexistent/servers.toml")).unwrap_err());
+    // As `conductor` prints it: the cause once.
+    let shown = format!("{error:#}");
+    assert_eq!(
+        shown,
+        "cannot read config `/nonexistent/servers.toml`: No such file or directory (os error 2)"
     );
 }
 
@@ -304,4 +305,13 @@ url = "https://far.example.com/mcp"
 replicas = 2
 "#
     ));
+}
+
+#[test]
+fn a_separator_hosts_would_rewrite_is_refused() {
+    let error = errors("[conductor]\nseparator = \".\"\n\n[servers.a]\ncommand = \"x\"\n");
+    assert!(
+        error.contains("separator `.` is not allowed") && error.contains(":2:13"),
+        "{error}"
+    );
 }
