@@ -470,6 +470,23 @@ impl Registry {
             .map(|spec| spec.name.clone())
     }
 
+    /// The server whose config hides a tool of that public name: a tool it lists, which its
+    /// `[servers.NAME.tools]` rules (`allow`, `deny`) do not offer.
+    pub fn hiding(&self, public_name: &str) -> Option<ServerName> {
+        let config = self.config();
+        config.servers.iter().find_map(|spec| {
+            let original = crate::catalog::prefix_of(spec)
+                .and_then(|prefix| public_name.strip_prefix(prefix))
+                .and_then(|rest| rest.strip_prefix(config.separator.as_str()))?;
+            let slot = self.servers.get(&spec.name)?;
+            slot.listing
+                .tools
+                .iter()
+                .any(|tool| tool.name == original)
+                .then(|| spec.name.clone())
+        })
+    }
+
     pub fn unavailable_reason(&self, server: &ServerName) -> String {
         let Some(status) = self
             .servers

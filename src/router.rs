@@ -46,6 +46,9 @@ use crate::retry::FailureKind;
 pub enum CallError {
     #[error("unknown tool `{name}`{}", hint_suffix(hint))]
     UnknownTool { name: String, hint: Option<String> },
+    /// A tool the server has, which its config does not offer.
+    #[error("tool `{name}` is hidden by the config: `[servers.{server}.tools]` does not offer it")]
+    HiddenTool { name: String, server: ServerName },
     #[error("unknown prompt `{name}`{}", hint_suffix(hint))]
     UnknownPrompt { name: String, hint: Option<String> },
     #[error("no server offers resource `{uri}`")]
@@ -95,7 +98,9 @@ impl CallError {
     pub fn kind(&self) -> FailureKind {
         match self {
             // A wrong name stays wrong: a tool of a server that is down is `Unavailable`.
-            CallError::UnknownTool { .. } => FailureKind::InvalidArgs,
+            CallError::UnknownTool { .. } | CallError::HiddenTool { .. } => {
+                FailureKind::InvalidArgs
+            }
             CallError::UnknownPrompt { .. }
             | CallError::UnknownResource { .. }
             | CallError::Unavailable(_)
@@ -400,6 +405,12 @@ impl Router {
                 return Err(CallError::Unavailable(
                     self.registry.unavailable_reason(&server),
                 ));
+            }
+            if let Some(server) = self.registry.hiding(call.name()) {
+                return Err(CallError::HiddenTool {
+                    name: call.name().to_owned(),
+                    server,
+                });
             }
             return Err(CallError::UnknownTool {
                 hint: catalog.nearest_tool(call.name()).map(str::to_owned),

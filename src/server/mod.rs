@@ -585,7 +585,7 @@ fn tool_response(outcome: Result<ServerResult, CallError>) -> Result<CallToolRes
         }
         Ok(ServerResult::CreateTaskResult(result)) => Ok(CallToolResponse::Task(result)),
         Ok(other) => Err(unexpected("tools/call", &other)),
-        Err(error @ CallError::UnknownTool { .. }) => {
+        Err(error @ (CallError::UnknownTool { .. } | CallError::HiddenTool { .. })) => {
             Err(McpError::invalid_params(error.to_string(), None))
         }
         Err(CallError::Downstream { error, .. }) => Err(*error),
@@ -798,9 +798,9 @@ fn mark_complete(result_type: &mut Option<ResultType>) {
 fn protocol_error(error: CallError) -> McpError {
     match error {
         CallError::Downstream { error, .. } => *error,
-        error @ (CallError::UnknownPrompt { .. } | CallError::UnknownTool { .. }) => {
-            McpError::invalid_params(error.to_string(), None)
-        }
+        error @ (CallError::UnknownPrompt { .. }
+        | CallError::UnknownTool { .. }
+        | CallError::HiddenTool { .. }) => McpError::invalid_params(error.to_string(), None),
         error @ CallError::UnknownResource { .. } => {
             McpError::resource_not_found(error.to_string(), None)
         }

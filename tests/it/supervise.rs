@@ -648,13 +648,16 @@ async fn an_absurd_duration_in_a_reload_is_refused_and_the_watcher_goes_on() {
 }
 
 /// A mistyped tool name is refused at once with a hint, never retried; a tool of a server that
-/// is down is a tool error naming the server and why, not "unknown tool".
+/// is down is a tool error naming the server and why, not "unknown tool"; a tool the config
+/// hides says so.
 #[tokio::test]
 async fn a_typo_is_refused_at_once_and_a_down_servers_tool_says_why() {
     let config = TestConfig::new(&format!(
-        "[servers.one]\ncommand = \"{}\"\nargs = [\"echo\"]\n\n\
-         [servers.gone]\ncommand = \"/nonexistent/mcp-server\"\n",
-        super::support::FIXTURE
+        "[servers.one]\ncommand = \"{fixture}\"\nargs = [\"echo\"]\n\n\
+         [servers.gone]\ncommand = \"/nonexistent/mcp-server\"\n\n\
+         [servers.math]\ncommand = \"{fixture}\"\nargs = [\"math\"]\n\n\
+         [servers.math.tools]\ndeny = [\"divide\"]\n",
+        fixture = super::support::FIXTURE
     ));
     let session = super::support::serve(&config).await;
 
@@ -681,4 +684,15 @@ async fn a_typo_is_refused_at_once_and_a_down_servers_tool_says_why() {
     assert_eq!(down.is_error, Some(true), "{down:?}");
     let text = text_of(&down);
     assert!(text.contains("server `gone` is down"), "{text}");
+
+    let hidden = session
+        .call_tool(CallToolRequestParams::new("math__divide"))
+        .await
+        .expect_err("a hidden tool is refused");
+    assert!(
+        hidden
+            .to_string()
+            .contains("tool `math__divide` is hidden by the config: `[servers.math.tools]`"),
+        "{hidden}"
+    );
 }
