@@ -535,11 +535,13 @@ impl Registry {
     /// How long `server`'s open circuit has left (zero while its trial call is out), if open.
     fn circuit(&self, server: &ServerName) -> Option<Duration> {
         let breaker = self.breakers.get(server)?;
+        let now = tokio::time::Instant::now();
         match breaker.state() {
             BreakerState::Closed { .. } => None,
-            BreakerState::Open { until } => {
-                Some(until.saturating_duration_since(tokio::time::Instant::now()))
-            }
+            BreakerState::Open { until } if until > now => Some(until - now),
+            // Cooled down: the next call is the trial. Until then the server counts as ready,
+            // so a readiness probe that keeps traffic away does not keep it out for good.
+            BreakerState::Open { .. } => None,
             BreakerState::HalfOpen => Some(Duration::ZERO),
         }
     }

@@ -1391,3 +1391,29 @@ async fn the_typescript_clients_see_server_everything_the_same_directly_and_thro
         }
     }
 }
+
+/// `/readyz` reports a tripped circuit, and recovers when its cool-down ends, with no call
+/// needed to move it on.
+#[tokio::test]
+async fn readiness_recovers_when_a_circuit_cools_down_without_traffic() {
+    let config = TestConfig::slow_fixture(
+        "",
+        "call_timeout = \"100ms\"\nbreaker_failures = 2\nbreaker_cool_down = \"700ms\"\n",
+    );
+    let server = HttpConductor::start(&config).await;
+    let session = http_session(&server.mcp(), None).await;
+    for _ in 0..2 {
+        let result = call(&session, "slow__sleep", json!({"ms": 5000})).await;
+        assert!(text_of(&result).contains("timed out"), "{result:?}");
+    }
+    let readyz = format!("{}/readyz", server.base);
+    let response = reqwest::get(&readyz).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["servers"][0]["circuit"],
+        "open"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    let response = reqwest::get(&readyz).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "no call since the trip");
+}
