@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::expr::{Expressions, References, escape_pointer};
-use super::workflow::{OnError, Step, Workflow};
+use super::workflow::{ForEach, OnError, Step, Workflow};
 use crate::catalog::Catalog;
 use crate::config::did_you_mean;
 use crate::retry::{RetryOn, is_repeatable};
@@ -474,11 +474,17 @@ impl<'a> Checker<'a> {
         }
         if let Some(for_each) = &step.for_each {
             let mut listing = References::default();
-            self.expressions.expression_references(
-                for_each,
-                &format!("{base}/for_each"),
-                &mut listing,
-            );
+            let path = format!("{base}/for_each");
+            match for_each {
+                ForEach::Expression(text) => {
+                    self.expressions
+                        .expression_references(text, &path, &mut listing);
+                }
+                ForEach::Items(items) => {
+                    self.expressions
+                        .references(&Value::Array(items.clone()), &path, &mut listing);
+                }
+            }
             // The list is computed before any item exists.
             self.check_roots(&listing, None, false);
             self.add_step_edges(&listing, step, &mut needs);

@@ -108,9 +108,10 @@ pub struct Step {
     /// notifications), `any_failed` (only after a failure, for alerts or compensation).
     #[serde(default)]
     pub trigger: Trigger,
-    /// An expression that yields a list: the step runs once per element, in parallel.
+    /// The list the step runs once per element of, in parallel: an expression that yields a
+    /// list, or the list itself (its strings may hold `${{ }}` expressions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub for_each: Option<String>,
+    pub for_each: Option<ForEach>,
     /// The name of the loop variable of `for_each` (default `item`).
     #[serde(default, rename = "as", skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]{0,63}$"))]
@@ -218,4 +219,14 @@ impl Default for OnError {
     fn default() -> Self {
         OnError::Simple(OnErrorKind::Fail)
     }
+}
+
+/// What a `for_each` step runs over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ForEach {
+    /// An expression that yields a list, with or without its `${{ }}`.
+    Expression(String),
+    /// The items themselves.
+    Items(Vec<Value>),
 }

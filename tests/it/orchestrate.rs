@@ -772,3 +772,33 @@ async fn the_run_timeout_cancels_and_the_budget_limits_calls_in_flight() {
     }
     assert_eq!(log.len(), 6, "{log:?}");
 }
+
+/// `for_each` takes the list itself too (what a model writes first), its strings rendered as
+/// templates against the step's inputs, and an item name that does not exist is still refused
+/// when the workflow is checked.
+#[tokio::test]
+async fn for_each_takes_a_literal_list() {
+    let config = business(false);
+    let session = serve(&config).await;
+    let workflow = json!({"inputs": {"who": "Initech"}, "steps": [
+        {"id": "balances", "tool": "books__customer", "for_each": ["Acme", "${{ inputs.who }}"],
+         "as": "name", "args": {"name": "${{ name }}"}}
+    ]});
+    let report = orchestrate(&session, workflow).await;
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(
+        report["steps"]["balances"]["stats"]["succeeded"], 2,
+        "{report:#}"
+    );
+
+    let broken = json!({"steps": [
+        {"id": "balances", "tool": "books__customer", "for_each": ["${{ steps.nowhere.output }}"],
+         "as": "name", "args": {"name": "${{ name }}"}}
+    ]});
+    let report = orchestrate(&session, broken).await;
+    assert_eq!(report["status"], "invalid", "{report:#}");
+    assert!(
+        report.to_string().contains("/steps/0/for_each"),
+        "the problem names its place: {report:#}"
+    );
+}

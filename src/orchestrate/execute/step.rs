@@ -14,7 +14,7 @@ use crate::orchestrate::report::{
     ItemFailure, ItemStats, StepError, StepReport, StepStatus, WouldCall, status_name,
 };
 use crate::orchestrate::validate::Safety;
-use crate::orchestrate::workflow::{OnError, OnErrorKind, Step};
+use crate::orchestrate::workflow::{ForEach, OnError, OnErrorKind, Step};
 use crate::retry::{FailureKind, Retry};
 
 fn expression_failure(error: ExprError) -> StepError {
@@ -315,7 +315,13 @@ async fn run_items(
             0,
         );
     };
-    let items = match context.expressions.evaluate(for_each, scope) {
+    let listed = match for_each {
+        ForEach::Expression(text) => context.expressions.evaluate(text, scope),
+        ForEach::Items(items) => context
+            .expressions
+            .render(&Value::Array(items.clone()), scope),
+    };
+    let items = match listed {
         Ok(Value::Array(items)) => items,
         Ok(other) => {
             let kind = match other {
