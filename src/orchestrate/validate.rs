@@ -15,6 +15,20 @@ use crate::catalog::Catalog;
 use crate::config::did_you_mean;
 use crate::retry::{RetryOn, is_repeatable};
 
+/// The fields of `steps.<id>` in expressions, as `execute::step_view` shows a step (`items`
+/// and `stats` on a `for_each` step).
+const STEP_FIELDS: [&str; 9] = [
+    "output",
+    "status",
+    "error",
+    "attempts",
+    "duration_ms",
+    "via_fallback",
+    "defaulted",
+    "items",
+    "stats",
+];
+
 /// One thing wrong with a workflow (or worth a warning), at a JSON pointer into it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Problem {
@@ -606,6 +620,21 @@ impl<'a> Checker<'a> {
         }
         for (path, pointer) in &found.paths {
             let mut parts = path.split('.');
+            if path.starts_with("steps.")
+                && let Some(field) = path.split('.').nth(2)
+                && !STEP_FIELDS.contains(&field)
+            {
+                let step = path.split('.').nth(1).unwrap_or_default();
+                let hint = did_you_mean(field, STEP_FIELDS.iter().copied())
+                    .map(|near| format!("did you mean `steps.{step}.{near}`?"))
+                    .or_else(|| Some(format!("a step has: {}", STEP_FIELDS.join(", "))));
+                self.errors.push(problem(
+                    pointer,
+                    "unknown_step_field",
+                    format!("`steps.{step}` has no `{field}`"),
+                    hint,
+                ));
+            }
             if parts.next() == Some("inputs")
                 && let Some(name) = parts.next()
                 && !self.workflow.inputs.contains_key(name)

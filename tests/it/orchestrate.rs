@@ -802,3 +802,24 @@ async fn for_each_takes_a_literal_list() {
         "the problem names its place: {report:#}"
     );
 }
+
+/// A typo in a field every step has is refused when the workflow is checked, with the field
+/// it meant, not found at run time as "undefined".
+#[tokio::test]
+async fn a_misspelled_step_field_is_refused_with_the_field_it_meant() {
+    let config = business(false);
+    let session = serve(&config).await;
+    let workflow = json!({"mode": "validate", "steps": [
+        {"id": "totals", "tool": "books__summary"},
+        {"id": "say", "value": "${{ steps.totals.outptu }}"}
+    ]});
+    let report = orchestrate(&session, workflow).await;
+    assert_eq!(report["status"], "invalid", "{report:#}");
+    let error = &report["errors"][0];
+    assert_eq!(error["code"], "unknown_step_field", "{report:#}");
+    assert_eq!(error["path"], "/steps/1/value", "{report:#}");
+    assert_eq!(
+        error["hint"], "did you mean `steps.totals.output`?",
+        "{report:#}"
+    );
+}
