@@ -260,14 +260,18 @@ impl Expressions {
 
     fn eval(&self, expression: &str, context: &minijinja::Value) -> Result<Value, ExprError> {
         let compiled = self.compile(expression).map_err(|error| classify(&error))?;
-        let value = compiled
-            .expression
-            .eval(context.clone())
-            .map_err(|error| classify(&error))?;
+        let value =
+            compiled
+                .expression
+                .eval(context.clone())
+                .map_err(|error| match error.kind() {
+                    minijinja::ErrorKind::UndefinedError => undefined_in(expression, context),
+                    _ => classify(&error),
+                })?;
         // Strict undefined still lets a missing attribute at the very end of an expression
         // through as `undefined`; that is a reference error too.
         if value.is_undefined() {
-            return Err(undefined(expression));
+            return Err(undefined_in(expression, context));
         }
         serde_json::to_value(&value).map_err(|error| ExprError {
             kind: ExprErrorKind::Type,
@@ -376,6 +380,71 @@ fn is_literal(map: &serde_json::Map<String, Value>) -> bool {
 /// A JSON pointer segment for `key` (RFC 6901).
 pub fn escape_pointer(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
+}
+
+/// An undefined reference, saying, for a plain path such as `steps.a.output.text`, what the
+/// last part that exists holds: its kind, a short preview, and the nearest field it has.
+fn undefined_in(expression: &str, context: &minijinja::Value) -> ExprError {
+    let path = expression.trim();
+    let plain = !path.is_empty()
+        && path
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+    if !plain {
+        return undefined(expression);
+    }
+    let parts: Vec<&str> = path.split('.').collect();
+    let mut value = context.clone();
+    for (at, part) in parts.iter().enumerate() {
+        let next = value.get_attr(part).unwrap_or(minijinja::Value::UNDEFINED);
+        if !next.is_undefined() {
+            value = next;
+            continue;
+        }
+        if at == 0 {
+            break;
+        }
+        let found = parts[..at].join(".");
+        let mut message = format!("`{path}` is undefined: `{found}` ");
+        if value.kind() == minijinja::value::ValueKind::Map {
+            let keys: Vec<String> = value
+                .try_iter()
+                .map(|keys| keys.map(|key| key.to_string()).collect())
+                .unwrap_or_default();
+            message.push_str(&format!("has no `{part}`"));
+            match crate::config::did_you_mean(part, keys.iter().map(String::as_str)) {
+                Some(near) => message.push_str(&format!("; did you mean `{found}.{near}`?")),
+                None if !keys.is_empty() => {
+                    message.push_str(&format!(" (it has: {})", keys.join(", ")));
+                }
+                None => {}
+            }
+        } else {
+            let preview = serde_json::to_string(&value).unwrap_or_default();
+            let preview: String = preview.chars().take(60).collect();
+            message.push_str(&format!(
+                "is {} ({preview}), which has no fields",
+                kind_name(&value)
+            ));
+        }
+        return ExprError {
+            kind: ExprErrorKind::Reference,
+            message,
+        };
+    }
+    undefined(expression)
+}
+
+fn kind_name(value: &minijinja::Value) -> &'static str {
+    use minijinja::value::ValueKind;
+    match value.kind() {
+        ValueKind::String => "a string",
+        ValueKind::Number => "a number",
+        ValueKind::Bool => "a boolean",
+        ValueKind::Seq => "a list",
+        ValueKind::None => "null",
+        _ => "a value",
+    }
 }
 
 fn undefined(expression: &str) -> ExprError {
@@ -505,6 +574,26 @@ mod tests {
             .render(&json!("${{ steps.missing.output }}"), &scope())
             .unwrap_err();
         assert_eq!(error.kind, ExprErrorKind::Reference, "{error}");
+    }
+
+    #[test]
+    fn an_undefined_path_says_what_its_last_existing_part_holds() {
+        let expressions = Expressions::new();
+        let error = expressions
+            .evaluate("steps.unpaid.output.invoice", &scope())
+            .unwrap_err();
+        assert_eq!(
+            error.message,
+            "`steps.unpaid.output.invoice` is undefined: `steps.unpaid.output` has no `invoice`; \
+             did you mean `steps.unpaid.output.invoices`?"
+        );
+        let error = expressions
+            .evaluate("inputs.list.text", &scope())
+            .unwrap_err();
+        assert_eq!(
+            error.message,
+            "`inputs.list.text` is undefined: `inputs.list` is a string (\"L1\"), which has no fields"
+        );
     }
 
     #[test]
