@@ -319,9 +319,9 @@ impl<'a> Checker<'a> {
         }
         self.check_output();
         self.check_return();
-        if self.errors.is_empty() {
-            self.check_cycles(&planned);
-        }
+        // With the rest: a cycle reported only once every other problem is fixed would make
+        // fixing a workflow take rounds.
+        self.check_cycles(&planned);
         if !self.errors.is_empty() {
             self.errors.sort_by(|a, b| a.path.cmp(&b.path));
             return Err(self.errors);

@@ -823,3 +823,25 @@ async fn a_misspelled_step_field_is_refused_with_the_field_it_meant() {
         "{report:#}"
     );
 }
+
+/// Validation reports every problem at once: a cycle together with an unknown tool, not
+/// in a later round once the tool is fixed.
+#[tokio::test]
+async fn a_cycle_is_reported_with_the_other_problems() {
+    let config = business(false);
+    let session = serve(&config).await;
+    let workflow = json!({"mode": "validate", "steps": [
+        {"id": "a", "tool": "books__sumary", "needs": ["b"]},
+        {"id": "b", "tool": "books__summary", "needs": ["a"]}
+    ]});
+    let report = orchestrate(&session, workflow).await;
+    assert_eq!(report["status"], "invalid", "{report:#}");
+    let codes: Vec<&str> = report["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|error| error["code"].as_str())
+        .collect();
+    assert!(codes.contains(&"cycle"), "{report:#}");
+    assert!(codes.len() >= 2, "the unknown tool too: {report:#}");
+}
