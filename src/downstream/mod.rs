@@ -181,7 +181,19 @@ impl Connection {
                         pid: child.pid,
                         lane: Some(child.lane),
                     };
-                    serve(spec, child.transport, opened, events, relay, client).await
+                    let stderr = child.stderr;
+                    match serve(spec, child.transport, opened, events, relay, client).await {
+                        // What the child said as it failed is usually why.
+                        Err(ConnectError::Handshake(error)) => {
+                            let words = stderr.last_words(Duration::from_millis(500)).await;
+                            Err(ConnectError::Handshake(if words.is_empty() {
+                                error
+                            } else {
+                                format!("{error}; its stderr ended with: {}", words.join(" | "))
+                            }))
+                        }
+                        outcome => outcome,
+                    }
                 }
                 Transport::Sse(http) | Transport::StreamableHttp(http) => {
                     // Each endpoint in turn: the first that answers serves (failover).

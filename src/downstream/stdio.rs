@@ -26,6 +26,51 @@ pub(super) struct Child {
     pub transport: ChildTransport,
     pub lane: Arc<TextLane>,
     pub pid: Option<u32>,
+    /// The last lines the child wrote to stderr: why it failed, when it does.
+    pub stderr: StderrTail,
+}
+
+/// The last few lines a child wrote to stderr, each cut to a readable length, and whether
+/// its stderr has ended (the child exited).
+#[derive(Debug, Clone, Default)]
+pub(super) struct StderrTail {
+    lines: Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+    ended: Arc<tokio::sync::Notify>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How many of a child's last stderr lines a start-up failure shows, and how long each may be.
+const TAIL_LINES: usize = 5;
+const TAIL_LINE_CHARS: usize = 300;
+
+impl StderrTail {
+    fn push(&self, line: &str) {
+        let line: String = line.chars().take(TAIL_LINE_CHARS).collect();
+        if let Ok(mut lines) = self.lines.lock() {
+            if lines.len() == TAIL_LINES {
+                lines.pop_front();
+            }
+            lines.push_back(line);
+        }
+    }
+
+    fn end(&self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.ended.notify_waiters();
+    }
+
+    /// The lines, once stderr has ended or `wait` has passed (a child that failed its
+    /// handshake is usually exiting, and its last words are still on their way).
+    pub async fn last_words(&self, wait: std::time::Duration) -> Vec<String> {
+        let ended = self.ended.notified();
+        if !self.done.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = tokio::time::timeout(wait, ended).await;
+        }
+        self.lines
+            .lock()
+            .map(|lines| lines.iter().cloned().collect())
+            .unwrap_or_default()
+    }
 }
 
 /// Spawn the child. It leads its own process group, so stopping it also stops whatever it
@@ -88,8 +133,12 @@ pub(super) fn spawn(server: &ServerName, spec: &StdioSpec) -> Result<Child, Conn
             "the child's pipes were not opened",
         )));
     };
-    if let Some(stderr) = stderr {
-        tokio::spawn(forward_stderr(server.clone(), stderr));
+    let tail = StderrTail::default();
+    match stderr {
+        Some(stderr) => {
+            tokio::spawn(forward_stderr(server.clone(), stderr, tail.clone()));
+        }
+        None => tail.end(),
     }
     let pid = child.id();
     let writer = Writer::new(stdin);
@@ -103,6 +152,7 @@ pub(super) fn spawn(server: &ServerName, spec: &StdioSpec) -> Result<Child, Conn
         transport,
         lane,
         pid,
+        stderr: tail,
     })
 }
 
@@ -193,11 +243,14 @@ impl Drop for ChildTransport {
 
 /// Each line the child writes to stderr becomes a log event under its server's name: stdout
 /// is the protocol, so nothing of the child's may reach ours.
-async fn forward_stderr(server: ServerName, stderr: ChildStderr) {
+async fn forward_stderr(server: ServerName, stderr: ChildStderr, tail: StderrTail) {
     let mut lines = BufReader::new(stderr).lines();
     loop {
         match lines.next_line().await {
-            Ok(Some(line)) => tracing::info!(server = %server, "{line}"),
+            Ok(Some(line)) => {
+                tail.push(&line);
+                tracing::info!(server = %server, "{line}");
+            }
             Ok(None) => break,
             Err(error) => {
                 tracing::debug!(server = %server, error = %error, "stopped reading stderr");
@@ -205,6 +258,7 @@ async fn forward_stderr(server: ServerName, stderr: ChildStderr) {
             }
         }
     }
+    tail.end();
 }
 
 /// Send `signal` to a child's whole process group (it leads it).

@@ -171,3 +171,18 @@ async fn a_thread_count_of_zero_is_refused_by_name() {
     assert_eq!(stdout, "");
     assert!(stderr.contains("--threads"), "{stderr}");
 }
+
+/// A server that dies as it starts: `check` shows why, from the last lines it wrote to
+/// stderr, without `--log`.
+#[tokio::test]
+async fn check_shows_what_a_failed_server_said_on_stderr() {
+    let config = TestConfig::new(
+        "[servers.broken]\ncommand = \"sh\"\nargs = [\"-c\", \"echo 'ImportError: no mcp_thing' >&2; exit 3\"]\n",
+    );
+    let (code, stdout, _) = conductor_cli(&config.path, &["check"]).await;
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.contains("its stderr ended with: ImportError"),
+        "{stdout}"
+    );
+}
