@@ -22,7 +22,11 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader
 
 /// The largest message read, as rmcp's own stdio transport allows: a peer that never ends
 /// a line must not grow the buffer without bound.
-const MAX_LINE: usize = 16 * 1024 * 1024;
+pub const MAX_LINE: usize = 16 * 1024 * 1024;
+
+/// A line buffer larger than this is let go after its message, so that one big message does
+/// not keep its memory for the connection's life.
+const KEEP_LINE_CAPACITY: usize = 1024 * 1024;
 
 /// The routing parts of a JSON-RPC message, borrowed from its text; the rest stays unparsed.
 #[derive(Debug, Deserialize)]
@@ -123,6 +127,10 @@ pub trait Tap: Send + Sync + 'static {
     fn ended(&self) -> BoxFuture {
         Box::pin(async {})
     }
+
+    /// A message over [`MAX_LINE`] was dropped; `head` is its beginning, where its id
+    /// usually is.
+    fn too_long(&self, _head: &[u8]) {}
 }
 
 /// A tap that takes nothing.
@@ -232,7 +240,10 @@ impl<Role: ServiceRole, R: AsyncRead + Send + Unpin + 'static> LineTransport<Rol
                         max = MAX_LINE,
                         "a message longer than the most conductor reads was dropped"
                     );
-                    self.line.clear();
+                    let head = &self.line[..self.line.len().min(256)];
+                    self.tap.too_long(head);
+                    // Its memory goes with it.
+                    self.line = Vec::new();
                     self.discarding = newline.is_none();
                 } else {
                     self.line.extend_from_slice(&available[..take]);
@@ -269,11 +280,13 @@ impl<Role: ServiceRole, R: AsyncRead + Send + Unpin + 'static> Transport<Role>
                 self.tap.ended().await;
                 return None;
             }
-            let line = std::mem::take(&mut self.line);
+            let mut line = std::mem::take(&mut self.line);
             let message = self.message(&line);
-            // Keep the buffer's capacity for the next line.
-            self.line = line;
-            self.line.clear();
+            // Keep the buffer's capacity for the next line, unless a big message grew it.
+            if line.capacity() <= KEEP_LINE_CAPACITY {
+                line.clear();
+                self.line = line;
+            }
             if let Some(message) = message {
                 return Some(message);
             }

@@ -173,6 +173,27 @@ impl TextLane {
     }
 
     /// The number of a lane id's text (`"cd-12"`, quoted), if it is one.
+    /// Give call `number` its reply; say whether anyone was waiting for it.
+    fn answer(&self, number: u64, reply: Reply) -> bool {
+        let waiting = self
+            .pending
+            .lock()
+            .ok()
+            .and_then(|mut pending| pending.remove(&number));
+        match waiting {
+            Some(Pending::Waiting { first, .. }) => {
+                let _ = first.send(First::Reply(reply));
+                true
+            }
+            // After its progress, in order; the queue ends with it.
+            Some(Pending::Streaming(rest)) => {
+                let _ = rest.send(Heard::Reply(Some(reply)));
+                true
+            }
+            None => false,
+        }
+    }
+
     fn number_of_text(id: &RawValue) -> Option<u64> {
         TextLane::number_of(id.get().strip_prefix('"')?.strip_suffix('"')?)
     }
@@ -250,23 +271,36 @@ impl Tap for TextLane {
                 None,
             )),
         };
-        let waiting = self
-            .pending
-            .lock()
-            .ok()
-            .and_then(|mut pending| pending.remove(&number));
-        match waiting {
-            Some(Pending::Waiting { first, .. }) => {
-                let _ = first.send(First::Reply(reply));
-            }
-            // After its progress, in order; the queue ends with it.
-            Some(Pending::Streaming(rest)) => {
-                let _ = rest.send(Heard::Reply(Some(reply)));
-            }
+        if !self.answer(number, reply) {
             // Timed out or cancelled meanwhile: nobody waits for it any more.
-            None => tracing::debug!(id = number, "dropping the answer to a call nobody awaits"),
+            tracing::debug!(id = number, "dropping the answer to a call nobody awaits");
         }
         true
+    }
+
+    /// An answer over the size conductor reads fails its call at once, naming the limit,
+    /// instead of leaving it to time out.
+    fn too_long(&self, head: &[u8]) {
+        static LANE_ID: LazyLock<Finder> = LazyLock::new(|| Finder::new(ID_PREFIX.as_bytes()));
+        let Some(at) = LANE_ID.find(head) else {
+            return;
+        };
+        let digits: String = head[at + ID_PREFIX.len()..]
+            .iter()
+            .take_while(|byte| byte.is_ascii_digit())
+            .map(|byte| char::from(*byte))
+            .collect();
+        let Ok(number) = digits.parse::<u64>() else {
+            return;
+        };
+        let reply = Reply::Error(ErrorData::internal_error(
+            format!(
+                "the server's answer is larger than the {} MiB conductor reads from a server; none of it was passed on",
+                crate::wire::MAX_LINE / (1024 * 1024)
+            ),
+            None,
+        ));
+        self.answer(number, reply);
     }
 
     fn ended(&self) -> BoxFuture {
