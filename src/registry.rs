@@ -455,13 +455,7 @@ impl Registry {
         config
             .servers
             .iter()
-            .filter(|spec| {
-                crate::catalog::prefix_of(spec).is_some_and(|prefix| {
-                    public_name
-                        .strip_prefix(prefix)
-                        .is_some_and(|rest| rest.starts_with(config.separator.as_str()))
-                })
-            })
+            .filter(|spec| unprefixed(spec, &config.separator, public_name).is_some())
             .find(|spec| {
                 self.servers
                     .get(&spec.name)
@@ -475,9 +469,7 @@ impl Registry {
     pub fn hiding(&self, public_name: &str) -> Option<ServerName> {
         let config = self.config();
         config.servers.iter().find_map(|spec| {
-            let original = crate::catalog::prefix_of(spec)
-                .and_then(|prefix| public_name.strip_prefix(prefix))
-                .and_then(|rest| rest.strip_prefix(config.separator.as_str()))?;
+            let original = unprefixed(spec, &config.separator, public_name)?;
             let slot = self.servers.get(&spec.name)?;
             slot.listing
                 .tools
@@ -1023,6 +1015,14 @@ enum Opening {
     Wake,
     /// After it ended.
     Restart,
+}
+
+/// The server's own name a public name stands for under `spec`'s prefix, if it has that
+/// prefix (renames aside).
+fn unprefixed<'a>(spec: &ServerSpec, separator: &str, public_name: &'a str) -> Option<&'a str> {
+    crate::catalog::prefix_of(spec)
+        .and_then(|prefix| public_name.strip_prefix(prefix))
+        .and_then(|rest| rest.strip_prefix(separator))
 }
 
 /// Whether a ping's outcome shows the server alive: any answer does, an error too (servers

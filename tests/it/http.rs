@@ -475,6 +475,23 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// server-everything serving Streamable HTTP itself on a free port (killed when the child is
+/// dropped), and its URL.
+async fn everything_over_http() -> (tokio::process::Child, String) {
+    let port = free_port();
+    let child = tokio::process::Command::new("node")
+        .arg(super::support::node_server("server-everything"))
+        .arg("streamableHttp")
+        .env("PORT", port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs server-everything");
+    wait_for_port(port).await;
+    (child, format!("http://127.0.0.1:{port}/mcp"))
+}
+
 /// Wait until something accepts connections on `port`.
 async fn wait_for_port(port: u16) {
     for _ in 0..100 {
@@ -511,21 +528,10 @@ async fn the_conformance_suite_passes_through_what_it_passes_directly() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let everything_port = free_port();
-    let _everything = tokio::process::Command::new("node")
-        .arg(&everything)
-        .arg("streamableHttp")
-        .env("PORT", everything_port.to_string())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (_everything, everything_url) = everything_over_http().await;
     wait_for_port(fixture_port).await;
-    wait_for_port(everything_port).await;
     let fixture_direct = conformance(&format!("http://127.0.0.1:{fixture_port}/mcp"), None).await;
-    let everything_direct =
-        conformance(&format!("http://127.0.0.1:{everything_port}/mcp"), None).await;
+    let everything_direct = conformance(&everything_url, None).await;
 
     let baseline = root.join("tests/peers/conformance-baseline.yml");
     let setups = [
@@ -1320,43 +1326,12 @@ async fn a_call_given_up_is_cancelled_downstream_for_clients_of_both_eras() {
 #[tokio::test]
 async fn the_typescript_clients_see_server_everything_the_same_directly_and_through_conductor() {
     let everything = super::support::node_server("server-everything");
-    let port = free_port();
-    let _direct = tokio::process::Command::new("node")
-        .arg(&everything)
-        .arg("streamableHttp")
-        .env("PORT", port.to_string())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_for_port(port).await;
-    let direct_url = format!("http://127.0.0.1:{port}/mcp");
+    let (_direct, direct_url) = everything_over_http().await;
     let config = TestConfig::new(&format!(
         "[servers.everything]\ncommand = \"node\"\nargs = [\"{everything}\"]\n"
     ));
     let server = HttpConductor::start(&config).await;
     let through_url = server.mcp();
-    let answering = [
-        "--sampling-reply",
-        "a sample",
-        "--elicit-accept",
-        r#"{"name": "Ada"}"#,
-        "--roots",
-        "file:///work/notes",
-    ];
-    let strip = |names: &Value| -> Vec<String> {
-        let mut names: Vec<String> = names
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .filter(|name| *name != "orchestrate")
-            .map(|name| name.trim_start_matches("everything__").to_owned())
-            .collect();
-        names.sort();
-        names
-    };
     let clients: [(&str, &[&str]); 3] = [
         ("v1", &[]),
         ("v2", &["--mode", "legacy"]),
@@ -1369,7 +1344,7 @@ async fn the_typescript_clients_see_server_everything_the_same_directly_and_thro
             ("get-structured-content", r#"{"location": "Chicago"}"#),
         ] {
             let mut options: Vec<&str> = mode.to_vec();
-            options.extend(answering);
+            options.extend(super::support::ANSWERING);
             let mut direct_options = options.clone();
             direct_options.extend(["--call", tool, "--args", args]);
             let (direct, _) = node_client(sdk, &direct_url, &direct_options).await;
@@ -1381,8 +1356,10 @@ async fn the_typescript_clients_see_server_everything_the_same_directly_and_thro
             // A shared server is offered every capability (conductor refuses per request what
             // the client lacks), so tools server-everything lists only for a capability this
             // client did not declare (v1: URL-mode elicitation) may be listed through conductor.
-            let (direct_tools, mut through_tools) =
-                (strip(&direct["tools"]), strip(&through["tools"]));
+            let (direct_tools, mut through_tools) = (
+                super::support::everything_names(&direct["tools"]),
+                super::support::everything_names(&through["tools"]),
+            );
             through_tools.retain(|name| {
                 direct_tools.contains(name)
                     || !super::support::EVERYTHING_CAPABILITY_GATED.contains(&name.as_str())

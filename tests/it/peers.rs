@@ -821,32 +821,13 @@ async fn the_python_client_sees_server_everything_the_same_directly_and_through_
     ));
     // A client that answers sampling, elicitation and roots: server-everything offers the
     // tools that ask only to such a client, and conductor offers it every capability.
-    let answering = [
-        "--sampling-reply",
-        "a sample",
-        "--elicit-accept",
-        r#"{"name": "Ada"}"#,
-        "--roots",
-        "file:///work/notes",
-    ];
+    let answering = super::support::ANSWERING;
     let calls = [
         ("echo", r#"{"message": "hi"}"#),
         ("get-sum", r#"{"a": 2, "b": 40}"#),
         ("get-structured-content", r#"{"location": "Chicago"}"#),
         ("get-annotated-message", r#"{"messageType": "success"}"#),
     ];
-    let strip = |names: &Value| -> Vec<String> {
-        let mut names: Vec<String> = names
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .filter(|name| *name != "orchestrate")
-            .map(|name| name.trim_start_matches("everything__").to_owned())
-            .collect();
-        names.sort();
-        names
-    };
     for mode in ["legacy", "auto"] {
         for (tool, args) in calls {
             let mut direct_options = vec!["--mode", mode, "--call", tool, "--args", args];
@@ -860,8 +841,8 @@ async fn the_python_client_sees_server_everything_the_same_directly_and_through_
             assert_eq!(direct["call"], through["call"], "{what}");
             for list in ["tools", "prompts", "resources"] {
                 assert_eq!(
-                    strip(&direct[list]),
-                    strip(&through[list]),
+                    super::support::everything_names(&direct[list]),
+                    super::support::everything_names(&through[list]),
                     "{what}: {list}"
                 );
             }

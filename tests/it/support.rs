@@ -615,3 +615,29 @@ pub const EVERYTHING_CAPABILITY_GATED: [&str; 4] = [
     "trigger-url-elicitation",
     "get-roots-list",
 ];
+
+/// Options that make a client script (`py_client.py`, `node_client.mjs`) declare sampling,
+/// elicitation and roots and answer them, so server-everything offers the tools that ask.
+pub const ANSWERING: [&str; 6] = [
+    "--sampling-reply",
+    "a sample",
+    "--elicit-accept",
+    r#"{"name": "Ada"}"#,
+    "--roots",
+    "file:///work/notes",
+];
+
+/// The tool names a client script listed of server-everything, sorted, without conductor's
+/// prefix and its own `orchestrate`: what it lists directly and through conductor alike.
+pub fn everything_names(names: &serde_json::Value) -> Vec<String> {
+    let mut names: Vec<String> = names
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_str)
+        .filter(|name| *name != "orchestrate")
+        .map(|name| name.trim_start_matches("everything__").to_owned())
+        .collect();
+    names.sort();
+    names
+}
