@@ -185,13 +185,8 @@ impl Relay {
             .map(|entry| entry.origin.clone())
     }
 
-    /// The client a connection's log messages go to: as [`Relay::asker_of`] says, or none.
-    pub fn client_of(&self, connection: ConnectionId, own_child: bool) -> Option<Peer<RoleServer>> {
-        self.origin_of(connection, own_child)
-            .map(|origin| origin.peer)
-    }
-
-    /// The client's request a downstream's notification belongs to, when it can be told.
+    /// The client's request a downstream's notification (a log message) belongs to, as
+    /// [`Relay::asker_of`] says, or none.
     pub fn origin_of(&self, connection: ConnectionId, own_child: bool) -> Option<Origin> {
         self.asker_of(connection, None, own_child).ok()
     }
