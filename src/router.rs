@@ -30,13 +30,14 @@ use rmcp::model::{
     Task, TaskPayload, UpdateTaskParams, UpdateTaskRequest,
 };
 use rmcp::service::{Peer, PeerRequestOptions, RoleClient, RoleServer, ServiceError};
+use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::{self, Asks};
 use crate::catalog::ResourceRoute;
 use crate::config::{Isolation, ServerName, ServerSpec, format_duration};
-use crate::downstream::{Connection, Heard, Reply, TextLane};
+use crate::downstream::{Connection, Heard, Reply, SentCall, TextLane};
 use crate::registry::{Registry, Session};
 use crate::relay::{self, InCall, Logs, Origin, ProgressTo, UpdateTarget};
 use crate::retry::FailureKind;
@@ -274,6 +275,8 @@ enum Outgoing {
     ToolCall {
         name: String,
         arguments: Option<Arc<RawValue>>,
+        /// The tool requires a task (see [`crate::catalog::ToolEntry::requires_task`]).
+        as_task: bool,
     },
 }
 
@@ -424,10 +427,16 @@ impl Router {
                 .map(|spec| spec.timeout_for(&entry.original))
         });
         let name = entry.original.clone();
+        let as_task = entry.requires_task();
         let outgoing = match call {
-            ToolCall::Text { arguments, .. } => Outgoing::ToolCall { name, arguments },
+            ToolCall::Text { arguments, .. } => Outgoing::ToolCall {
+                name,
+                arguments,
+                as_task,
+            },
             ToolCall::Params(params) if is_plain(&params) => Outgoing::ToolCall {
                 name,
+                as_task,
                 arguments: match &params.arguments {
                     Some(arguments) => Some(
                         serde_json::value::to_raw_value(arguments)
@@ -889,14 +898,20 @@ impl Router {
         let request = match request {
             Outgoing::Request(request) => *request,
             // rmcp's progress-reset timeouts need rmcp's own requests.
-            Outgoing::ToolCall { name, arguments } => {
+            Outgoing::ToolCall {
+                name,
+                arguments,
+                as_task,
+            } => {
                 let call = TextCall {
                     name: &name,
                     arguments: arguments.as_deref(),
+                    as_task,
                 };
-                // rmcp's progress-reset timeouts need rmcp's own requests.
+                // rmcp's progress-reset timeouts need rmcp's own requests; a task only the
+                // lane can ask for.
                 if let Some(lane) = connection.text_lane()
-                    && !spec.timeout_resets_on_progress
+                    && (as_task || !spec.timeout_resets_on_progress)
                 {
                     return self
                         .exchange_text(connection, lane, spec, &what, call, timeout, caller)
@@ -1171,9 +1186,8 @@ impl Router {
         timeout: Option<Duration>,
         caller: &Caller,
     ) -> Result<Answer, CallError> {
-        let server = &spec.name;
         let closed = || CallError::Closed {
-            server: server.clone(),
+            server: spec.name.clone(),
             what: what.to_owned(),
         };
         let timeout = timeout.unwrap_or(spec.call_timeout);
@@ -1182,14 +1196,93 @@ impl Router {
         // progress comes back on the lane, in order, and goes out here before the answer.
         let _in_call = self.register(connection, caller);
         let mut sent = lane
-            .call(call.name, call.arguments, progress)
+            .call(call.name, call.arguments, progress, call.as_task)
             .await
             .map_err(|_| closed())?;
+        // One deadline for the call and the task it makes.
         let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let answer = self
+            .hear(
+                connection,
+                spec,
+                what,
+                &mut sent,
+                deadline.as_mut(),
+                timeout,
+                caller,
+            )
+            .await?;
+        drop(sent);
+        if call.as_task
+            && let Answer::ToolResult(text) = &answer
+            && let Some(task_id) = made_task_id(text)
+        {
+            // `tasks/result` answers when the task ends; what the task asks for meanwhile
+            // comes on it, and goes to this call's client as the call's own would.
+            let params = serde_json::json!({ "taskId": task_id });
+            let mut sent = lane
+                .request("tasks/result", &params)
+                .await
+                .map_err(|_| closed())?;
+            let outcome = self
+                .hear(
+                    connection,
+                    spec,
+                    what,
+                    &mut sent,
+                    deadline.as_mut(),
+                    timeout,
+                    caller,
+                )
+                .await;
+            if let Err(CallError::Cancelled | CallError::Timeout { .. }) = outcome {
+                // Its answer is not awaited: dropping the request forgets it.
+                drop(lane.request("tasks/cancel", &params).await);
+            }
+            return outcome;
+        }
+        match answer {
+            Answer::ToolResult(text) if makes_task(&text) => {
+                Box::pin(self.follow_made_task(
+                    connection,
+                    spec,
+                    what,
+                    &text,
+                    Some(timeout),
+                    caller,
+                ))
+                .await
+            }
+            answer => Ok(answer),
+        }
+    }
+
+    /// A lane request's answer, passing its progress on; cancelled with the caller, or when
+    /// `deadline` passes, with the server told.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "exchange_text's, and the request"
+    )]
+    async fn hear(
+        &self,
+        connection: &Connection,
+        spec: &ServerSpec,
+        what: &str,
+        sent: &mut SentCall<'_>,
+        mut deadline: std::pin::Pin<&mut tokio::time::Sleep>,
+        timeout: Duration,
+        caller: &Caller,
+    ) -> Result<Answer, CallError> {
+        let server = &spec.name;
+        let closed = || CallError::Closed {
+            server: server.clone(),
+            what: what.to_owned(),
+        };
         let ended = connection.ended();
         let cancelled = caller.cancel.cancelled();
-        tokio::pin!(deadline, ended, cancelled);
-        let outcome = loop {
+        tokio::pin!(ended, cancelled);
+        loop {
             let heard = tokio::select! {
                 biased;
                 heard = sent.next() => heard,
@@ -1222,22 +1315,29 @@ impl Router {
                 }),
                 Heard::Reply(None) => Err(closed()),
             };
-        };
-        match outcome? {
-            Answer::ToolResult(text) if makes_task(&text) => {
-                Box::pin(self.follow_made_task(
-                    connection,
-                    spec,
-                    what,
-                    &text,
-                    Some(timeout),
-                    caller,
-                ))
-                .await
-            }
-            answer => Ok(answer),
         }
     }
+}
+
+/// The id of the task a call made in the tasks of 2025-11-25 (`{"task": {"taskId": ...}}`,
+/// no `resultType`), if the result is one.
+fn made_task_id(result: &RawValue) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Created {
+        task: Made,
+        #[serde(rename = "resultType", default)]
+        result_type: Option<IgnoredAny>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Made {
+        #[serde(rename = "taskId")]
+        task_id: String,
+    }
+    let created: Created = serde_json::from_str(result.get()).ok()?;
+    created
+        .result_type
+        .is_none()
+        .then_some(created.task.task_id)
 }
 
 /// Whether a tool call's result (as text) is something other than the call's result: a task
@@ -1269,6 +1369,8 @@ fn makes_task(result: &RawValue) -> bool {
 struct TextCall<'a> {
     name: &'a str,
     arguments: Option<&'a RawValue>,
+    /// Made a task of at the server (the tool requires it).
+    as_task: bool,
 }
 
 /// Tell a server that a request it was sent is no longer awaited.

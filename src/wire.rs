@@ -131,6 +131,11 @@ pub trait Tap: Send + Sync + 'static {
     /// A message over [`MAX_LINE`] was dropped; `head` is its beginning, where its id
     /// usually is.
     fn too_long(&self, _head: &[u8]) {}
+
+    /// What rmcp writes, one message, before it goes out: the tap may rewrite it.
+    fn sending(&self, line: Vec<u8>) -> Vec<u8> {
+        line
+    }
 }
 
 /// A tap that takes nothing.
@@ -268,9 +273,11 @@ impl<Role: ServiceRole, R: AsyncRead + Send + Unpin + 'static> Transport<Role>
         item: TxJsonRpcMessage<Role>,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
         let writer = self.writer.clone();
+        let line = serde_json::to_vec(&item).map(|line| self.tap.sending(line));
         async move {
-            let line = serde_json::to_vec(&item).map_err(std::io::Error::other)?;
-            writer.write_line(line).await
+            writer
+                .write_line(line.map_err(std::io::Error::other)?)
+                .await
         }
     }
 

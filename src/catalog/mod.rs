@@ -24,6 +24,9 @@ pub struct Listing {
     pub prompts: Vec<Prompt>,
     pub resources: Vec<Resource>,
     pub templates: Vec<ResourceTemplate>,
+    /// Each tool's `execution` (how it takes tasks, 2025-11-25), by its own name, where the
+    /// server gave one; rmcp's `Tool` has no place for it.
+    pub executions: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// A tool as offered, and where it comes from.
@@ -35,11 +38,23 @@ pub struct ToolEntry {
     pub server: ServerName,
     /// The downstream's own name for it.
     pub original: String,
+    /// Its `execution`, as the downstream gave it (see [`Listing::executions`]).
+    pub execution: Option<serde_json::Value>,
     /// Its `inputSchema`, compiled when a workflow first checks a step against it.
     input_validator: CompiledSchema,
 }
 
 impl ToolEntry {
+    /// Whether the downstream takes calls of this tool only as tasks (2025-11-25:
+    /// `execution.taskSupport` is `required`).
+    pub fn requires_task(&self) -> bool {
+        self.execution
+            .as_ref()
+            .and_then(|execution| execution.get("taskSupport"))
+            .and_then(serde_json::Value::as_str)
+            == Some("required")
+    }
+
     /// The tool's compiled `inputSchema`; `None` when it does not compile. Kept with the
     /// catalog: compiling one takes longer than running a short workflow, and the schema
     /// changes only with the catalog.
@@ -252,6 +267,7 @@ impl Catalog {
             self.tools.push(ToolEntry {
                 tool: offered,
                 server: spec.name.clone(),
+                execution: listing.executions.get(&original).cloned(),
                 original,
                 input_validator: CompiledSchema::default(),
             });

@@ -44,6 +44,8 @@ pub struct TextLane {
     writer: Writer,
     pending: Mutex<HashMap<u64, Pending>>,
     next: AtomicU64,
+    /// Tools' `execution`, by name, from `tools/list` answers (see [`TextLane::take_executions`]).
+    executions: Mutex<HashMap<String, serde_json::Value>>,
 }
 
 /// Where what the tap takes for a call goes. Most calls hear only their answer, so a call
@@ -125,29 +127,22 @@ impl TextLane {
             writer,
             pending: Mutex::default(),
             next: AtomicU64::new(1),
+            executions: Mutex::default(),
         }
     }
 
     /// Write `tools/call` of `name` with `arguments` (an object's text) to the child. With
-    /// `progress`, the request's id is its progress token too.
+    /// `progress`, the request's id is its progress token too; `as_task` asks the server to
+    /// make a task of it (tasks of 2025-11-25, for a tool whose `execution` requires one).
     pub async fn call(
         &self,
         name: &str,
         arguments: Option<&RawValue>,
         progress: bool,
+        as_task: bool,
     ) -> std::io::Result<SentCall<'_>> {
         use std::io::Write;
-        let number = self.next.fetch_add(1, Ordering::Relaxed);
-        let (first, hearing) = oneshot::channel();
-        if let Ok(mut pending) = self.pending.lock() {
-            pending.insert(number, Pending::Waiting { first, progress });
-        }
-        // Registered before it is written: the answer may come before the write returns.
-        let sent = SentCall {
-            lane: self,
-            number,
-            hearing: Hearing::First(hearing),
-        };
+        let (number, sent) = self.register(progress);
         let arguments = arguments.map_or("{}", RawValue::get);
         // The whole line, with room for two ids, the name's escapes and the newline.
         let mut line = Vec::with_capacity(180 + name.len() + arguments.len());
@@ -162,9 +157,80 @@ impl TextLane {
             write!(line, "{ID_START}{number}")?;
             line.extend_from_slice(b"\"}");
         }
+        if as_task {
+            line.extend_from_slice(b",\"task\":{}");
+        }
         line.extend_from_slice(b"}}");
         self.writer.write_line(line).await?;
         Ok(sent)
+    }
+
+    /// Write another request to the child (`tasks/result` of a task a call made, say), its
+    /// answer taken back as a call's is.
+    pub async fn request(
+        &self,
+        method: &str,
+        params: &serde_json::Value,
+    ) -> std::io::Result<SentCall<'_>> {
+        let (number, sent) = self.register(false);
+        let line = serde_json::to_vec(&serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": format!("{ID_START}{number}"),
+            "method": method,
+            "params": params,
+        }))
+        .map_err(std::io::Error::other)?;
+        self.writer.write_line(line).await?;
+        Ok(sent)
+    }
+
+    /// A new request's number, waited for before it is written: the answer may come
+    /// before the write returns.
+    fn register(&self, progress: bool) -> (u64, SentCall<'_>) {
+        let number = self.next.fetch_add(1, Ordering::Relaxed);
+        let (first, hearing) = oneshot::channel();
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.insert(number, Pending::Waiting { first, progress });
+        }
+        let sent = SentCall {
+            lane: self,
+            number,
+            hearing: Hearing::First(hearing),
+        };
+        (number, sent)
+    }
+
+    /// What the server's last `tools/list` answers said of each tool's `execution` (tasks
+    /// of 2025-11-25), which rmcp's `Tool` does not keep; forgotten as it is read.
+    pub fn take_executions(&self) -> HashMap<String, serde_json::Value> {
+        self.executions
+            .lock()
+            .map(|mut executions| std::mem::take(&mut *executions))
+            .unwrap_or_default()
+    }
+
+    /// Keep the `execution` of each tool in a `tools/list` answer, if the line is one.
+    fn note_executions(&self, result: &RawValue) {
+        #[derive(serde::Deserialize)]
+        struct Page {
+            tools: Vec<Listed>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Listed {
+            name: String,
+            #[serde(default)]
+            execution: Option<serde_json::Value>,
+        }
+        let Ok(page) = serde_json::from_str::<Page>(result.get()) else {
+            return;
+        };
+        if let Ok(mut executions) = self.executions.lock() {
+            for tool in page.tools {
+                if let Some(execution) = tool.execution {
+                    executions.insert(tool.name, execution);
+                }
+            }
+        }
     }
 
     /// The number of a lane id (`cd-12`), if it is one.
@@ -240,7 +306,16 @@ impl Tap for TextLane {
         // Most lines are not the lane's: skip the parse for them.
         // Built once: a finder's set-up costs more than searching a short line.
         static LANE_ID: LazyLock<Finder> = LazyLock::new(|| Finder::new(ID_PREFIX.as_bytes()));
+        static EXECUTION: LazyLock<Finder> = LazyLock::new(|| Finder::new(b"\"execution\""));
         if LANE_ID.find(line.as_bytes()).is_none() {
+            // rmcp's listing of tools that say how they run: noted, and left to rmcp.
+            if EXECUTION.find(line.as_bytes()).is_some()
+                && let Some(peek) = Peek::of(line)
+                && peek.method.is_none()
+                && let Some(result) = peek.result
+            {
+                self.note_executions(result);
+            }
             return false;
         }
         let Some(peek) = Peek::of(line) else {
@@ -322,7 +397,10 @@ mod tests {
         let (_, write) = tokio::io::split(ours);
         let lane = TextLane::new(Writer::new(write));
         let arguments = RawValue::from_string(r#"{"text": "hi"}"#.to_owned()).unwrap();
-        let mut sent = lane.call("echo", Some(&arguments), true).await.unwrap();
+        let mut sent = lane
+            .call("echo", Some(&arguments), true, false)
+            .await
+            .unwrap();
         let mut written = String::new();
         let mut theirs = tokio::io::BufReader::new(theirs);
         tokio::io::AsyncBufReadExt::read_line(&mut theirs, &mut written)
@@ -360,8 +438,8 @@ mod tests {
         let (ours, _theirs) = tokio::io::duplex(4096);
         let (_, write) = tokio::io::split(ours);
         let lane = TextLane::new(Writer::new(write));
-        let mut quiet = lane.call("echo", None, false).await.unwrap();
-        let mut sent = lane.call("echo", None, true).await.unwrap();
+        let mut quiet = lane.call("echo", None, false, false).await.unwrap();
+        let mut sent = lane.call("echo", None, true, false).await.unwrap();
         let progress = |id: &str, n: u32| {
             format!(
                 r#"{{"jsonrpc":"2.0","method":"notifications/progress","params":{{"progressToken":"{id}","progress":{n}}}}}"#
@@ -398,7 +476,7 @@ mod tests {
         let (ours, _theirs) = tokio::io::duplex(4096);
         let (_, write) = tokio::io::split(ours);
         let lane = TextLane::new(Writer::new(write));
-        let mut sent = lane.call("echo", None, false).await.unwrap();
+        let mut sent = lane.call("echo", None, false, false).await.unwrap();
         lane.ended().await;
         assert!(sent.answer().await.is_none());
     }

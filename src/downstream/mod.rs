@@ -293,9 +293,18 @@ impl Connection {
         let hint = match kind {
             _ if !self.offers(kind) => CacheHint::default(),
             ListKind::Tools => {
+                // What rmcp's `Tool` drops of the answers, the lane notes as they pass.
+                if let Some(lane) = &self.lane {
+                    lane.take_executions();
+                }
                 let list = self.peer.list_all_tools_with_cache_hint().await;
                 let (tools, hint) = tolerate_missing("tools", list)?;
                 listing.tools = tools;
+                listing.executions = self
+                    .lane
+                    .as_ref()
+                    .map(|lane| lane.take_executions().into_iter().collect())
+                    .unwrap_or_default();
                 hint
             }
             ListKind::Prompts => {

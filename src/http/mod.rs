@@ -446,7 +446,52 @@ async fn check_post(State(shared): State<Arc<Shared>>, request: Request, next: N
     if response.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE && sent_as_json {
         return refusal_response(&kept);
     }
+    if initialize && response.status() == StatusCode::OK {
+        return offer_tasks(response).await;
+    }
     response
+}
+
+/// rmcp's answer to `initialize`, with the `tasks` capability conductor has for clients of
+/// 2025-11-25, which rmcp's types cannot say (see [`crate::server::offer_in_initialize`]).
+/// The answer is one message, as JSON or as one event of a stream that then ends.
+async fn offer_tasks(response: Response) -> Response {
+    /// More than any answer to `initialize`.
+    const MOST: usize = 1024 * 1024;
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = to_bytes(body, MOST).await else {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the answer to initialize was lost",
+        )
+            .into_response();
+    };
+    let offered = match crate::server::offer_in_initialize(&bytes) {
+        Some(offered) => Some(offered),
+        // A stream: the message is an event's `data` line.
+        None => std::str::from_utf8(&bytes).ok().and_then(|text| {
+            let mut changed = false;
+            let lines: Vec<String> = text
+                .split('\n')
+                .map(|line| {
+                    let offered = line.strip_prefix("data:").and_then(|data| {
+                        crate::server::offer_in_initialize(data.trim_start().as_bytes())
+                    });
+                    match offered.and_then(|offered| String::from_utf8(offered).ok()) {
+                        Some(offered) => {
+                            changed = true;
+                            format!("data: {offered}")
+                        }
+                        None => line.to_owned(),
+                    }
+                })
+                .collect();
+            changed.then(|| lines.join("\n").into_bytes())
+        }),
+    };
+    let bytes = offered.map_or(bytes, axum::body::Bytes::from);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(bytes))
 }
 
 /// A JSON-RPC error for a body no MCP type takes (see [`crate::wire::refusal`]): with the

@@ -27,6 +27,7 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::tasks::{self, ClientTasks};
 use super::{
     ConductorServer, PAGE_SIZE, ProgressTarget, bridged, forward_call, list_cache_hint,
     listed_tools, page_offset, run_workflow_call, tool_response,
@@ -110,6 +111,8 @@ pub struct Front {
     /// A 2026-07-28 session, begun without `initialize`: each request names its protocol
     /// version and the client's capabilities in its `_meta`.
     per_request: Option<PerRequest>,
+    /// The tasks this session's client made of its calls (2025-11-25).
+    tasks: ClientTasks,
 }
 
 /// What a 2026-07-28 session's requests carry, read once: clients send the same
@@ -171,8 +174,15 @@ impl ToolPages {
         let ServerResult::ListToolsResult(all) = all else {
             return None;
         };
-        let pages = all
+        // With each downstream tool's `execution`, which rmcp's `Tool` has no place for.
+        let executions = catalog.tools().iter().map(|entry| entry.execution.as_ref());
+        let listed: Vec<Listed> = all
             .tools
+            .iter()
+            .zip(executions.chain(std::iter::repeat(None)))
+            .map(|(tool, execution)| Listed { tool, execution })
+            .collect();
+        let pages = listed
             .chunks(PAGE_SIZE)
             .map(|page| serde_json::value::to_raw_value(page).ok())
             .collect::<Option<Vec<_>>>()?;
@@ -184,6 +194,15 @@ impl ToolPages {
         *kept = Some(rendered.clone());
         Some(rendered)
     }
+}
+
+/// A listed tool, as rmcp writes it, with the `execution` its downstream gave.
+#[derive(Serialize)]
+struct Listed<'a> {
+    #[serde(flatten)]
+    tool: &'a rmcp::model::Tool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    execution: Option<&'a serde_json::Value>,
 }
 
 /// A `tools/list` request as clients send it.
@@ -242,6 +261,35 @@ struct PlainParams<'a> {
     arguments: Option<&'a RawValue>,
     #[serde(borrow, rename = "_meta", default)]
     meta: Option<Meta<'a>>,
+    /// Asks for the call to be made a task (2025-11-25).
+    #[serde(default)]
+    task: Option<TaskParams>,
+}
+
+#[derive(Deserialize)]
+struct TaskParams {
+    /// How long the client wants the task kept, in milliseconds.
+    #[serde(default)]
+    ttl: Option<u64>,
+}
+
+/// A `tasks/*` request of a client before 2026-07-28.
+#[derive(Deserialize)]
+struct TaskRequest<'a> {
+    #[serde(borrow)]
+    id: &'a RawValue,
+    #[serde(borrow)]
+    method: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    params: Option<TaskRequestParams>,
+}
+
+#[derive(Deserialize)]
+struct TaskRequestParams {
+    #[serde(rename = "taskId", default)]
+    task_id: Option<String>,
+    #[serde(default)]
+    cursor: Option<String>,
 }
 
 /// Of a request's `_meta`, what conductor acts on; the rest is not passed on (as rmcp's own
@@ -324,6 +372,7 @@ impl Front {
             calls: Mutex::default(),
             pages,
             per_request,
+            tasks: ClientTasks::default(),
         }
     }
 
@@ -340,9 +389,11 @@ impl Front {
         static CANCEL: LazyLock<Finder> =
             LazyLock::new(|| Finder::new(b"\"notifications/cancelled\""));
         static LIST: LazyLock<Finder> = LazyLock::new(|| Finder::new(b"\"tools/list\""));
+        static TASKS: LazyLock<Finder> = LazyLock::new(|| Finder::new(b"\"tasks/"));
         CALL.find(message).is_some()
             || CANCEL.find(message).is_some()
             || LIST.find(message).is_some()
+            || TASKS.find(message).is_some()
     }
 
     /// Take a plain call of a tool (a downstream's, `orchestrate` or a saved workflow): the
@@ -355,7 +406,9 @@ impl Front {
         progress_to: Option<ProgressTo>,
     ) -> Option<futures::future::BoxFuture<'static, Option<Vec<u8>>>> {
         // One pass over the message: anything but a plain call fails to parse.
-        let PlainCall { id, method, params } = serde_json::from_str(message).ok()?;
+        let Ok(PlainCall { id, method, params }) = serde_json::from_str(message) else {
+            return self.take_task_request(message);
+        };
         let id_text = id;
         let id: RequestId = wire::request_id(id)?;
         if method != "tools/call" || !params.arguments.is_none_or(wire::is_object) {
@@ -367,6 +420,30 @@ impl Front {
             (Target::Downstream, _) | (_, None) => JsonObject::new(),
             (_, Some(arguments)) => serde_json::from_str(arguments.get()).ok()?,
         };
+        if let Some(task) = params.task {
+            // A 2026-07-28 client's tasks are rmcp's (the tasks extension).
+            if self.per_request.is_some() {
+                return None;
+            }
+            let call = PendingCall {
+                target,
+                name: params.name.into_owned(),
+                arguments: params
+                    .arguments
+                    .map(|arguments| Arc::from(arguments.to_owned())),
+                workflow_arguments,
+                progress_token,
+                caller,
+            };
+            let front = self.clone();
+            let created = self
+                .tasks
+                .start(task.ttl, move |cancel| call.outcome(front, cancel));
+            let answer = serde_json::value::to_raw_value(&created)
+                .ok()
+                .map(|created| wire::response_line(id_text, &created));
+            return Some(Box::pin(std::future::ready(answer)));
+        }
         let cancel = CancellationToken::new();
         if let Ok(mut calls) = self.calls.lock() {
             calls.insert(id.clone(), cancel.clone());
@@ -413,6 +490,58 @@ impl Front {
                     cancel,
                 )))
             }
+        }
+    }
+
+    /// Answer a `tasks/*` request of a client before 2026-07-28 about the tasks it made of
+    /// its calls. `None` for anything else.
+    fn take_task_request(
+        &self,
+        message: &str,
+    ) -> Option<futures::future::BoxFuture<'static, Option<Vec<u8>>>> {
+        if self.per_request.is_some() {
+            return None;
+        }
+        let TaskRequest { id, method, params } = serde_json::from_str(message).ok()?;
+        let id_text: Box<RawValue> = id.to_owned();
+        let id = wire::request_id(id)?;
+        let params = params.unwrap_or(TaskRequestParams {
+            task_id: None,
+            cursor: None,
+        });
+        let task_id = || {
+            params.task_id.clone().ok_or_else(|| {
+                McpError::invalid_params(format!("`{method}` needs a `taskId`"), None)
+            })
+        };
+        let answer = move |outcome: Result<Box<RawValue>, McpError>| match outcome {
+            Ok(result) => Some(wire::response_line(&id_text, &result)),
+            Err(error) => {
+                serde_json::to_vec(&ServerJsonRpcMessage::error(error, Some(id.clone()))).ok()
+            }
+        };
+        let value = |result: Result<serde_json::Value, McpError>| {
+            result.and_then(|value| {
+                serde_json::value::to_raw_value(&value)
+                    .map_err(|error| McpError::internal_error(error.to_string(), None))
+            })
+        };
+        let now = |outcome| Some(Box::pin(std::future::ready(answer(outcome))) as _);
+        match &*method {
+            "tasks/get" => now(value(task_id().and_then(|task| self.tasks.get(&task)))),
+            "tasks/list" => now(value(self.tasks.list(params.cursor.as_deref()))),
+            "tasks/cancel" => now(value(task_id().and_then(|task| self.tasks.cancel(&task)))),
+            "tasks/result" => {
+                let waiting = task_id().map(|task| self.tasks.result(&task));
+                Some(Box::pin(async move {
+                    let outcome = match waiting {
+                        Ok(waiting) => waiting.await,
+                        Err(error) => Err(error),
+                    };
+                    answer(outcome)
+                }))
+            }
+            _ => None,
         }
     }
 
@@ -520,6 +649,69 @@ impl Front {
             return Some(Target::Workflow(Some(config)));
         }
         registry.catalog().tool(name).map(|_| Target::Downstream)
+    }
+}
+
+/// A call made a task of, to be run once the task is answered.
+struct PendingCall {
+    target: Target,
+    name: String,
+    arguments: Option<Arc<RawValue>>,
+    workflow_arguments: JsonObject,
+    progress_token: Option<ProgressToken>,
+    caller: Caller,
+}
+
+impl PendingCall {
+    /// Run the call as a task's, cancelled with it: what its client gets from
+    /// `tasks/result`, shaped as for a client before 2026-07-28. Its progress goes to the
+    /// client's session, as the call's own answer has gone already.
+    async fn outcome(self, front: Arc<Front>, cancel: CancellationToken) -> tasks::Outcome {
+        let response = match self.target {
+            Target::Downstream => {
+                let call = ToolCall::Text {
+                    name: self.name,
+                    arguments: self.arguments,
+                };
+                let caller = Caller {
+                    cancel,
+                    progress_token: self.progress_token,
+                    ..self.caller
+                };
+                match forward_call(&front.router, call, &caller).await {
+                    Ok(Answer::ToolResult(result)) => return Ok(result),
+                    outcome => tool_response(outcome.and_then(Answer::into_result)),
+                }
+            }
+            Target::Workflow(config) => {
+                let saved = config
+                    .as_ref()
+                    .and_then(|config| Some((config, saved::find(config, &self.name)?)));
+                let progress =
+                    self.progress_token
+                        .zip(front.caller.client.clone())
+                        .map(|(token, peer)| ProgressTarget {
+                            peer,
+                            token,
+                            progress_to: None,
+                        });
+                let result = run_workflow_call(
+                    &front.router,
+                    &front.orchestrator,
+                    saved,
+                    self.workflow_arguments,
+                    progress,
+                    cancel,
+                )
+                .await;
+                Ok(CallToolResponse::Complete(result))
+            }
+        };
+        let mut result = ServerResult::from(response?);
+        result.strip_result_type_for_legacy_peer();
+        result.strip_non_object_output_for_legacy_peer();
+        serde_json::value::to_raw_value(&result)
+            .map_err(|error| McpError::internal_error(error.to_string(), None))
     }
 }
 
@@ -693,6 +885,17 @@ impl Tap for StdioTap {
             return true;
         }
         front.take_cancel(line)
+    }
+
+    fn sending(&self, line: Vec<u8>) -> Vec<u8> {
+        // Until the handshake is done: rmcp's answer to `initialize` cannot say that
+        // conductor takes tasks (2025-11-25), which it does for such clients.
+        if self.front.get().is_none()
+            && let Some(offered) = tasks::offer_in_initialize(&line)
+        {
+            return offered;
+        }
+        line
     }
 
     fn ended(&self) -> BoxFuture {

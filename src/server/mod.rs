@@ -41,7 +41,9 @@ use crate::retry::Retry;
 use crate::router::{Answer, CallError, Caller, Router, ToolCall};
 
 mod front;
+mod tasks;
 pub use front::{Front, Fronts, serve_stdio};
+pub use tasks::offer_in_initialize;
 
 /// One client session's view of conductor.
 #[derive(Debug, Clone)]

@@ -839,17 +839,31 @@ async fn server_everything_asks_the_typescript_clients_through_conductor() {
 
 /// `initialize` and `notifications/initialized` by hand; the session's headers.
 async fn raw_session(server: &HttpConductor) -> [(&'static str, String); 2] {
-    let (_, headers, _) = post(&server.mcp(), &initialize().to_string(), &[]).await;
+    raw_session_of(server, "2025-06-18").await.0
+}
+
+/// The same on protocol `version`; also the answer to `initialize`.
+async fn raw_session_of(
+    server: &HttpConductor,
+    version: &str,
+) -> ([(&'static str, String); 2], Value) {
+    let mut initialize = initialize();
+    initialize["params"]["protocolVersion"] = json!(version);
+    let (_, headers, body) = post(&server.mcp(), &initialize.to_string(), &[]).await;
+    let answer = sse_messages(&body)
+        .pop()
+        .or_else(|| serde_json::from_str(&body).ok())
+        .expect("an answer to initialize");
     let session = [
         (
             "mcp-session-id",
             headers["mcp-session-id"].to_str().unwrap().to_owned(),
         ),
-        ("mcp-protocol-version", "2025-06-18".to_owned()),
+        ("mcp-protocol-version", version.to_owned()),
     ];
     let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
     post(&server.mcp(), &initialized.to_string(), &borrowed(&session)).await;
-    session
+    (session, answer)
 }
 
 fn borrowed<'a>(headers: &'a [(&'static str, String); 2]) -> [(&'static str, &'a str); 2] {
@@ -1393,4 +1407,256 @@ async fn readiness_recovers_when_a_circuit_cools_down_without_traffic() {
     tokio::time::sleep(std::time::Duration::from_millis(900)).await;
     let response = reqwest::get(&readyz).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK, "no call since the trip");
+}
+
+/// One request of a raw session, answered as JSON or as a stream: the answer.
+async fn request(
+    server: &HttpConductor,
+    session: &[(&'static str, String); 2],
+    message: Value,
+) -> Value {
+    let (status, _, body) = post(&server.mcp(), &message.to_string(), &borrowed(session)).await;
+    assert_eq!(status, StatusCode::OK, "{message}: {body}");
+    sse_messages(&body)
+        .pop()
+        .or_else(|| serde_json::from_str(&body).ok())
+        .unwrap_or_else(|| panic!("no answer to {message}: {body}"))
+}
+
+/// A client of 2025-11-25 is offered tasks, makes a task of any tool call, follows it with
+/// `tasks/get`, `tasks/list` and `tasks/result`, and cancels one with `tasks/cancel`, which
+/// cancels the call downstream. Another session's client cannot see or touch those tasks;
+/// a client of an older version is not offered them.
+#[tokio::test]
+async fn clients_make_tasks_of_calls_and_only_their_session_sees_them() {
+    let config = TestConfig::slow_fixture("", "");
+    let server = HttpConductor::start(&config).await;
+    let (older, initialized) = raw_session_of(&server, "2025-06-18").await;
+    assert!(
+        initialized["result"]["capabilities"].get("tasks").is_none(),
+        "{initialized}"
+    );
+    let (mine, initialized) = raw_session_of(&server, "2025-11-25").await;
+    assert_eq!(
+        initialized["result"]["capabilities"]["tasks"]["requests"]["tools"],
+        json!({"call": {}}),
+        "{initialized}"
+    );
+
+    let call = |id: u64, ms: u64| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+        "params": {"name": "slow__sleep", "arguments": {"ms": ms}, "task": {"ttl": 60000}}})
+    };
+    let tasks = |id: u64, method: &str, task: &Value| {
+        json!({"jsonrpc": "2.0", "id": id,
+        "method": method, "params": {"taskId": task}})
+    };
+
+    let created = request(&server, &mine, call(2, 300)).await;
+    let task = &created["result"]["task"];
+    assert_eq!(task["status"], "working", "{created}");
+    assert_eq!(task["ttl"], 60000);
+    let id = task["taskId"].clone();
+    let got = request(&server, &mine, tasks(3, "tasks/get", &id)).await;
+    assert_eq!(got["result"]["status"], "working", "{got}");
+    let result = request(&server, &mine, tasks(4, "tasks/result", &id)).await;
+    assert_eq!(
+        result["result"]["content"][0]["text"], "slept 300 ms",
+        "{result}"
+    );
+    assert_eq!(
+        result["result"]["_meta"]["io.modelcontextprotocol/related-task"]["taskId"],
+        id
+    );
+    let got = request(&server, &mine, tasks(5, "tasks/get", &id)).await;
+    assert_eq!(got["result"]["status"], "completed", "{got}");
+
+    // Another session's client: no such task, nothing listed.
+    let (theirs, _) = raw_session_of(&server, "2025-11-25").await;
+    for (n, method) in ["tasks/get", "tasks/result", "tasks/cancel"]
+        .into_iter()
+        .enumerate()
+    {
+        let refused = request(&server, &theirs, tasks(10 + n as u64, method, &id)).await;
+        assert_eq!(refused["error"]["code"], -32602, "{method}: {refused}");
+    }
+    let listed = request(
+        &server,
+        &theirs,
+        json!({"jsonrpc": "2.0", "id": 20, "method": "tasks/list"}),
+    )
+    .await;
+    assert_eq!(listed["result"]["tasks"], json!([]), "{listed}");
+    let _ = older;
+
+    // A task cancelled stops its call downstream.
+    let created = request(&server, &mine, call(30, 20000)).await;
+    let long = created["result"]["task"]["taskId"].clone();
+    config.wait_for_recorded("started sleep 20000", 1).await;
+    let listed = request(
+        &server,
+        &mine,
+        json!({"jsonrpc": "2.0", "id": 31, "method": "tasks/list"}),
+    )
+    .await;
+    assert_eq!(
+        listed["result"]["tasks"][0]["taskId"], long,
+        "newest first: {listed}"
+    );
+    assert_eq!(listed["result"]["tasks"][1]["taskId"], id, "{listed}");
+    let cancelled = request(&server, &mine, tasks(32, "tasks/cancel", &long)).await;
+    assert_eq!(cancelled["result"]["status"], "cancelled", "{cancelled}");
+    config.wait_for_recorded("cancelled sleep 20000", 1).await;
+    let result = request(&server, &mine, tasks(33, "tasks/result", &long)).await;
+    assert!(
+        result["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cancelled"),
+        "{result}"
+    );
+}
+
+/// server-everything's `simulate-research-query` takes calls only as tasks. The TypeScript
+/// SDK's task client (`callToolStream`) sees the same through conductor as directly: the
+/// tools' `execution`, the task's course and its result, and the elicitation the task asks
+/// for on the way. A client without tasks gets the tool's result from a plain call too,
+/// where directly it is refused.
+#[tokio::test]
+async fn the_typescript_task_client_sees_tasks_the_same_directly_and_through_conductor() {
+    let everything = super::support::node_server("server-everything");
+    let (_direct, direct_url) = everything_over_http().await;
+    let config = TestConfig::new(&format!(
+        "[servers.everything]\ncommand = \"node\"\nargs = [\"{everything}\"]\n"
+    ));
+    let server = HttpConductor::start(&config).await;
+    let through_url = server.mcp();
+    let task_tools = |seen: &Value| -> Vec<String> {
+        let mut tools: Vec<String> = seen["task_tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|tool| {
+                tool.as_str()
+                    .unwrap()
+                    .trim_start_matches("everything__")
+                    .to_owned()
+            })
+            .filter(|tool| {
+                !super::support::EVERYTHING_CAPABILITY_GATED
+                    .iter()
+                    .any(|gated| tool.starts_with(gated))
+            })
+            .collect();
+        tools.sort();
+        tools
+    };
+    let args = r#"{"topic": "rust"}"#;
+    let (direct, _) = node_client(
+        "v1",
+        &direct_url,
+        &[
+            "--call",
+            "simulate-research-query",
+            "--args",
+            args,
+            "--stream",
+            "1",
+        ],
+    )
+    .await;
+    let (through, _) = node_client(
+        "v1",
+        &through_url,
+        &[
+            "--call",
+            "everything__simulate-research-query",
+            "--args",
+            args,
+            "--stream",
+            "1",
+        ],
+    )
+    .await;
+    assert!(
+        task_tools(&direct).contains(&"simulate-research-query:required".to_owned()),
+        "{direct}"
+    );
+    assert_eq!(task_tools(&direct), task_tools(&through));
+    assert_eq!(
+        direct["stream"],
+        json!([
+            "taskCreated",
+            "taskStatus:working",
+            "taskStatus:completed",
+            "result"
+        ]),
+        "{direct}"
+    );
+    assert_eq!(direct["stream"], through["stream"], "{through}");
+    assert!(
+        direct["call"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("Research Report: rust")
+    );
+    assert_eq!(direct["call"], through["call"]);
+
+    // The task asks for a clarification on the way: through conductor too, answered by the
+    // client, and the result says so. (Directly the task shows `input_required` meanwhile;
+    // through conductor the question comes as a plain request while it shows `working`.)
+    let args = r#"{"topic": "rust", "ambiguous": true}"#;
+    let answer = [
+        "--elicit-accept",
+        r#"{"interpretation": "the language"}"#,
+        "--stream",
+        "1",
+    ];
+    let mut options = vec!["--call", "simulate-research-query", "--args", args];
+    options.extend(answer);
+    let (direct, _) = node_client("v1", &direct_url, &options).await;
+    options[1] = "everything__simulate-research-query";
+    let (through, _) = node_client("v1", &through_url, &options).await;
+    assert_eq!(direct["elicitation"], 1, "{direct}");
+    assert_eq!(through["elicitation"], 1, "{through}");
+    assert!(
+        direct["call"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("rust (the language)"),
+        "{direct}"
+    );
+    assert_eq!(direct["call"], through["call"]);
+
+    // The Python SDK's client makes no tasks: directly the tool refuses it, through conductor
+    // it is answered, conductor having made the task downstream.
+    let python = |url: &str, tool: &str| {
+        let (url, tool) = (url.to_owned(), tool.to_owned());
+        async move {
+            let output = tokio::process::Command::new(super::support::python())
+                .arg(super::support::project_root().join("tests/peers/py_client.py"))
+                .args([
+                    "--mode",
+                    "legacy",
+                    "--call",
+                    &tool,
+                    "--args",
+                    r#"{"topic": "rust"}"#,
+                    "--",
+                    &url,
+                ])
+                .output()
+                .await
+                .unwrap();
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        }
+    };
+    let direct = python(&direct_url, "simulate-research-query").await;
+    assert!(direct.contains("requires task augmentation"), "{direct}");
+    let through = python(&through_url, "everything__simulate-research-query").await;
+    assert!(through.contains("Research Report: rust"), "{through}");
 }

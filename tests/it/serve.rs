@@ -1355,3 +1355,46 @@ async fn a_sessions_own_child_is_offered_only_its_clients_capabilities() {
     );
     assert!(own.get("elicitation").is_none(), "{own}");
 }
+
+/// Over stdio, a client of 2025-11-25 is offered tasks in the answer to `initialize`, and a
+/// call it makes a task of is answered by `tasks/result`; a client of 2025-06-18 is not.
+#[tokio::test]
+async fn a_stdio_client_of_2025_11_25_is_offered_tasks_and_makes_them() {
+    let config = slow_fixture("");
+    for (version, offered) in [("2025-06-18", false), ("2025-11-25", true)] {
+        let mut raw = RawSession::start(&config);
+        raw.send(
+            &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": version, "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "0"}}}),
+        )
+        .await;
+        let initialized = raw.next().await;
+        assert_eq!(
+            initialized["result"]["capabilities"].get("tasks").is_some(),
+            offered,
+            "{version}: {initialized}"
+        );
+        if !offered {
+            continue;
+        }
+        raw.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await;
+        raw.send(
+            &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+            "name": "slow__sleep", "arguments": {"ms": 50}, "task": {}}}),
+        )
+        .await;
+        let created = raw.next().await;
+        let task = created["result"]["task"]["taskId"].clone();
+        assert!(task.is_string(), "{created}");
+        raw.send(&json!({"jsonrpc": "2.0", "id": 2, "method": "tasks/result", "params": {"taskId": task}}))
+            .await;
+        let result = raw.next().await;
+        assert_eq!(result["id"], 2, "{result}");
+        assert_eq!(
+            result["result"]["content"][0]["text"], "slept 50 ms",
+            "{result}"
+        );
+    }
+}

@@ -1,11 +1,14 @@
 // Drive an MCP server with the official TypeScript SDK client (v1 `@modelcontextprotocol/sdk`
 // or v2 `@modelcontextprotocol/client`) and print what it saw as JSON.
 //
-//   node node_client.mjs --sdk v1|v2 [--mode legacy|auto] [--call NAME --args JSON] [--progress] [--token T]
+//   node node_client.mjs --sdk v1|v2 [--mode legacy|auto] [--call NAME --args JSON [--stream 1]] [--progress] [--token T]
 //                        [--sampling-reply TEXT] [--elicit-accept JSON] [--roots URI[,URI]] URL
 //
 // With --sampling-reply, --elicit-accept or --roots the client declares that capability and
 // answers such requests (counted in the output); v2 answers 2026-07-28 input requests with them too.
+//
+// With --stream (v1) the call goes through the SDK's task client, `callToolStream`, and `stream`
+// lists what it yielded (repeated `taskStatus:working` counted once).
 //
 // A URL ending in /sse uses the legacy HTTP+SSE transport; any other, Streamable HTTP.
 // Exits non-zero when a step fails.
@@ -88,7 +91,18 @@ try {
   out.server_name = client.getServerVersion?.()?.name ?? null;
   const tools = await client.listTools();
   out.tools = tools.tools.map((t) => t.name);
-  if (o.call) {
+  out.task_tools = tools.tools.filter((t) => t.execution?.taskSupport).map((t) => `${t.name}:${t.execution.taskSupport}`);
+  if (o.call && o.stream !== undefined) {
+    // v1's task client: a task-augmented call when the server offers tasks and the tool takes
+    // them, then `tasks/get` until it ends and `tasks/result`; every message is recorded.
+    out.stream = [];
+    for await (const message of client.experimental.tasks.callToolStream({ name: o.call, arguments: JSON.parse(o.args) })) {
+      out.stream.push(message.type === "taskStatus" ? `taskStatus:${message.task.status}` : message.type);
+      if (message.type === "result") out.call = { isError: message.result.isError ?? false, content: message.result.content };
+      if (message.type === "error") out.call = { error: String(message.error) };
+    }
+    out.stream = out.stream.filter((type, i, all) => type !== "taskStatus:working" || all[i - 1] !== type);
+  } else if (o.call) {
     const opts = o.progress ? { onprogress: () => { out.progress++; } } : {};
     const result = await s.callTool(client, { name: o.call, arguments: JSON.parse(o.args) }, opts);
     out.call = { isError: result.isError ?? false, content: result.content, structuredContent: result.structuredContent };
