@@ -187,7 +187,7 @@ where
 
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let path = config.path.clone();
-    let registry = Registry::start(config).await;
+    let registry = Registry::launch(config);
     spawn_config_watch(&registry, path);
     let router = Router::new(registry.clone());
     let runs = Arc::new(Runs::new(registry.config().keep_runs));
@@ -230,7 +230,7 @@ async fn serve_http(config: Config, address: std::net::SocketAddr) -> anyhow::Re
         .local_addr()
         .context("the listener has no address")?;
     let path = config.path.clone();
-    let registry = Registry::start(config).await;
+    let registry = Registry::launch(config);
     spawn_config_watch(&registry, path);
     let router = Router::new(registry.clone());
     let runs = Arc::new(Runs::new(registry.config().keep_runs));

@@ -244,6 +244,10 @@ pub struct Registry {
     /// Where what downstreams send back during requests goes.
     relay: Arc<Relay>,
     bridge: Bridge,
+    /// Turns true once every server of the first config has started, or failed to.
+    started: watch::Sender<bool>,
+    /// When the registry began starting its servers, for `list_wait`.
+    launched: Instant,
 }
 
 /// Counts one request in flight until dropped.
@@ -276,6 +280,19 @@ impl Registry {
     /// Connect to every enabled server at once; return when each is ready or has failed, which
     /// takes at most the slowest server's startup timeout.
     pub async fn start(config: Config) -> Arc<Registry> {
+        let registry = Registry::launch(config);
+        let _ = registry
+            .started
+            .subscribe()
+            .wait_for(|started| *started)
+            .await;
+        registry
+    }
+
+    /// Start every enabled server in the background, for `serve`: clients are answered at
+    /// once, and each server's tools join the catalog (and clients hear `list_changed`) as it
+    /// comes up.
+    pub fn launch(config: Config) -> Arc<Registry> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let registry = Arc::new(Registry {
             servers: DashMap::default(),
@@ -290,19 +307,71 @@ impl Registry {
             next_generation: AtomicU64::new(1),
             relay: Arc::new(Relay::default()),
             bridge: Bridge::default(),
+            started: watch::Sender::new(false),
+            launched: Instant::now(),
         });
         let config = registry.config();
         for spec in &config.servers {
             registry.insert(Arc::new(spec.clone()));
         }
-        let starts = config
-            .enabled_servers()
-            .map(|spec| registry.start_server(&spec.name));
-        futures::future::join_all(starts).await;
-        registry.publish();
         spawn_event_loop(Arc::downgrade(&registry), events_rx);
         spawn_idle_sweep(Arc::downgrade(&registry));
+        let starting = registry.clone();
+        tokio::spawn(async move {
+            let starts = config
+                .enabled_servers()
+                .map(|spec| starting.start_server(&spec.name));
+            futures::future::join_all(starts).await;
+            // Each server's outcome was published as it came: a catalog published now would
+            // tell clients of servers they listed already.
+            starting.started.send_replace(true);
+        });
         registry
+    }
+
+    /// How much longer a list should wait for servers still starting: `None` once every
+    /// server has started, or `list_wait` after launch.
+    pub fn list_wait(&self) -> Option<Duration> {
+        if *self.started.borrow() {
+            return None;
+        }
+        let left = self
+            .config()
+            .list_wait
+            .saturating_sub(self.launched.elapsed());
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// The catalog to list from: first waiting, within `list_wait`, for servers still
+    /// starting.
+    pub async fn catalog_to_list(&self) -> Arc<Catalog> {
+        if let Some(wait) = self.list_wait() {
+            let mut started = self.started.subscribe();
+            let _ = tokio::time::timeout(wait, started.wait_for(|started| *started)).await;
+        }
+        self.catalog()
+    }
+
+    /// Whether a server is starting for the first time.
+    pub fn is_starting(&self, server: &ServerName) -> bool {
+        self.servers
+            .get(server)
+            .is_some_and(|slot| slot.status(self.circuit(server)) == Status::Starting)
+    }
+
+    /// Wait, at most `within`, until a server that is starting has started or failed to.
+    pub async fn started_server(&self, server: &ServerName, within: Duration) {
+        let mut changes = self.catalog.subscribe();
+        let mut started = self.started.subscribe();
+        let deadline = tokio::time::sleep(within);
+        tokio::pin!(deadline);
+        while self.is_starting(server) {
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                changed = started.changed() => if changed.is_err() { return },
+                () = &mut deadline => return,
+            }
+        }
     }
 
     /// The config in force.
@@ -730,6 +799,7 @@ impl Registry {
                     let grace = spec.supervision.stop_grace;
                     drop(slot);
                     tokio::spawn(async move { connection.close(grace).await });
+                    self.publish();
                     return true;
                 }
                 replica.status = Status::Ready;
@@ -743,9 +813,8 @@ impl Registry {
                 }
                 self.watch_health(server, &connection);
                 self.renew_subscriptions(server);
-                if opening == Opening::Restart {
-                    self.publish();
-                }
+                // Its tools join the catalog now, also while other servers still start.
+                self.publish();
                 true
             }
             // A remote server may come up later: keep trying, as after losing it.
@@ -760,6 +829,9 @@ impl Registry {
             Err(error) => {
                 tracing::error!(server = %server, error = %error, "downstream failed to start");
                 replica.status = Status::Failed(error);
+                drop(slot);
+                // Calls waiting for it to start learn that it will not.
+                self.publish();
                 false
             }
         }
@@ -955,6 +1027,7 @@ impl Registry {
         if let Ok(announced) = self.announced.lock() {
             catalog.announced = *announced;
         }
+        catalog.while_starting = self.list_wait().is_some();
         for warning in &catalog.warnings {
             tracing::warn!("{warning}");
         }
@@ -963,7 +1036,15 @@ impl Registry {
 
     async fn handle(self: &Arc<Self>, event: Event) {
         match event {
-            Event::ListChanged { server, kind } => self.relist(&server, kind).await,
+            Event::ListChanged { server, kind } => {
+                self.relist(&server, kind).await;
+                // Published even when nothing was re-listed: a call waiting for its clients to
+                // be told of the change (`Router::tell_list_changes_first`) waits for this.
+                if let Ok(mut announced) = self.announced.lock() {
+                    announced.handled += 1;
+                }
+                self.publish();
+            }
             Event::Closed {
                 server,
                 connection,
@@ -1000,7 +1081,6 @@ impl Registry {
         if let Ok(mut announced) = self.announced.lock() {
             announced.count(kind);
         }
-        self.publish();
     }
 }
 

@@ -113,6 +113,9 @@ pub struct Relay {
     subscribing: Mutex<()>,
     /// Counts `subscriptions/listen` streams, for their subscriber ids.
     listeners: AtomicU64,
+    /// How many list-changed notifications downstreams have sent (see
+    /// [`crate::catalog::Announcements::handled`]).
+    list_changes: AtomicU64,
 }
 
 /// A request in flight on a connection.
@@ -251,6 +254,16 @@ impl Relay {
     pub fn forget(&self, connection: ConnectionId) {
         self.active.remove(&connection);
         self.last.remove(&connection);
+    }
+
+    /// A downstream said one of its lists changed; counted before the registry hears of it.
+    pub fn heard_list_change(&self) {
+        self.list_changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many list changes downstreams have announced so far.
+    pub fn list_changes_heard(&self) -> u64 {
+        self.list_changes.load(Ordering::Relaxed)
     }
 
     /// An id for a `subscriptions/listen` stream, apart from every session id.

@@ -35,7 +35,7 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::{self, Asks};
-use crate::catalog::ResourceRoute;
+use crate::catalog::{Catalog, ResourceRoute};
 use crate::config::{Isolation, ServerName, ServerSpec, format_duration};
 use crate::downstream::{Connection, Heard, Reply, SentCall, TextLane};
 use crate::registry::{Registry, Session};
@@ -262,6 +262,10 @@ impl Answer {
     }
 }
 
+/// The longest a call's answer waits for its client to be told of a list change the
+/// downstream announced during the call.
+const TELL_FIRST_WITHIN: Duration = Duration::from_secs(2);
+
 /// The `_meta` key of a result that names the server software that made it.
 const SERVER_INFO_KEY: &str = "io.modelcontextprotocol/serverInfo";
 
@@ -362,6 +366,21 @@ pub struct Router {
     registry: Arc<Registry>,
     /// The client session calls come from, for servers that give each session its own child.
     session: Option<Arc<Session>>,
+    /// What the session's client has been told of downstreams' list changes.
+    told: Told,
+}
+
+/// How many downstream list changes a session's client has been told of
+/// ([`crate::catalog::Announcements::handled`]); `None` while nothing tells it. Kept apart
+/// from the router, so what tells the client does not keep the session's children alive.
+#[derive(Debug, Clone, Default)]
+pub struct Told(Arc<tokio::sync::watch::Sender<Option<u64>>>);
+
+impl Told {
+    /// The client has been told of the list changes taken into this catalog.
+    pub fn told_of(&self, catalog: &crate::catalog::Catalog) {
+        self.0.send_replace(Some(catalog.announced.handled));
+    }
 }
 
 impl Router {
@@ -370,6 +389,7 @@ impl Router {
         Router {
             registry,
             session: None,
+            told: Told::default(),
         }
     }
 
@@ -379,6 +399,7 @@ impl Router {
         Router {
             registry: self.registry.clone(),
             session: Some(self.registry.open_session()),
+            told: Told::default(),
         }
     }
 
@@ -394,6 +415,27 @@ impl Router {
         &self.registry
     }
 
+    /// Where the session's client's being told of list changes is recorded.
+    pub fn told(&self) -> Told {
+        self.told.clone()
+    }
+
+    /// A downstream that announced a list change during a call (one of `heard_before` or
+    /// more): the client hears of it before the call's answer, as it would directly, once
+    /// conductor has listed again (at most [`TELL_FIRST_WITHIN`] is waited).
+    pub async fn tell_list_changes_first(&self, heard_before: u64) {
+        let heard = self.registry.relay().list_changes_heard();
+        if heard == heard_before || self.told.0.borrow().is_none() {
+            return;
+        }
+        let mut told = self.told.0.subscribe();
+        let _ = tokio::time::timeout(
+            TELL_FIRST_WITHIN,
+            told.wait_for(|told| told.is_some_and(|told| told >= heard)),
+        )
+        .await;
+    }
+
     /// Call a tool by its public name. The downstream's result comes back unchanged.
     /// `timeout` replaces the server's call timeout for this call.
     pub async fn call_tool(
@@ -402,7 +444,7 @@ impl Router {
         timeout: Option<Duration>,
         caller: &Caller,
     ) -> Result<Answer, CallError> {
-        let catalog = self.registry.catalog();
+        let catalog = self.catalog_for_tool(call.name(), timeout).await;
         let Some(entry) = catalog.tool(call.name()) else {
             if let Some(server) = self.registry.not_offering(call.name()) {
                 return Err(CallError::Unavailable(
@@ -459,12 +501,45 @@ impl Router {
             .await
     }
 
+    /// The catalog to find tool `name` in: if its server is still starting, once it has
+    /// started (waiting at most `timeout`, or the server's call timeout).
+    pub async fn catalog_for_tool(&self, name: &str, timeout: Option<Duration>) -> Arc<Catalog> {
+        let catalog = self
+            .catalog_finding(|catalog| catalog.tool(name).is_some())
+            .await;
+        if catalog.tool(name).is_some() {
+            return catalog;
+        }
+        match self.registry.not_offering(name) {
+            Some(server) if self.registry.is_starting(&server) => {
+                let within = timeout
+                    .or_else(|| self.registry.spec(&server).map(|spec| spec.call_timeout))
+                    .unwrap_or(crate::config::DEFAULT_CALL_TIMEOUT);
+                self.registry.started_server(&server, within).await;
+                self.registry.catalog()
+            }
+            _ => catalog,
+        }
+    }
+
+    /// The catalog to find something in: the current one, or, when it lacks it while
+    /// servers are still starting (within `list_wait`), the one once they have started.
+    async fn catalog_finding(&self, found: impl Fn(&Catalog) -> bool) -> Arc<Catalog> {
+        let catalog = self.registry.catalog();
+        if found(&catalog) || self.registry.list_wait().is_none() {
+            return catalog;
+        }
+        self.registry.catalog_to_list().await
+    }
+
     pub async fn get_prompt(
         &self,
         mut params: GetPromptRequestParams,
         caller: &Caller,
     ) -> Result<ServerResult, CallError> {
-        let catalog = self.registry.catalog();
+        let catalog = self
+            .catalog_finding(|catalog| catalog.prompt(&params.name).is_some())
+            .await;
         let Some(entry) = catalog.prompt(&params.name) else {
             return Err(CallError::UnknownPrompt {
                 hint: catalog.nearest_prompt(&params.name).map(str::to_owned),
@@ -485,8 +560,10 @@ impl Router {
         caller: &Caller,
     ) -> Result<ServerResult, CallError> {
         let public_uri = params.uri.clone();
-        let Some(ResourceRoute { server, uri }) =
-            self.registry.catalog().route_resource(&public_uri)
+        let Some(ResourceRoute { server, uri }) = self
+            .catalog_finding(|catalog| catalog.route_resource(&public_uri).is_some())
+            .await
+            .route_resource(&public_uri)
         else {
             return Err(CallError::UnknownResource { uri: public_uri });
         };
@@ -515,7 +592,13 @@ impl Router {
         mut params: CompleteRequestParams,
         caller: &Caller,
     ) -> Result<ServerResult, CallError> {
-        let catalog = self.registry.catalog();
+        let catalog = self
+            .catalog_finding(|catalog| match &params.r#ref {
+                Reference::Prompt(prompt) => catalog.prompt(&prompt.name).is_some(),
+                Reference::Resource(resource) => catalog.route_template(&resource.uri).is_some(),
+                _ => true,
+            })
+            .await;
         let server = match &mut params.r#ref {
             Reference::Prompt(prompt) => {
                 let Some(entry) = catalog.prompt(&prompt.name) else {
@@ -585,7 +668,7 @@ impl Router {
         target: UpdateTarget,
         caller: &Caller,
     ) -> Result<(), CallError> {
-        let ResourceRoute { server, uri } = self.resource_route(&params.uri)?;
+        let ResourceRoute { server, uri } = self.resource_route(&params.uri).await?;
         let relay = self.registry.relay();
         if relay.subscribe(&server, &uri, &params.uri, subscriber, target) {
             params.uri.clone_from(&uri);
@@ -648,7 +731,7 @@ impl Router {
         subscriber: u64,
         caller: &Caller,
     ) -> Result<(), CallError> {
-        let ResourceRoute { server, uri } = self.resource_route(&params.uri)?;
+        let ResourceRoute { server, uri } = self.resource_route(&params.uri).await?;
         if self.registry.relay().unsubscribe(&server, &uri, subscriber) {
             params.uri.clone_from(&uri);
             let request = ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(params));
@@ -701,9 +784,9 @@ impl Router {
     }
 
     /// The owner of a public resource URI, and the URI it knows.
-    fn resource_route(&self, public_uri: &str) -> Result<ResourceRoute, CallError> {
-        self.registry
-            .catalog()
+    async fn resource_route(&self, public_uri: &str) -> Result<ResourceRoute, CallError> {
+        self.catalog_finding(|catalog| catalog.route_resource(public_uri).is_some())
+            .await
             .route_resource(public_uri)
             .ok_or_else(|| CallError::UnknownResource {
                 uri: public_uri.to_owned(),

@@ -110,6 +110,9 @@ pub struct Catalog {
     /// How many times each kind of list was announced changed by a server: clients are told
     /// each time, even when the list reads the same again (as they would be directly).
     pub announced: Announcements,
+    /// Published while lists still wait for servers starting: clients are not told of it, as
+    /// what they list then has it.
+    pub while_starting: bool,
 }
 
 /// A count of list-changed notifications per kind of list.
@@ -118,6 +121,9 @@ pub struct Announcements {
     pub tools: u64,
     pub prompts: u64,
     pub resources: u64,
+    /// How many list-changed notifications of servers this catalog has taken in (re-listed,
+    /// or failed to), to match [`crate::relay::Relay::list_changes_heard`].
+    pub handled: u64,
 }
 
 impl Announcements {

@@ -30,6 +30,8 @@ pub const DEFAULT_SEPARATOR: &str = "__";
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_KEEP_RUNS: Duration = Duration::from_secs(24 * 3600);
+/// How long a client's first lists wait for servers still starting.
+pub const DEFAULT_LIST_WAIT: Duration = Duration::from_secs(3);
 /// An environment variable whose value is accepted as a bearer token, besides `[http] tokens`.
 pub const TOKEN_VARIABLE: &str = "CONDUCTOR_TOKEN";
 
@@ -41,6 +43,9 @@ pub struct Config {
     pub separator: String,
     /// How long finished workflow runs are kept for reading back and resuming.
     pub keep_runs: Duration,
+    /// While servers are starting, how long after conductor starts a list waits for them;
+    /// later lists, and those after every server has started, answer at once.
+    pub list_wait: Duration,
     /// Every server in file order, enabled or not.
     pub servers: Vec<ServerSpec>,
     /// Saved workflows, offered as tools `workflow__<name>`, in file order.
@@ -387,6 +392,7 @@ struct Defaults {
     startup_timeout: Duration,
     call_timeout: Duration,
     keep_runs: Duration,
+    list_wait: Duration,
 }
 
 fn validate(
@@ -403,6 +409,7 @@ fn validate(
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
             call_timeout: DEFAULT_CALL_TIMEOUT,
             keep_runs: DEFAULT_KEEP_RUNS,
+            list_wait: DEFAULT_LIST_WAIT,
         },
     };
     // Absolute, so a child's folder does not depend on where conductor was started.
@@ -449,6 +456,7 @@ fn validate(
         path: path.to_owned(),
         separator: defaults.separator,
         keep_runs: defaults.keep_runs,
+        list_wait: defaults.list_wait,
         servers,
         workflows,
         http,
@@ -501,12 +509,14 @@ fn read_defaults(mut table: Table<'_, '_>, problems: &mut Problems) -> Defaults 
     let call_timeout =
         read_duration(&mut table, "call_timeout", problems).unwrap_or(DEFAULT_CALL_TIMEOUT);
     let keep_runs = read_duration(&mut table, "keep_runs", problems).unwrap_or(DEFAULT_KEEP_RUNS);
+    let list_wait = read_duration(&mut table, "list_wait", problems).unwrap_or(DEFAULT_LIST_WAIT);
     table.finish(problems);
     Defaults {
         separator,
         startup_timeout,
         call_timeout,
         keep_runs,
+        list_wait,
     }
 }
 

@@ -150,6 +150,7 @@ impl DownstreamClient {
     }
 
     fn list_changed(&self, kind: ListKind) {
+        self.relay.heard_list_change();
         let _ = self.events.send(Event::ListChanged {
             server: self.server.clone(),
             kind,

@@ -549,8 +549,9 @@ impl Front {
     /// when the message is not one, or names a page this path does not keep (rmcp answers it,
     /// or refuses a cursor conductor did not give).
     pub fn take_list(&self, message: &str) -> Option<Vec<u8>> {
-        // The pages are the older clients' shape; a 2026-07-28 list is rmcp's.
-        if self.per_request.is_some() {
+        // The pages are the older clients' shape; a 2026-07-28 list is rmcp's, and so is one
+        // that waits for servers still starting.
+        if self.per_request.is_some() || self.router.registry().list_wait().is_some() {
             return None;
         }
         let PlainList { id, method, params } = serde_json::from_str(message).ok()?;
@@ -648,7 +649,15 @@ impl Front {
         if saved::find(&config, name).is_some() {
             return Some(Target::Workflow(Some(config)));
         }
-        registry.catalog().tool(name).map(|_| Target::Downstream)
+        // A name not (yet) in the catalog may be a tool of a server still starting: the
+        // router waits for it, and refuses it as rmcp's path would if it never comes.
+        let starting = || {
+            registry.list_wait().is_some()
+                || registry
+                    .not_offering(name)
+                    .is_some_and(|server| registry.is_starting(&server))
+        };
+        (registry.catalog().tool(name).is_some() || starting()).then_some(Target::Downstream)
     }
 }
 

@@ -38,7 +38,7 @@ use crate::orchestrate::execute::{ProgressSink, ProgressUpdate};
 use crate::orchestrate::{self, Orchestrator, saved};
 use crate::relay::{ProgressTo, UpdateTarget};
 use crate::retry::Retry;
-use crate::router::{Answer, CallError, Caller, Router, ToolCall};
+use crate::router::{Answer, CallError, Caller, Router, Told, ToolCall};
 
 mod front;
 mod tasks;
@@ -241,7 +241,7 @@ impl ServerHandler for ConductorServer {
         request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
-        let catalog = self.catalog();
+        let catalog = self.router.registry().catalog_to_list().await;
         let config = self.router.registry().config();
         let (tools, next_cursor) = page(listed_tools(&catalog, &config), request)?;
         let mut result = ListToolsResult::with_all_items(tools);
@@ -299,7 +299,7 @@ impl ServerHandler for ConductorServer {
         request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, McpError> {
-        let catalog = self.catalog();
+        let catalog = self.router.registry().catalog_to_list().await;
         let prompts = catalog.prompts().iter().map(|entry| entry.prompt.clone());
         let (prompts, next_cursor) = page(prompts, request)?;
         let mut result = ListPromptsResult::with_all_items(prompts);
@@ -344,7 +344,7 @@ impl ServerHandler for ConductorServer {
         request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, McpError> {
-        let catalog = self.catalog();
+        let catalog = self.router.registry().catalog_to_list().await;
         let resources = catalog
             .resources()
             .iter()
@@ -361,7 +361,7 @@ impl ServerHandler for ConductorServer {
         request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, McpError> {
-        let catalog = self.catalog();
+        let catalog = self.router.registry().catalog_to_list().await;
         let templates = catalog
             .templates()
             .iter()
@@ -459,8 +459,9 @@ impl ServerHandler for ConductorServer {
         }
         let peer = context.peer;
         let changes = self.router.registry().subscribe();
+        let told = self.router.told();
         tokio::spawn(async move {
-            follow_catalog(changes, |kind| {
+            follow_catalog(told, changes, |kind| {
                 let peer = peer.clone();
                 async move {
                     match kind {
@@ -485,9 +486,12 @@ impl ServerHandler for ConductorServer {
         accepted.prompts_list_changed = requested.prompts_list_changed;
         accepted.resources_list_changed = requested.resources_list_changed;
         let catalog = self.catalog();
+        // While servers start, what they will offer is not known yet: every URI is taken, and
+        // subscribed to once its owner is up.
+        let starting = self.router.registry().list_wait().is_some();
         accepted.resource_subscriptions = requested.resource_subscriptions.as_ref().map(|uris| {
             uris.iter()
-                .filter(|uri| catalog.route_resource(uri).is_some())
+                .filter(|uri| starting || catalog.route_resource(uri).is_some())
                 .cloned()
                 .collect()
         });
@@ -517,7 +521,7 @@ impl ServerHandler for ConductorServer {
                     tracing::warn!(uri = %uri, error = %error, "could not subscribe a listen stream to a resource");
                 }
             }
-            let following = follow_catalog(changes, |kind| {
+            let following = follow_catalog(self.router.told(), changes, |kind| {
                 let sink = sink.clone();
                 let wanted = wanted.clone();
                 async move {
@@ -562,16 +566,18 @@ pub(crate) async fn forward_call(
     caller: &Caller,
 ) -> Result<Answer, CallError> {
     let annotations = router
-        .registry()
-        .catalog()
+        .catalog_for_tool(call.name(), None)
+        .await
         .tool(call.name())
         .and_then(|entry| entry.tool.annotations.clone());
     let retry = Retry::for_tool(annotations.as_ref(), None);
+    let heard = router.registry().relay().list_changes_heard();
     let (outcome, _) = retry
         .run(&caller.cancel, CallError::kind, || {
             router.call_tool(call.clone(), None, caller)
         })
         .await;
+    router.tell_list_changes_first(heard).await;
     outcome
 }
 
@@ -689,6 +695,8 @@ pub(crate) async fn run_workflow_call(
 ) -> CallToolResult {
     // A whole workflow counts as in flight, between its steps too.
     let _in_flight = router.registry().track();
+    // Checked against the catalog: one with the servers still starting, within `list_wait`.
+    router.registry().catalog_to_list().await;
     let input = match saved {
         None => Value::Object(arguments),
         Some((_, spec)) => match saved::workflow_for(spec, arguments) {
@@ -759,15 +767,23 @@ enum Changed {
 }
 
 /// Call `notify` for each part of the catalog that changes, until it returns false (the
-/// client is gone) or the registry is dropped.
-async fn follow_catalog<F, Fut>(mut changes: watch::Receiver<Arc<Catalog>>, notify: F)
+/// client is gone) or the registry is dropped, recording what the client was `told`. While
+/// lists still wait for servers starting (`list_wait`), nothing is said: what the client
+/// lists then already has them.
+async fn follow_catalog<F, Fut>(told: Told, mut changes: watch::Receiver<Arc<Catalog>>, notify: F)
 where
     F: Fn(Changed) -> Fut,
     Fut: Future<Output = bool>,
 {
     let mut last = changes.borrow_and_update().clone();
+    told.told_of(&last);
     while changes.changed().await.is_ok() {
         let current = changes.borrow_and_update().clone();
+        if current.while_starting {
+            told.told_of(&current);
+            last = current;
+            continue;
+        }
         let mut parts = Vec::new();
         let (was, now) = (last.announced, current.announced);
         if last.tools() != current.tools() || was.tools != now.tools {
@@ -787,6 +803,7 @@ where
                 return;
             }
         }
+        told.told_of(&current);
         last = current;
     }
 }

@@ -1398,3 +1398,117 @@ async fn a_stdio_client_of_2025_11_25_is_offered_tasks_and_makes_them() {
         );
     }
 }
+
+/// A list change a downstream announces during a call reaches the client before the call's
+/// answer, as it would directly: conductor lists again first, so the client's next list is
+/// the new one. Over stdio, where one line follows another, for a changed list and for one
+/// that reads the same.
+#[tokio::test]
+async fn a_list_change_announced_during_a_call_comes_before_its_answer() {
+    let config = TestConfig::fixtures(&[("live", "changing")]);
+    let mut raw = RawSession::initialized(&config).await;
+    for (id, tool, arguments, notification) in [
+        (
+            1,
+            "live__add_resource",
+            json!({"name": "doc"}),
+            "notifications/resources/list_changed",
+        ),
+        (
+            2,
+            "live__add_tool",
+            json!({"name": "fresh"}),
+            "notifications/tools/list_changed",
+        ),
+        (
+            3,
+            "live__announce",
+            json!({}),
+            "notifications/prompts/list_changed",
+        ),
+    ] {
+        raw.send(&json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                         "params": {"name": tool, "arguments": arguments}}))
+            .await;
+        let mut heard = Vec::new();
+        loop {
+            let message = raw.next().await;
+            if message["id"] == id {
+                break;
+            }
+            heard.push(message["method"].as_str().unwrap_or_default().to_owned());
+        }
+        assert!(
+            heard.iter().any(|method| method == notification),
+            "{tool}: {heard:?}"
+        );
+    }
+    raw.send(&json!({"jsonrpc": "2.0", "id": 4, "method": "resources/list"}))
+        .await;
+    let listed = raw.next().await;
+    assert!(
+        listed.to_string().contains("fixture://added/doc"),
+        "{listed}"
+    );
+}
+
+/// `serve` answers at once while servers start: `initialize` is answered though one server
+/// hangs in its handshake; a first list waits for the others within `list_wait`, then
+/// answers with what is ready; a server that comes up later joins with `list_changed`; and a
+/// call of its tool made before it is up waits for it.
+#[tokio::test]
+async fn serve_answers_at_once_and_servers_join_as_they_start() {
+    let config = TestConfig::new(
+        "[conductor]\nlist_wait = \"700ms\"\n\n\
+         [servers.hung]\ncommand = \"{fixture}\"\nargs = [\"slow-start\"]\nstartup_timeout = \"60s\"\n\n\
+         [servers.late]\ncommand = \"{fixture}\"\nargs = [\"echo\"]\nenv = { FIXTURE_START_DELAY_MS = \"2500\" }\n\n\
+         [servers.echo]\ncommand = \"{fixture}\"\nargs = [\"echo\"]\n",
+    );
+    // Over stdio, by hand: the handshake is answered while `hung` still hangs in its own.
+    let mut raw = RawSession::initialized(&config).await;
+    raw.send(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                     "params": {"name": "late__echo", "arguments": {"text": "waited"}}}))
+        .await;
+    raw.send(&json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}))
+        .await;
+    let mut heard = Vec::new();
+    let listed = loop {
+        let message = raw.next().await;
+        if message["id"] == 2 {
+            break message;
+        }
+        assert_ne!(message["id"], 1, "the list is answered before `late` is up");
+        heard.push(message["method"].as_str().unwrap_or_default().to_owned());
+    };
+    let names: Vec<&str> = listed["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|tool| tool["name"].as_str())
+        .collect();
+    assert!(names.contains(&"echo__echo"), "{names:?}");
+    assert!(
+        !names.iter().any(|name| name.starts_with("late__")),
+        "{names:?}"
+    );
+    // `late` comes up: the client hears of it, and the call that waited is answered.
+    heard.clear();
+    let answer = loop {
+        let message = raw.next().await;
+        if message["id"] == 1 {
+            break message;
+        }
+        heard.push(message["method"].as_str().unwrap_or_default().to_owned());
+    };
+    assert_eq!(answer["result"]["content"][0]["text"], "waited", "{answer}");
+    assert!(
+        heard
+            .iter()
+            .any(|method| method == "notifications/tools/list_changed"),
+        "{heard:?}"
+    );
+    raw.send(&json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"}))
+        .await;
+    let listed = raw.next().await.to_string();
+    assert!(listed.contains("late__echo"), "{listed}");
+}

@@ -319,8 +319,12 @@ async fn children_die_with_conductor_even_when_it_is_killed() {
     let config = TestConfig::new(&crashy("stubborn", "env = { FIXTURE_IGNORE_TERM = \"1\" }"));
     let mut server = HttpConductor::start(&config).await;
     let conductor = server.child.id().unwrap();
-    let children = descendants(conductor);
-    assert!(!children.is_empty(), "the child runs");
+    // `serve` answers before its servers are up: wait for the child.
+    let children = eventually(Duration::from_secs(10), "the child runs", || async move {
+        let children = descendants(conductor);
+        (!children.is_empty()).then_some(children)
+    })
+    .await;
     server.child.start_kill().unwrap();
     let _ = server.child.wait().await;
     eventually(Duration::from_secs(5), "the children are gone", || {
