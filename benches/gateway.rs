@@ -797,6 +797,42 @@ impl Bench {
             "\n{servers} servers take {:.0} ms more than the slowest alone through conductor.",
             all - slowest
         );
+
+        // What a client waits for before it is served at all: the answer to `initialize`,
+        // with thirteen servers that take 2 s to start, and with one more that hangs in its
+        // handshake (given up after 10 s).
+        let thirteen = config(
+            self.dir.path(),
+            "thirteen",
+            13,
+            &["--init-delay-ms", "2000"],
+        );
+        let hanging = self.dir.path().join("hanging.toml");
+        let mut text = std::fs::read_to_string(&thirteen).unwrap();
+        text.push_str(&format!(
+            "\n[servers.hung]\ncommand = \"{}\"\nargs = [\"--echo-server\", \"--init-delay-ms\", \"600000\"]\nstartup_timeout = \"10s\"\nping_interval = \"off\"\n",
+            me()
+        ));
+        std::fs::write(&hanging, text).unwrap();
+        let handshake = |config: PathBuf| async move {
+            let started = Instant::now();
+            let (client, _) = conductor_stdio(Lifecycle::Initialize, &config).await;
+            let elapsed = started.elapsed();
+            drop(client);
+            elapsed
+        };
+        let (mut plain, mut hung) = (Vec::new(), Vec::new());
+        for _ in 0..self.reps.min(3) {
+            plain.push(handshake(thirteen.clone()).await);
+            hung.push(handshake(hanging.clone()).await);
+        }
+        let plain = median_by(&plain, |run| millis(*run));
+        let hung = median_by(&hung, |run| millis(*run));
+        println!("\n### Start to the answer to `initialize`\n");
+        println!("| servers | ms |");
+        println!("| --- | ---: |");
+        println!("| 13 that take 2 s to start | {plain:.0} |");
+        println!("| the same and one that hangs in its handshake | {hung:.0} |");
     }
 
     async fn memory(&self) {

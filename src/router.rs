@@ -504,6 +504,16 @@ impl Router {
     /// The catalog to find tool `name` in: if its server is still starting, once it has
     /// started (waiting at most `timeout`, or the server's call timeout).
     pub async fn catalog_for_tool(&self, name: &str, timeout: Option<Duration>) -> Arc<Catalog> {
+        let catalog = self.registry.catalog();
+        if catalog.tool(name).is_some() {
+            return catalog;
+        }
+        // Rare: boxed, so every call's future does not carry the waiting's size.
+        Box::pin(self.catalog_after_waiting(name, timeout)).await
+    }
+
+    /// [`Router::catalog_for_tool`] for a name not in the catalog now.
+    async fn catalog_after_waiting(&self, name: &str, timeout: Option<Duration>) -> Arc<Catalog> {
         let catalog = self
             .catalog_finding(|catalog| catalog.tool(name).is_some())
             .await;
