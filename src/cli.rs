@@ -693,6 +693,8 @@ fn check(registry: &Registry) -> anyhow::Result<ExitCode> {
         "DETAIL",
     ])];
     let mut failed = 0;
+    // Each failure's whole cause (the table's column is cut short).
+    let mut why = Vec::new();
     for state in registry.states() {
         let listing = &state.listing;
         let serves = state.status.serves();
@@ -703,18 +705,27 @@ fn check(registry: &Registry) -> anyhow::Result<ExitCode> {
                 "-".to_owned()
             }
         };
-        if matches!(state.status, Status::Failed(_)) {
+        // Not up once start-up is over: given up, or to be tried again by a serving
+        // conductor (a check does not wait for that).
+        let (label, detail) = match &state.status {
+            Status::Restarting { error, .. } | Status::Reconnecting { error, .. } => {
+                ("failed", Some(error.clone()))
+            }
+            status => (status.label(), status.detail()),
+        };
+        if label == "failed"
+            && let Some(detail) = &detail
+        {
             failed += 1;
+            why.push(format!("{}: {detail}", state.spec.name));
         }
-        let error = state
-            .status
-            .detail()
+        let error = detail
             .map(|detail| one_line(&detail, 100))
             .unwrap_or_default();
         rows.push(row([
             state.spec.name.as_str(),
             state.spec.transport.kind(),
-            state.status.label(),
+            label,
             &count(listing.tools.len()),
             &count(listing.prompts.len()),
             &count(listing.resources.len() + listing.templates.len()),
@@ -726,6 +737,9 @@ fn check(registry: &Registry) -> anyhow::Result<ExitCode> {
         ]));
     }
     let mut text = table(&rows);
+    for line in &why {
+        text.push_str(&format!("failed {line}\n"));
+    }
     let catalog = registry.catalog();
     for warning in &catalog.warnings {
         text.push_str(&format!("warning: {warning}\n"));

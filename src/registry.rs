@@ -817,20 +817,26 @@ impl Registry {
                 self.publish();
                 true
             }
-            // A remote server may come up later: keep trying, as after losing it.
-            Err(error) if opening == Opening::Restart || remote => {
-                if opening != Opening::Restart {
-                    tracing::warn!(server = %server, error = %error, "remote server unreachable; trying again with backoff");
-                }
-                drop(slot);
-                self.failed_again(server, index, generation, error);
+            // A server that fails to start may come up later (a first `npx -y` download
+            // that is slow, a remote server not up yet): tried again as after a crash, with
+            // the same backoff and the same `max_restarts` for a child.
+            Err(error) if opening == Opening::Wake => {
+                tracing::error!(server = %server, error = %error, "downstream failed to start");
+                replica.status = Status::Failed(error);
                 false
             }
             Err(error) => {
-                tracing::error!(server = %server, error = %error, "downstream failed to start");
-                replica.status = Status::Failed(error);
+                if opening != Opening::Restart {
+                    let what = if remote {
+                        "remote server unreachable"
+                    } else {
+                        "downstream failed to start"
+                    };
+                    tracing::warn!(server = %server, error = %error, "{what}; trying again with backoff");
+                }
                 drop(slot);
-                // Calls waiting for it to start learn that it will not.
+                self.failed_again(server, index, generation, error);
+                // Calls waiting for it to start learn that it has not.
                 self.publish();
                 false
             }

@@ -693,7 +693,12 @@ async fn a_typo_is_refused_at_once_and_a_down_servers_tool_says_why() {
         .expect("a tool error, not a protocol error");
     assert_eq!(down.is_error, Some(true), "{down:?}");
     let text = text_of(&down);
-    assert!(text.contains("server `gone` is down"), "{text}");
+    // A failed start is tried again, with backoff: the error says so, and why.
+    assert!(text.contains("server `gone` is restarting"), "{text}");
+    assert!(
+        text.contains("cannot start `/nonexistent/mcp-server`"),
+        "{text}"
+    );
 
     let hidden = session
         .call_tool(CallToolRequestParams::new("math__divide"))
@@ -705,4 +710,30 @@ async fn a_typo_is_refused_at_once_and_a_down_servers_tool_says_why() {
             .contains("tool `math__divide` is hidden by the config: `[servers.math.tools]`"),
         "{hidden}"
     );
+}
+
+/// A stdio server that fails at its first start (a slow first `npx -y` download, say) is
+/// tried again with the crash backoff, and comes up: its tools join and answer.
+#[tokio::test]
+async fn a_server_that_fails_its_first_start_is_tried_again() {
+    let config = TestConfig::new("");
+    let mark = config.dir.path().join("started-once");
+    let text = format!(
+        "[servers.flaky]\ncommand = \"sh\"\nargs = [\"-c\", \"if [ -e '{mark}' ]; then exec '{fixture}' echo; else touch '{mark}'; echo 'npm ERR! network timeout' >&2; exit 1; fi\"]\nrestart_delay = \"100ms\"\n",
+        mark = mark.display(),
+        fixture = super::support::FIXTURE,
+    );
+    std::fs::write(&config.path, text).unwrap();
+    let session = super::support::serve(&config).await;
+    let answer = eventually(Duration::from_secs(10), "the second start serves", || {
+        let session = &session;
+        async move {
+            try_call(session, "flaky__echo", json!({"text": "back"}))
+                .await
+                .ok()
+        }
+    })
+    .await;
+    assert_eq!(answer, "back");
+    assert!(mark.exists(), "the first start did fail");
 }

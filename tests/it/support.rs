@@ -57,11 +57,23 @@ pub struct TestConfig {
     pub path: PathBuf,
 }
 
+/// The config with `list_wait = "60s"` added at its end (no line of the text moves) unless
+/// it has a `[conductor]` table: a test's first list sees every server that starts at all,
+/// however busy the machine (the default, a few seconds, is for people, who get the rest
+/// with `list_changed`).
+fn with_patient_lists(text: &str) -> String {
+    if text.contains("[conductor]") {
+        return text.to_owned();
+    }
+    format!("{text}\n[conductor]\nlist_wait = \"60s\"\n")
+}
+
 impl TestConfig {
     pub fn new(text: &str) -> Self {
         let dir = tempfile::tempdir().expect("a temporary folder");
         let path = dir.path().join("servers.toml");
-        std::fs::write(&path, text.replace("{fixture}", FIXTURE)).expect("config written");
+        let text = with_patient_lists(&text.replace("{fixture}", FIXTURE));
+        std::fs::write(&path, text).expect("config written");
         TestConfig { dir, path }
     }
 
