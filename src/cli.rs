@@ -713,7 +713,7 @@ fn check(registry: &Registry) -> anyhow::Result<ExitCode> {
             }
             status => (status.label(), status.detail()),
         };
-        if label == "failed"
+        if label.starts_with("failed")
             && let Some(detail) = &detail
         {
             failed += 1;

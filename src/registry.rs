@@ -27,7 +27,7 @@ use crate::catalog::{Catalog, Listing};
 use crate::config::{
     Config, Isolation, MAX_RESTART_DELAY, ServerName, ServerSpec, StartMode, Transport,
 };
-use crate::downstream::{CacheHint, Connection, ConnectionId, Event, ListKind};
+use crate::downstream::{CacheHint, ConnectError, Connection, ConnectionId, Event, ListKind};
 use crate::relay::Relay;
 
 /// Where a downstream, or one replica of it, stands.
@@ -62,6 +62,9 @@ pub enum Status {
     Stopped,
     /// It never came up, or kept crashing; with the last error.
     Failed(String),
+    /// A remote server that refused conductor's credentials (401, 403): not tried again
+    /// until the config changes.
+    Unauthorized(String),
 }
 
 impl Status {
@@ -77,6 +80,7 @@ impl Status {
             Status::CircuitOpen { .. } => "circuit open",
             Status::Stopped => "stopped",
             Status::Failed(_) => "failed",
+            Status::Unauthorized(_) => "failed (unauthorized)",
         }
     }
 
@@ -91,7 +95,7 @@ impl Status {
                 "calls fail at once for {}",
                 crate::config::format_duration(*retry_in)
             )),
-            Status::Failed(error) => Some(error.clone()),
+            Status::Failed(error) | Status::Unauthorized(error) => Some(error.clone()),
             _ => None,
         }
     }
@@ -189,7 +193,7 @@ impl Slot {
                     Status::Restarting { .. } | Status::Reconnecting { .. } => 0,
                     Status::Starting => 1,
                     Status::Idle => 2,
-                    Status::Failed(_) => 3,
+                    Status::Failed(_) | Status::Unauthorized(_) => 3,
                     _ => 4,
                 })
                 .cloned()
@@ -557,7 +561,9 @@ impl Registry {
             return format!("server `{server}` is not configured");
         };
         match status {
-            Status::Failed(reason) => format!("server `{server}` is down: {reason}"),
+            Status::Failed(reason) | Status::Unauthorized(reason) => {
+                format!("server `{server}` is down: {reason}")
+            }
             Status::Restarting { attempt, error } => {
                 format!("server `{server}` is restarting (attempt {attempt}) after: {error}")
             }
@@ -742,11 +748,10 @@ impl Registry {
     }
 
     /// Reach a server and list what it offers.
-    async fn connect(&self, spec: &ServerSpec) -> Result<(Connection, Listing), String> {
-        let connection = Connection::open(spec, self.events.clone(), self.relay.clone(), None)
-            .await
-            .map_err(|error| error.to_string())?;
-        let listing = connection.list().await.map_err(|error| error.to_string())?;
+    async fn connect(&self, spec: &ServerSpec) -> Result<(Connection, Listing), ConnectError> {
+        let connection =
+            Connection::open(spec, self.events.clone(), self.relay.clone(), None).await?;
+        let listing = connection.list().await?;
         Ok((connection, listing))
     }
 
@@ -820,9 +825,17 @@ impl Registry {
             // A server that fails to start may come up later (a first `npx -y` download
             // that is slow, a remote server not up yet): tried again as after a crash, with
             // the same backoff and the same `max_restarts` for a child.
+            // The same credentials will be refused again: given up at once, and said so.
+            Err(error @ ConnectError::Unauthorized(_)) => {
+                tracing::error!(server = %server, error = %error, "downstream refused conductor");
+                replica.status = Status::Unauthorized(error.to_string());
+                drop(slot);
+                self.publish();
+                false
+            }
             Err(error) if opening == Opening::Wake => {
                 tracing::error!(server = %server, error = %error, "downstream failed to start");
-                replica.status = Status::Failed(error);
+                replica.status = Status::Failed(error.to_string());
                 false
             }
             Err(error) => {
@@ -835,7 +848,7 @@ impl Registry {
                     tracing::warn!(server = %server, error = %error, "{what}; trying again with backoff");
                 }
                 drop(slot);
-                self.failed_again(server, index, generation, error);
+                self.failed_again(server, index, generation, error.to_string());
                 // Calls waiting for it to start learn that it has not.
                 self.publish();
                 false

@@ -89,10 +89,34 @@ pub enum ConnectError {
     Header { name: String },
     #[error("handshake failed: {0}")]
     Handshake(String),
+    /// The remote server refused conductor's credentials (HTTP 401 or 403): trying again
+    /// with the same ones cannot help.
+    #[error(
+        "the server refused conductor's credentials ({0}); give them in the server's `headers`, such as `Authorization = \"Bearer ${{TOKEN}}\"`"
+    )]
+    Unauthorized(&'static str),
     #[error("listing {what} failed: {error}")]
     List { what: &'static str, error: String },
     #[error("not ready within the startup timeout of {}", crate::config::format_duration(*.0))]
     Timeout(Duration),
+}
+
+/// Why a handshake failed, in words about the server (rmcp's own text names its transport's
+/// Rust type); a refusal of conductor's credentials is told apart.
+fn handshake_error(error: rmcp::service::ClientInitializeError) -> ConnectError {
+    use rmcp::service::ClientInitializeError;
+    let ClientInitializeError::TransportError { error, context } = error else {
+        return ConnectError::Handshake(error.to_string());
+    };
+    let text = error.error.to_string();
+    match text.as_str() {
+        "Auth required" => ConnectError::Unauthorized("HTTP 401"),
+        "Insufficient scope" => ConnectError::Unauthorized("HTTP 403"),
+        _ => {
+            let when = context.strip_prefix("send ").unwrap_or(&context);
+            ConnectError::Handshake(format!("{text}, sending the {when}"))
+        }
+    }
 }
 
 /// One live downstream connection.
@@ -521,7 +545,7 @@ where
     let service = client
         .serve_with_lifecycle(transport, lifecycle)
         .await
-        .map_err(|error| ConnectError::Handshake(error.to_string()))?;
+        .map_err(handshake_error)?;
     let peer = service.peer().clone();
     let info = peer
         .peer_info()

@@ -186,3 +186,28 @@ async fn check_shows_what_a_failed_server_said_on_stderr() {
         "{stdout}"
     );
 }
+
+/// A remote server that refuses conductor's credentials (HTTP 401) is `failed
+/// (unauthorized)`, said in words about the server (no rmcp type names), not tried again,
+/// and `check` exits 1; with the token in its `headers` it is ready.
+#[tokio::test]
+async fn a_remote_that_refuses_the_token_is_failed_unauthorized() {
+    let token = "a-test-token-0123456789";
+    let remote = TestConfig::new(&format!(
+        "[http]\ntokens = [\"{token}\"]\n\n[servers.echo]\ncommand = \"{{fixture}}\"\nargs = [\"echo\"]\n"
+    ));
+    let server = super::support::HttpConductor::start(&remote).await;
+    let without = TestConfig::new(&format!("[servers.remote]\nurl = \"{}\"\n", server.mcp()));
+    let (code, stdout, _) = conductor_cli(&without.path, &["check"]).await;
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("failed (unauthorized)"), "{stdout}");
+    assert!(stdout.contains("HTTP 401"), "{stdout}");
+    assert!(!stdout.contains("rmcp::"), "{stdout}");
+    let with = TestConfig::new(&format!(
+        "[servers.remote]\nurl = \"{}\"\nheaders = {{ Authorization = \"Bearer {token}\" }}\n",
+        server.mcp()
+    ));
+    let (code, stdout, _) = conductor_cli(&with.path, &["check"]).await;
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("ready"), "{stdout}");
+}
