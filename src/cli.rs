@@ -83,6 +83,23 @@ enum Command {
     },
     /// Check the config, connect to every server and show how each one is doing.
     Check,
+    /// Write the servers of Claude Desktop, Cursor, VS Code or Claude Code as a `servers.toml`
+    /// (to stdout, or to `--output`), saying what does not carry over.
+    Import {
+        /// The host's file (`claude_desktop_config.json`, `mcp.json`, `.mcp.json`,
+        /// `~/.claude.json`); without it, the host's usual place (`--from`).
+        file: Option<PathBuf>,
+        /// Read this host's usual file.
+        #[arg(long, value_enum)]
+        from: Option<crate::import::Host>,
+        /// Write the config here instead of to stdout (an existing file is kept unless
+        /// `--force`).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Overwrite `--output` if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Run a workflow, from a JSON or TOML file or saved in the config, and print its result.
     Run {
         /// A workflow file (`.json` or `.toml`), or the name of a workflow saved in the config.
@@ -126,6 +143,16 @@ impl Cli {
             "warn"
         };
         init_logging(self.log.as_deref(), default_log);
+        // Made from another host's file: no config to load first.
+        if let Command::Import {
+            file,
+            from,
+            output,
+            force,
+        } = self.command
+        {
+            return import(file, from, output, force);
+        }
         let config = load_checked(&self.config)?;
         match self.command {
             Command::Serve { http: None, .. } => serve(config).await,
@@ -156,6 +183,7 @@ impl Cli {
                 let workflow = load_workflow(&config, &workflow, &inputs, mode.as_deref())?;
                 with_registry(config, |registry| run_workflow(registry, workflow, json)).await
             }
+            Command::Import { .. } => Ok(ExitCode::SUCCESS),
         }
     }
 }
@@ -757,6 +785,103 @@ fn check(registry: &Registry) -> anyhow::Result<ExitCode> {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    })
+}
+
+/// `conductor import`: the file given, or the host's first usual place that exists.
+fn import(
+    file: Option<PathBuf>,
+    from: Option<crate::import::Host>,
+    output: Option<PathBuf>,
+    force: bool,
+) -> anyhow::Result<ExitCode> {
+    let file = match (file, from) {
+        (Some(file), _) => file,
+        (None, Some(host)) => {
+            let places = host.places();
+            places
+                .iter()
+                .find(|place| place.is_file())
+                .cloned()
+                .ok_or_else(|| {
+                    let looked: Vec<String> = places
+                        .iter()
+                        .map(|place| format!("`{}`", place.display()))
+                        .collect();
+                    anyhow::anyhow!(
+                        "no server list of that host found; looked at {}; give the file's path",
+                        looked.join(", ")
+                    )
+                })?
+        }
+        (None, None) => bail!(
+            "give the host's file, or `--from claude-desktop|cursor|vscode|claude-code` to read its usual place"
+        ),
+    };
+    let imported = crate::import::import(&file)?;
+    // What it made must load as conductor's config, whichever `${VAR}` it reads is set; those
+    // not set now are named.
+    let check_path = output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("servers.toml"));
+    let unset = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let lookup = |name: &str| match std::env::var(name) {
+        Ok(value) => Some(value),
+        Err(_) if name == crate::config::TOKEN_VARIABLE => None,
+        Err(_) => {
+            if let Ok(mut unset) = unset.lock() {
+                unset.insert(name.to_owned());
+            }
+            Some("https://placeholder.invalid".to_owned())
+        }
+    };
+    if let Err(error) = Config::parse(&imported.toml, &check_path, lookup) {
+        bail!(
+            "the imported config does not load: {error}\n{}",
+            imported.toml
+        );
+    }
+    let mut notes = imported.notes.clone();
+    if let Ok(unset) = unset.into_inner()
+        && !unset.is_empty()
+    {
+        let names: Vec<String> = unset.iter().map(|name| format!("`{name}`")).collect();
+        notes.push(format!(
+            "the config reads {} from conductor's environment, not set now: set {} before `conductor serve`",
+            names.join(", "),
+            if names.len() == 1 { "it" } else { "them" }
+        ));
+    }
+    for note in &notes {
+        eprintln!("note: {note}");
+    }
+    match &output {
+        Some(path) => {
+            if path.exists() && !force {
+                bail!(
+                    "`{}` exists; give `--force` to replace it, or another `--output`",
+                    path.display()
+                );
+            }
+            std::fs::write(path, &imported.toml)
+                .with_context(|| format!("cannot write `{}`", path.display()))?;
+            eprintln!(
+                "wrote {} server{} from `{}` to `{}`",
+                imported.servers,
+                if imported.servers == 1 { "" } else { "s" },
+                file.display(),
+                path.display()
+            );
+        }
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            write!(stdout, "{}", imported.toml).context("cannot write to stdout")?;
+        }
+    }
+    Ok(if imported.servers == 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     })
 }
 

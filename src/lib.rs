@@ -13,7 +13,7 @@
 //!   across protocol versions;
 //! - [`orchestrate`]: workflows of tool calls, run through the router;
 //! - [`server`]: the MCP handler clients talk to, over stdio or [`http`];
-//! - [`cli`]: the `conductor` commands.
+//! - [`cli`]: the `conductor` commands, and [`import`], a host's server list as `servers.toml`.
 
 pub mod breaker;
 pub mod bridge;
@@ -22,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod downstream;
 pub mod http;
+pub mod import;
 pub mod maps;
 pub mod orchestrate;
 pub mod registry;

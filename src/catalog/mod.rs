@@ -14,7 +14,7 @@ use rmcp::model::{Prompt, Resource, ResourceTemplate, Tool, ToolAnnotations};
 
 use crate::config::{Prefix, ServerName, ServerSpec, did_you_mean};
 use crate::schema::CompiledSchema;
-pub use naming::{MAX_NAME_LEN, public_name};
+pub use naming::{MAX_NAME_LEN, public_name, with_name_characters};
 pub use uri::{namespaced, split_namespaced, template_matches};
 
 /// What one downstream offers, as it listed it.

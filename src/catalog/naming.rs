@@ -12,16 +12,7 @@ pub fn public_name(prefix: Option<&str>, separator: &str, name: &str) -> String 
         Some(prefix) => format!("{prefix}{separator}{name}"),
         None => name.to_owned(),
     };
-    let mut clean: String = full
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let mut clean = with_name_characters(&full);
     if clean.is_empty() {
         clean.push('_');
     }
@@ -31,6 +22,20 @@ pub fn public_name(prefix: Option<&str>, separator: &str, name: &str) -> String 
     // Hash the unshortened name, so two long names that share their first characters differ.
     let keep = MAX_NAME_LEN - HASH_LEN - 1;
     format!("{}_{:08x}", &clean[..keep], fnv1a32(full.as_bytes()))
+}
+
+/// `text` with each character a name may not have (anything but ASCII letters, digits, `_`
+/// and `-`) replaced by `_`.
+pub fn with_name_characters(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// FNV-1a, 32 bits: tiny, and its output never changes between builds or platforms, unlike

@@ -211,3 +211,80 @@ async fn a_remote_that_refuses_the_token_is_failed_unauthorized() {
     assert_eq!(code, 0, "{stdout}");
     assert!(stdout.contains("ready"), "{stdout}");
 }
+
+/// `conductor import` in a folder, with `HOME` there too (the hosts' usual places), and no
+/// variable of the imported files set.
+async fn import_in(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let output = tokio::process::Command::new(super::support::CONDUCTOR)
+        .arg("import")
+        .args(args)
+        .current_dir(dir)
+        .env("HOME", dir)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("CONDUCTOR_TOKEN")
+        .output()
+        .await
+        .expect("conductor runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Each host's file, as its documentation shows it (Claude Desktop, Cursor, VS Code, Claude
+/// Code's `.mcp.json` and `~/.claude.json`), becomes a `servers.toml` that loads, with a note
+/// for each thing that does not carry over.
+#[tokio::test]
+async fn import_writes_each_hosts_servers_as_a_config() {
+    let samples = super::support::project_root().join("tests/it/import");
+    for sample in [
+        "claude_desktop_config.json",
+        "cursor_mcp.json",
+        "vscode_mcp.json",
+        "claude_code_mcp.json",
+        "claude.json",
+    ] {
+        let (code, stdout, stderr) = import_in(&samples, &[sample]).await;
+        assert_eq!(code, 0, "{sample}: {stderr}");
+        insta::assert_snapshot!(
+            format!("import_{}", sample.trim_end_matches(".json")),
+            format!("{stdout}\n--- notes ---\n{stderr}")
+        );
+    }
+}
+
+/// An imported Claude Desktop config serves: found at the host's usual place, written to
+/// `--output` (kept unless `--force`), and `check` passes with its server up.
+#[tokio::test]
+async fn an_imported_config_serves() {
+    let config = TestConfig::new("");
+    let dir = config.dir.path();
+    let desktop = dir.join(".config/Claude");
+    std::fs::create_dir_all(&desktop).unwrap();
+    let host = serde_json::json!({"mcpServers": {"echo": {
+        "command": super::support::FIXTURE, "args": ["echo"], "env": {"GREETING": "hi"}}}});
+    std::fs::write(desktop.join("claude_desktop_config.json"), host.to_string()).unwrap();
+    let written = dir.join("imported.toml");
+    let output = written.display().to_string();
+    let (code, _, stderr) =
+        import_in(dir, &["--from", "claude-desktop", "--output", &output]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("wrote 1 server"), "{stderr}");
+    let (code, _, stderr) =
+        import_in(dir, &["--from", "claude-desktop", "--output", &output]).await;
+    assert_eq!(code, 1, "an existing file is kept: {stderr}");
+    assert!(stderr.contains("--force"), "{stderr}");
+    let (code, stdout, stderr) = conductor_cli(&written, &["check"]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("echo") && stdout.contains("ready"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = import_in(dir, &["--from", "cursor"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains(".cursor/mcp.json"),
+        "names where it looked: {stderr}"
+    );
+}
