@@ -198,19 +198,22 @@ pub struct LineTransport<Role, R> {
     /// The line being read: a read cancelled mid-line (rmcp polls `receive` in a `select!`)
     /// leaves its part here for the next call.
     line: Vec<u8>,
-    /// Skipping the rest of a line over [`MAX_LINE`].
+    /// Skipping the rest of a line over `max_line`.
     discarding: bool,
+    /// The longest message read (the config's `max_message_bytes`).
+    max_line: usize,
     writer: Writer,
     tap: Arc<dyn Tap>,
     _role: PhantomData<fn() -> Role>,
 }
 
 impl<Role: ServiceRole, R: AsyncRead + Send + Unpin + 'static> LineTransport<Role, R> {
-    pub fn new(read: R, writer: Writer, tap: Arc<dyn Tap>) -> Self {
+    pub fn new(read: R, writer: Writer, tap: Arc<dyn Tap>, max_line: usize) -> Self {
         LineTransport {
             read: BufReader::new(read),
             line: Vec::new(),
             discarding: false,
+            max_line,
             writer,
             tap,
             _role: PhantomData,
@@ -240,9 +243,9 @@ impl<Role: ServiceRole, R: AsyncRead + Send + Unpin + 'static> LineTransport<Rol
                 let take = newline.map_or(available.len(), |at| at + 1);
                 if self.discarding {
                     self.discarding = newline.is_none();
-                } else if self.line.len() + take > MAX_LINE {
+                } else if self.line.len() + take > self.max_line {
                     tracing::error!(
-                        max = MAX_LINE,
+                        max = self.max_line,
                         "a message longer than the most conductor reads was dropped"
                     );
                     let head = &self.line[..self.line.len().min(256)];

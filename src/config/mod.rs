@@ -30,6 +30,8 @@ pub const DEFAULT_SEPARATOR: &str = "__";
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_KEEP_RUNS: Duration = Duration::from_secs(24 * 3600);
+/// The largest message read from a stdio server or a stdio client (16 MiB).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// How long a client's first lists wait for servers still starting.
 pub const DEFAULT_LIST_WAIT: Duration = Duration::from_secs(3);
 /// An environment variable whose value is accepted as a bearer token, besides `[http] tokens`.
@@ -46,6 +48,8 @@ pub struct Config {
     /// While servers are starting, how long after conductor starts a list waits for them;
     /// later lists, and those after every server has started, answer at once.
     pub list_wait: Duration,
+    /// The largest message read from a stdio client, in bytes.
+    pub max_message_bytes: usize,
     /// Every server in file order, enabled or not.
     pub servers: Vec<ServerSpec>,
     /// Saved workflows, offered as tools `workflow__<name>`, in file order.
@@ -125,6 +129,8 @@ pub struct ServerSpec {
     pub prefix: Prefix,
     pub startup_timeout: Duration,
     pub call_timeout: Duration,
+    /// The largest message read from this server (a stdio child), in bytes.
+    pub max_message_bytes: usize,
     /// Consecutive transient failures that open the server's circuit breaker.
     pub breaker_failures: u32,
     /// How long an open circuit fails calls at once before it lets a trial through.
@@ -393,6 +399,7 @@ struct Defaults {
     call_timeout: Duration,
     keep_runs: Duration,
     list_wait: Duration,
+    max_message_bytes: usize,
 }
 
 fn validate(
@@ -410,6 +417,7 @@ fn validate(
             call_timeout: DEFAULT_CALL_TIMEOUT,
             keep_runs: DEFAULT_KEEP_RUNS,
             list_wait: DEFAULT_LIST_WAIT,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         },
     };
     // Absolute, so a child's folder does not depend on where conductor was started.
@@ -457,6 +465,7 @@ fn validate(
         separator: defaults.separator,
         keep_runs: defaults.keep_runs,
         list_wait: defaults.list_wait,
+        max_message_bytes: defaults.max_message_bytes,
         servers,
         workflows,
         http,
@@ -510,6 +519,7 @@ fn read_defaults(mut table: Table<'_, '_>, problems: &mut Problems) -> Defaults 
         read_duration(&mut table, "call_timeout", problems).unwrap_or(DEFAULT_CALL_TIMEOUT);
     let keep_runs = read_duration(&mut table, "keep_runs", problems).unwrap_or(DEFAULT_KEEP_RUNS);
     let list_wait = read_duration(&mut table, "list_wait", problems).unwrap_or(DEFAULT_LIST_WAIT);
+    let max_message_bytes = read_message_size(&mut table, DEFAULT_MAX_MESSAGE_BYTES, problems);
     table.finish(problems);
     Defaults {
         separator,
@@ -517,6 +527,29 @@ fn read_defaults(mut table: Table<'_, '_>, problems: &mut Problems) -> Defaults 
         call_timeout,
         keep_runs,
         list_wait,
+        max_message_bytes,
+    }
+}
+
+/// `max_message_bytes`: at least 1 KiB, at most 1 GiB.
+fn read_message_size(table: &mut Table<'_, '_>, default: usize, problems: &mut Problems) -> usize {
+    const LEAST: u64 = 1024;
+    const MOST: u64 = 1024 * 1024 * 1024;
+    let span = table.get("max_message_bytes").map(|value| value.span());
+    match (table.count("max_message_bytes", problems), span) {
+        (Some(bytes), _) if (LEAST..=MOST).contains(&bytes) => bytes as usize,
+        (Some(_), Some(span)) => {
+            problems.add_with_hint(
+                span,
+                format!(
+                    "`{}` must be between 1024 and 1073741824",
+                    table.child_path("max_message_bytes")
+                ),
+                Some("the default is 16777216 (16 MiB)"),
+            );
+            default
+        }
+        _ => default,
     }
 }
 

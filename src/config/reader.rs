@@ -34,7 +34,8 @@ impl<'t, 'i> Table<'t, 'i> {
         &self.path
     }
 
-    fn child_path(&self, key: &str) -> String {
+    /// A key's dotted name in this table, for messages (`servers.fs.call_timeout`).
+    pub(crate) fn child_path(&self, key: &str) -> String {
         if self.path.is_empty() {
             key.to_owned()
         } else {

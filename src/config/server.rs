@@ -72,6 +72,8 @@ pub(super) fn read_server(
         read_duration(&mut table, "startup_timeout", problems).unwrap_or(defaults.startup_timeout);
     let call_timeout =
         read_duration(&mut table, "call_timeout", problems).unwrap_or(defaults.call_timeout);
+    let max_message_bytes =
+        super::read_message_size(&mut table, defaults.max_message_bytes, problems);
     let breaker_failures = table
         .count("breaker_failures", problems)
         .map_or(crate::breaker::DEFAULT_FAILURES, |count| {
@@ -308,6 +310,7 @@ pub(super) fn read_server(
         prefix,
         startup_timeout,
         call_timeout,
+        max_message_bytes,
         breaker_failures,
         breaker_cool_down,
         timeout_resets_on_progress,

@@ -46,6 +46,9 @@ pub struct TextLane {
     next: AtomicU64,
     /// Tools' `execution`, by name, from `tools/list` answers (see [`TextLane::take_executions`]).
     executions: Mutex<HashMap<String, serde_json::Value>>,
+    /// The longest message read from the child, to name in the error of a call whose
+    /// answer is longer.
+    max_line: usize,
 }
 
 /// Where what the tap takes for a call goes. Most calls hear only their answer, so a call
@@ -122,12 +125,13 @@ impl Drop for SentCall<'_> {
 }
 
 impl TextLane {
-    pub fn new(writer: Writer) -> Self {
+    pub fn new(writer: Writer, max_line: usize) -> Self {
         TextLane {
             writer,
             pending: Mutex::default(),
             next: AtomicU64::new(1),
             executions: Mutex::default(),
+            max_line,
         }
     }
 
@@ -370,8 +374,8 @@ impl Tap for TextLane {
         };
         let reply = Reply::Error(ErrorData::internal_error(
             format!(
-                "the server's answer is larger than the {} MiB conductor reads from a server; none of it was passed on",
-                crate::wire::MAX_LINE / (1024 * 1024)
+                "the server's answer is larger than the {} bytes conductor reads from it (`max_message_bytes`); none of it was passed on",
+                self.max_line
             ),
             None,
         ));
@@ -395,7 +399,7 @@ mod tests {
     async fn a_call_is_written_as_text_and_its_answer_taken_back() {
         let (ours, theirs) = tokio::io::duplex(4096);
         let (_, write) = tokio::io::split(ours);
-        let lane = TextLane::new(Writer::new(write));
+        let lane = TextLane::new(Writer::new(write), crate::wire::MAX_LINE);
         let arguments = RawValue::from_string(r#"{"text": "hi"}"#.to_owned()).unwrap();
         let mut sent = lane
             .call("echo", Some(&arguments), true, false)
@@ -437,7 +441,7 @@ mod tests {
     async fn progress_taken_before_the_answer_is_heard_before_it() {
         let (ours, _theirs) = tokio::io::duplex(4096);
         let (_, write) = tokio::io::split(ours);
-        let lane = TextLane::new(Writer::new(write));
+        let lane = TextLane::new(Writer::new(write), crate::wire::MAX_LINE);
         let mut quiet = lane.call("echo", None, false, false).await.unwrap();
         let mut sent = lane.call("echo", None, true, false).await.unwrap();
         let progress = |id: &str, n: u32| {
@@ -475,7 +479,7 @@ mod tests {
     async fn calls_in_flight_end_with_the_connection() {
         let (ours, _theirs) = tokio::io::duplex(4096);
         let (_, write) = tokio::io::split(ours);
-        let lane = TextLane::new(Writer::new(write));
+        let lane = TextLane::new(Writer::new(write), crate::wire::MAX_LINE);
         let mut sent = lane.call("echo", None, false, false).await.unwrap();
         lane.ended().await;
         assert!(sent.answer().await.is_none());

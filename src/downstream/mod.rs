@@ -200,7 +200,7 @@ impl Connection {
         let opening = async {
             match &spec.transport {
                 Transport::Stdio(stdio) => {
-                    let child = stdio::spawn(&spec.name, stdio)?;
+                    let child = stdio::spawn(&spec.name, stdio, spec.max_message_bytes)?;
                     let opened = Opened {
                         pid: child.pid,
                         lane: Some(child.lane),

@@ -76,7 +76,12 @@ impl StderrTail {
 /// Spawn the child. It leads its own process group, so stopping it also stops whatever it
 /// started (an `npx` wrapper's node process, a shell's children), and it is killed if the
 /// handle is dropped.
-pub(super) fn spawn(server: &ServerName, spec: &StdioSpec) -> Result<Child, ConnectError> {
+/// Start a child; `max_line` is the longest message read from it.
+pub(super) fn spawn(
+    server: &ServerName,
+    spec: &StdioSpec,
+    max_line: usize,
+) -> Result<Child, ConnectError> {
     if !spec.cwd.is_dir() {
         return Err(ConnectError::Spawn {
             command: spec.command.clone(),
@@ -142,9 +147,9 @@ pub(super) fn spawn(server: &ServerName, spec: &StdioSpec) -> Result<Child, Conn
     }
     let pid = child.id();
     let writer = Writer::new(stdin);
-    let lane = Arc::new(TextLane::new(writer.clone()));
+    let lane = Arc::new(TextLane::new(writer.clone(), max_line));
     let transport = ChildTransport {
-        lines: LineTransport::new(stdout, writer, lane.clone()),
+        lines: LineTransport::new(stdout, writer, lane.clone(), max_line),
         child: Some(child),
         server: server.clone(),
     };
@@ -242,14 +247,23 @@ impl Drop for ChildTransport {
 }
 
 /// Each line the child writes to stderr becomes a log event under its server's name: stdout
-/// is the protocol, so nothing of the child's may reach ours.
+/// is the protocol, so nothing of the child's may reach ours. A line is kept to
+/// [`MAX_STDERR_LINE`] bytes (the rest is counted, not held: a child that writes without
+/// newlines must not grow conductor's memory), and need not be UTF-8.
 async fn forward_stderr(server: ServerName, stderr: ChildStderr, tail: StderrTail) {
-    let mut lines = BufReader::new(stderr).lines();
+    let mut reader = BufReader::new(stderr);
+    let mut line = Vec::new();
     loop {
-        match lines.next_line().await {
-            Ok(Some(line)) => {
-                tail.push(&line);
-                tracing::info!(server = %server, "{line}");
+        match read_capped_line(&mut reader, &mut line, MAX_STDERR_LINE).await {
+            Ok(Some(cut)) => {
+                let mut text = String::from_utf8_lossy(&line)
+                    .trim_end_matches('\r')
+                    .to_owned();
+                if cut > 0 {
+                    text.push_str(&format!(" ... ({cut} more bytes not shown)"));
+                }
+                tail.push(&text);
+                tracing::info!(server = %server, "{text}");
             }
             Ok(None) => break,
             Err(error) => {
@@ -259,6 +273,38 @@ async fn forward_stderr(server: ServerName, stderr: ChildStderr, tail: StderrTai
         }
     }
     tail.end();
+}
+
+/// The longest stderr line kept whole, in bytes.
+const MAX_STDERR_LINE: usize = 16 * 1024;
+
+/// Read one line into `line` (without its newline), keeping at most `max` bytes of it: the
+/// count of bytes past those, or `None` at the end of the stream with nothing read.
+async fn read_capped_line<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    line: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Option<usize>> {
+    line.clear();
+    let mut cut = 0;
+    let mut read_any = false;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(read_any.then_some(cut));
+        }
+        read_any = true;
+        let newline = memchr::memchr(b'\n', available);
+        let part = &available[..newline.unwrap_or(available.len())];
+        let keep = part.len().min(max.saturating_sub(line.len()));
+        line.extend_from_slice(&part[..keep]);
+        cut += part.len() - keep;
+        let consumed = newline.map_or(available.len(), |at| at + 1);
+        reader.consume(consumed);
+        if newline.is_some() {
+            return Ok(Some(cut));
+        }
+    }
 }
 
 /// Send `signal` to a child's whole process group (it leads it).
@@ -330,4 +376,38 @@ pub fn run_launcher(args: &[OsString]) -> ExitCode {
         program.to_string_lossy()
     );
     ExitCode::from(127)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_long_stderr_line_is_kept_short_and_counted() {
+        let mut text = vec![b'x'; 100_000];
+        text.extend_from_slice(b"\nnext\xff\nlast");
+        let mut reader = tokio::io::BufReader::with_capacity(4096, text.as_slice());
+        let mut line = Vec::new();
+        let cut = read_capped_line(&mut reader, &mut line, 1000)
+            .await
+            .unwrap();
+        assert_eq!((line.len(), cut), (1000, Some(99_000)));
+        let cut = read_capped_line(&mut reader, &mut line, 1000)
+            .await
+            .unwrap();
+        assert_eq!(
+            (String::from_utf8_lossy(&line).as_ref(), cut),
+            ("next\u{fffd}", Some(0))
+        );
+        let cut = read_capped_line(&mut reader, &mut line, 1000)
+            .await
+            .unwrap();
+        assert_eq!((line.as_slice(), cut), (b"last".as_slice(), Some(0)));
+        assert_eq!(
+            read_capped_line(&mut reader, &mut line, 1000)
+                .await
+                .unwrap(),
+            None
+        );
+    }
 }

@@ -836,6 +836,7 @@ impl Answering {
 pub async fn serve_stdio(
     server: ConductorServer,
 ) -> Result<RunningService<RoleServer, ConductorServer>, ServerInitializeError> {
+    let max_line = server.router.registry().config().max_message_bytes;
     // When stdin and stdout are pipes (as MCP hosts start servers) they are read and written
     // on the IO reactor; anything else (a terminal) falls back to blocking handles.
     let (read, write) = rmcp::transport::stdio_pipes();
@@ -845,7 +846,7 @@ pub async fn serve_stdio(
         writer: writer.clone(),
         tasks: TaskTracker::new(),
     });
-    let transport = LineTransport::<RoleServer, _>::new(read, writer, tap.clone());
+    let transport = LineTransport::<RoleServer, _>::new(read, writer, tap.clone(), max_line);
     let service = server.clone().serve(transport).await?;
     let peer = service.peer();
     if let Some(front) =

@@ -295,7 +295,9 @@ async fn garbage_and_huge_messages_are_answered_clearly() {
         .await
         .unwrap_err();
     assert!(
-        error.contains("larger than the 16 MiB conductor reads from a server"),
+        error.contains(
+            "larger than the 16777216 bytes conductor reads from it (`max_message_bytes`)"
+        ),
         "{error}"
     );
     assert!(
@@ -736,4 +738,29 @@ async fn a_server_that_fails_its_first_start_is_tried_again() {
     .await;
     assert_eq!(answer, "back");
     assert!(mark.exists(), "the first start did fail");
+}
+
+/// The size limit is the config's: a server given `max_message_bytes = 100000` fails a call
+/// whose answer is larger at once, naming the limit, and goes on serving.
+#[tokio::test]
+async fn the_message_size_limit_is_configurable() {
+    let config = TestConfig::new(&crashy(
+        "faulty",
+        "max_message_bytes = 100000\ncall_timeout = \"20s\"",
+    ));
+    let session = super::support::serve(&config).await;
+    let fits = try_call(&session, "faulty__huge", json!({"bytes": 50_000}))
+        .await
+        .unwrap();
+    assert_eq!(fits.len(), 50_000);
+    let started = std::time::Instant::now();
+    let error = try_call(&session, "faulty__huge", json!({"bytes": 200_000}))
+        .await
+        .unwrap_err();
+    assert!(error.contains("larger than the 100000 bytes"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(10), "at once");
+    assert_eq!(
+        try_call(&session, "faulty__ok", json!({})).await,
+        Ok("fine".to_owned())
+    );
 }
