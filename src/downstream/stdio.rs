@@ -350,19 +350,39 @@ pub fn use_launcher(executable: PathBuf) {
     let _ = LAUNCHER.set(executable);
 }
 
-/// `conductor __launch-child PARENT_PID PROGRAM ARGS...`: have the kernel kill this process
-/// when its parent dies (even by SIGKILL), then become PROGRAM. The signal survives `exec`.
+/// `conductor __launch-child PARENT_PID PROGRAM ARGS...`: start PROGRAM as this process's
+/// child and stay, as the leader of the process group conductor made for it, until it exits
+/// (its exit status is this process's). When conductor dies, even by SIGKILL, the kernel
+/// tells this process (a parent-death signal), which then kills the whole group: PROGRAM and
+/// anything it started that stayed in the group, such as a grandchild that ignores SIGTERM.
 ///
-/// Linux ties the signal to the thread that spawned the child: conductor spawns children from
-/// its runtime's threads, which live as long as conductor does.
+/// The signals the group is sent to stop it (SIGTERM, SIGINT, SIGHUP) are for PROGRAM; this
+/// process blocks them and waits, so conductor's last SIGKILL to the group still finds every
+/// member. The standard library gives PROGRAM an empty signal mask. Linux ties the
+/// parent-death signal to the thread that spawned this process: conductor spawns children
+/// from its runtime's threads, which live as long as conductor does. Elsewhere (macOS) there
+/// is no such signal: children stop when their stdin closes and at conductor's shutdown.
 pub fn run_launcher(args: &[OsString]) -> ExitCode {
-    use std::os::unix::process::CommandExt;
+    use nix::sys::signal::{SigSet, Signal};
     let [parent, program, rest @ ..] = args else {
         eprintln!("usage: conductor {LAUNCHER_ARG} PARENT_PID PROGRAM [ARGS...]");
         return ExitCode::from(2);
     };
+    let mut waited = SigSet::empty();
+    for signal in [
+        Signal::SIGCHLD,
+        Signal::SIGUSR1,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        waited.add(signal);
+    }
+    if let Err(error) = waited.thread_block() {
+        eprintln!("conductor: cannot block signals: {error}");
+    }
     #[cfg(target_os = "linux")]
-    if let Err(error) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+    if let Err(error) = nix::sys::prctl::set_pdeathsig(Signal::SIGUSR1) {
         eprintln!("conductor: cannot set a parent-death signal: {error}");
     }
     // The parent may have died before the signal was set: then nobody would send it.
@@ -370,12 +390,52 @@ pub fn run_launcher(args: &[OsString]) -> ExitCode {
     if expected != Some(nix::unistd::getppid().as_raw()) {
         return ExitCode::FAILURE;
     }
-    let error = std::process::Command::new(program).args(rest).exec();
-    eprintln!(
-        "conductor: cannot start `{}`: {error}",
-        program.to_string_lossy()
-    );
-    ExitCode::from(127)
+    let mut child = match std::process::Command::new(program).args(rest).spawn() {
+        Ok(child) => child,
+        Err(error) => {
+            eprintln!(
+                "conductor: cannot start `{}`: {error}",
+                program.to_string_lossy()
+            );
+            return ExitCode::from(127);
+        }
+    };
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return exit_code_of(status),
+            Ok(None) => {}
+            Err(error) => {
+                eprintln!("conductor: lost track of the server: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+        match waited.wait() {
+            // Conductor is gone: nothing of this group may outlive it.
+            Ok(Signal::SIGUSR1) => {
+                let _ = nix::sys::signal::killpg(nix::unistd::getpgrp(), Signal::SIGKILL);
+                return ExitCode::FAILURE;
+            }
+            // A child changed state (look again), or the group is being stopped (the server
+            // was told too; its exit ends this loop).
+            Ok(_) => {}
+            Err(error) => {
+                eprintln!("conductor: cannot wait for signals: {error}");
+                let _ = child.wait();
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+}
+
+/// The server's exit status as this process's: its code, or 128 + the signal that ended it,
+/// as a shell says it.
+fn exit_code_of(status: std::process::ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|signal| 128 + signal))
+        .unwrap_or(1);
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
 #[cfg(test)]

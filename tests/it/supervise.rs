@@ -80,6 +80,30 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// The direct children of `root`: conductor's are the launchers, one per server process,
+/// each the parent of its server.
+fn children(root: u32) -> Vec<u32> {
+    descendants(root)
+        .into_iter()
+        .filter(|&pid| parent_of(pid) == Some(root))
+        .collect()
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Wait (up to 10 s) until `root` has `count` children: servers start after `serve` answers.
+async fn children_become(root: u32, count: usize) -> Vec<u32> {
+    eventually(Duration::from_secs(10), "the servers run", || async move {
+        let children = children(root);
+        (children.len() == count).then_some(children)
+    })
+    .await
+}
+
 fn zombies_below(root: u32) -> Vec<u32> {
     descendants(root)
         .into_iter()
@@ -341,7 +365,7 @@ async fn replicas_share_the_calls_and_cover_for_each_other() {
     let config = TestConfig::new(&crashy("pool", "replicas = 3\nrestart_delay = \"300ms\""));
     let server = HttpConductor::start(&config).await;
     let session = http_session(&server.mcp(), None).await;
-    assert_eq!(descendants(server.child.id().unwrap()).len(), 3);
+    children_become(server.child.id().unwrap(), 3).await;
 
     // Calls in flight together go to the least busy child.
     let pids: HashSet<String> = futures::future::join_all(
@@ -545,8 +569,7 @@ async fn soak_every_call_is_answered_while_a_server_crash_loops() {
             + "[servers.math]\ncommand = \"{fixture}\"\nargs = [\"math\"]\n"),
     );
     let (session, conductor) = serve_tracked(&config).await;
-    let before = descendants(conductor).len();
-    assert_eq!(before, 3);
+    let before = children_become(conductor, 3).await.len();
 
     let outcomes: Vec<&'static str> = futures::stream::iter(0..CALLS)
         .map(|index| {
@@ -598,7 +621,7 @@ async fn soak_every_call_is_answered_while_a_server_crash_loops() {
         Duration::from_secs(10),
         "old children are reaped",
         || async {
-            let after = descendants(conductor);
+            let after = children(conductor);
             (after.len() == before).then_some(after)
         },
     )
@@ -763,4 +786,35 @@ async fn the_message_size_limit_is_configurable() {
         try_call(&session, "faulty__ok", json!({})).await,
         Ok("fine".to_owned())
     );
+}
+
+/// A server's own child that ignores SIGTERM and stays in its group (a grandchild of
+/// conductor) dies with the server's launcher when conductor is killed outright.
+#[tokio::test]
+async fn grandchildren_die_with_conductor_even_when_it_is_killed() {
+    let config = TestConfig::new(&format!(
+        "[servers.parent]\ncommand = \"sh\"\nargs = [\"-c\", \"trap '' TERM; sleep 1000 & exec '{}' crashy\"]\n",
+        super::support::FIXTURE
+    ));
+    let mut server = HttpConductor::start(&config).await;
+    let conductor = server.child.id().unwrap();
+    // The server and its `sleep` (and conductor's launcher between them and conductor).
+    let family = eventually(Duration::from_secs(10), "the family runs", || async move {
+        let family = descendants(conductor);
+        let named = |name: &str| {
+            family.iter().any(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|comm| comm.trim() == name)
+            })
+        };
+        (named("sleep") && named("mcp-fixture")).then_some(family)
+    })
+    .await;
+    server.child.start_kill().unwrap();
+    let _ = server.child.wait().await;
+    eventually(Duration::from_secs(5), "the whole family is gone", || {
+        let family = &family;
+        async move { family.iter().all(|&pid| !alive(pid)).then_some(()) }
+    })
+    .await;
 }
