@@ -422,7 +422,7 @@ impl Router {
 
     /// A downstream that announced a list change during a call (one of `heard_before` or
     /// more): the client hears of it before the call's answer, as it would directly, once
-    /// conductor has listed again (at most [`TELL_FIRST_WITHIN`] is waited).
+    /// conductor has listed again (at most 2 s is waited, `TELL_FIRST_WITHIN`).
     pub async fn tell_list_changes_first(&self, heard_before: u64) {
         let heard = self.registry.relay().list_changes_heard();
         if heard == heard_before || self.told.0.borrow().is_none() {
