@@ -139,6 +139,8 @@ struct Replica {
     connection: Option<Arc<Connection>>,
     /// Restarts in a row without a stable run in between.
     restarts: u32,
+    /// When it is tried again, while it waits to be.
+    next_try: Option<Instant>,
 }
 
 impl Replica {
@@ -147,6 +149,7 @@ impl Replica {
             status,
             connection: None,
             restarts: 0,
+            next_try: None,
         }
     }
 }
@@ -564,13 +567,33 @@ impl Registry {
             Status::Failed(reason) | Status::Unauthorized(reason) => {
                 format!("server `{server}` is down: {reason}")
             }
-            Status::Restarting { attempt, error } => {
-                format!("server `{server}` is restarting (attempt {attempt}) after: {error}")
-            }
-            Status::Reconnecting { attempt, error } => {
-                format!("server `{server}` is reconnecting (attempt {attempt}): {error}")
-            }
+            Status::Restarting { attempt, error } => format!(
+                "server `{server}` is restarting (attempt {attempt}{}) after: {error}",
+                self.next_try(server)
+            ),
+            Status::Reconnecting { attempt, error } => format!(
+                "server `{server}` is reconnecting (attempt {attempt}{}): {error}",
+                self.next_try(server)
+            ),
             status => format!("server `{server}` is {}", status.label()),
+        }
+    }
+
+    /// When a server waiting to be tried again next is, as words for an error (`, next try in
+    /// 1.2s`); nothing when no replica waits.
+    fn next_try(&self, server: &ServerName) -> String {
+        let soonest = self.servers.get(server).and_then(|slot| {
+            slot.replicas
+                .iter()
+                .filter_map(|replica| replica.next_try)
+                .min()
+        });
+        match soonest {
+            Some(at) => format!(
+                ", next try in {}",
+                crate::config::format_duration(at.saturating_duration_since(Instant::now()))
+            ),
+            None => String::new(),
         }
     }
 
@@ -808,6 +831,7 @@ impl Registry {
                     return true;
                 }
                 replica.status = Status::Ready;
+                replica.next_try = None;
                 replica.connection = Some(connection.clone());
                 slot.listing = listing;
                 drop(slot);
@@ -1143,9 +1167,10 @@ pub fn restart_delay(first: Duration, attempt: u32) -> Duration {
 
 /// Sleep before restart attempt `attempt`: between half and all of [`restart_delay`], so that
 /// many conductors do not knock on a recovering server all at once.
-async fn wait_before_restart(first: Duration, attempt: u32) {
-    let delay = restart_delay(first, attempt);
-    tokio::time::sleep(delay.mul_f64(0.5 + fastrand::f64() / 2.0)).await;
+/// The wait before a restart, jittered so replicas that failed together do not all come back
+/// at once.
+fn jittered_restart_delay(first: Duration, attempt: u32) -> Duration {
+    restart_delay(first, attempt).mul_f64(0.5 + fastrand::f64() / 2.0)
 }
 
 /// Start a replica again after it ended, waiting longer after each failure, until it comes up,
@@ -1159,14 +1184,18 @@ fn recover(
 ) -> futures::future::BoxFuture<'static, ()> {
     // Boxed: a restart may fail and schedule the next one, a cycle an `async fn` cannot name.
     Box::pin(async move {
-        let Some((attempt, first)) = registry.upgrade().and_then(|registry| {
-            let slot = registry.servers.get(&server)?;
-            let replica = slot.replicas.get(index)?;
-            Some((replica.restarts, slot.spec.supervision.restart_delay))
+        let Some((attempt, delay)) = registry.upgrade().and_then(|registry| {
+            let mut slot = registry.servers.get_mut(&server)?;
+            let first = slot.spec.supervision.restart_delay;
+            let replica = slot.replicas.get_mut(index)?;
+            let delay = jittered_restart_delay(first, replica.restarts);
+            // For the error of a call meanwhile: when the server is tried again.
+            replica.next_try = Some(Instant::now() + delay);
+            Some((replica.restarts, delay))
         }) else {
             return;
         };
-        wait_before_restart(first, attempt).await;
+        tokio::time::sleep(delay).await;
         let Some(registry) = registry.upgrade() else {
             return;
         };
@@ -1413,15 +1442,13 @@ mod tests {
         assert_eq!(restart_delay(first, u32::MAX), MAX_RESTART_DELAY);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn restart_waits_are_jittered_within_their_delay() {
+    #[test]
+    fn restart_waits_are_jittered_within_their_delay() {
         let first = Duration::from_millis(500);
         for attempt in [1, 3, 10] {
             let delay = restart_delay(first, attempt);
             for _ in 0..20 {
-                let started = tokio::time::Instant::now();
-                wait_before_restart(first, attempt).await;
-                let waited = started.elapsed();
+                let waited = jittered_restart_delay(first, attempt);
                 assert!(
                     waited >= delay / 2 && waited <= delay,
                     "attempt {attempt}: waited {waited:?} of {delay:?}"

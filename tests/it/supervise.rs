@@ -721,6 +721,10 @@ async fn a_typo_is_refused_at_once_and_a_down_servers_tool_says_why() {
     // A failed start is tried again, with backoff: the error says so, and why.
     assert!(text.contains("server `gone` is restarting"), "{text}");
     assert!(
+        text.contains(", next try in "),
+        "when it is tried again: {text}"
+    );
+    assert!(
         text.contains("cannot start `/nonexistent/mcp-server`"),
         "{text}"
     );
