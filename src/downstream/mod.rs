@@ -105,8 +105,14 @@ pub enum ConnectError {
 /// Rust type); a refusal of conductor's credentials is told apart.
 fn handshake_error(error: rmcp::service::ClientInitializeError) -> ConnectError {
     use rmcp::service::ClientInitializeError;
-    let ClientInitializeError::TransportError { error, context } = error else {
-        return ConnectError::Handshake(error.to_string());
+    let (error, context) = match error {
+        ClientInitializeError::TransportError { error, context } => (error, context),
+        ClientInitializeError::ConnectionClosed(waiting) => {
+            return ConnectError::Handshake(format!(
+                "the server closed the connection while conductor waited for the {waiting}"
+            ));
+        }
+        other => return ConnectError::Handshake(other.to_string()),
     };
     let text = error.error.to_string();
     match text.as_str() {

@@ -402,7 +402,13 @@ pub fn run_launcher(args: &[OsString]) -> ExitCode {
     };
     loop {
         match child.try_wait() {
-            Ok(Some(status)) => return exit_code_of(status),
+            Ok(Some(status)) => {
+                // Last on its stderr, so the reason a server failed shows how it ended.
+                if !status.success() {
+                    eprintln!("{}", how_it_ended(status));
+                }
+                return exit_code_of(status);
+            }
             Ok(None) => {}
             Err(error) => {
                 eprintln!("conductor: lost track of the server: {error}");
@@ -424,6 +430,20 @@ pub fn run_launcher(args: &[OsString]) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
+    }
+}
+
+/// How a server that failed ended, in words: its exit status, or the signal that ended it.
+fn how_it_ended(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("(the server exited with status {code})"),
+        (None, Some(signal)) => {
+            let name = nix::sys::signal::Signal::try_from(signal)
+                .map_or_else(|_| signal.to_string(), |signal| signal.as_str().to_owned());
+            format!("(the server was ended by {name})")
+        }
+        (None, None) => "(the server ended)".to_owned(),
     }
 }
 

@@ -185,6 +185,10 @@ async fn check_shows_what_a_failed_server_said_on_stderr() {
         stdout.contains("its stderr ended with: ImportError"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("the server exited with status 3"),
+        "and how it ended: {stdout}"
+    );
 }
 
 /// A remote server that refuses conductor's credentials (HTTP 401) is `failed
