@@ -17,12 +17,47 @@ use rmcp::model::{ErrorCode, NumberOrString};
 use rmcp::service::{RxJsonRpcMessage, ServiceRole, TxJsonRpcMessage};
 use rmcp::transport::Transport;
 use serde::Deserialize;
+use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
 /// The largest message read, as rmcp's own stdio transport allows: a peer that never ends
 /// a line must not grow the buffer without bound.
 pub const MAX_LINE: usize = 16 * 1024 * 1024;
+
+/// How many of a dropped message's first and last bytes are kept to find its id in.
+const DROPPED_EDGE: usize = 256;
+
+/// The id of a message dropped for its size, as its JSON text, from its first or last bytes:
+/// where writers put it (`{"jsonrpc":"2.0","id":7,...` as rmcp and the Python SDK write, or
+/// `...,"jsonrpc":"2.0","id":7}` as the TypeScript SDK writes); only for a request (a
+/// `"method"` seen) when `request`, else only for a response.
+pub fn dropped_id(head: &[u8], tail: &[u8], request: bool) -> Option<String> {
+    static METHOD: LazyLock<Finder> = LazyLock::new(|| Finder::new(b"\"method\""));
+    if request != (METHOD.find(head).is_some() || METHOD.find(tail).is_some()) {
+        return None;
+    }
+    let id_text = |text: &[u8]| -> Option<String> {
+        let text = std::str::from_utf8(text).ok()?.trim();
+        let value: Value = serde_json::from_str(text).ok()?;
+        (value.is_number() || value.is_string()).then(|| text.to_owned())
+    };
+    let compact: Vec<u8> = head
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    if let Some(rest) = compact.strip_prefix(b"{\"jsonrpc\":\"2.0\",\"id\":")
+        && let Some(end) = rest.iter().position(|&b| b == b',')
+        && let Some(id) = id_text(&rest[..end])
+    {
+        return Some(id);
+    }
+    let tail = std::str::from_utf8(tail).ok()?.trim_end();
+    let members = tail.strip_suffix('}')?;
+    let at = members.rfind("\"id\":")?;
+    id_text(members[at + 5..].as_bytes())
+}
 
 /// A line buffer larger than this is let go after its message, so that one big message does
 /// not keep its memory for the connection's life.
@@ -128,9 +163,12 @@ pub trait Tap: Send + Sync + 'static {
         Box::pin(async {})
     }
 
-    /// A message over [`MAX_LINE`] was dropped; `head` is its beginning, where its id
-    /// usually is.
-    fn too_long(&self, _head: &[u8]) {}
+    /// A message over the size limit was dropped: `head` and `tail` are its first and last
+    /// bytes, where its id is (see [`dropped_id`]). The tap may answer for it, or return a
+    /// message for rmcp instead (an error response to rmcp's own request, say).
+    fn too_long(&self, _head: &[u8], _tail: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
 
     /// What rmcp writes, one message, before it goes out: the tap may rewrite it.
     fn sending(&self, line: Vec<u8>) -> Vec<u8> {
@@ -198,8 +236,8 @@ pub struct LineTransport<Role, R> {
     /// The line being read: a read cancelled mid-line (rmcp polls `receive` in a `select!`)
     /// leaves its part here for the next call.
     line: Vec<u8>,
-    /// Skipping the rest of a line over `max_line`.
-    discarding: bool,
+    /// Skipping the rest of a line over `max_line`: its first bytes, and its last so far.
+    discarding: Option<(Vec<u8>, Vec<u8>)>,
     /// The longest message read (the config's `max_message_bytes`).
     max_line: usize,
     writer: Writer,
@@ -212,7 +250,7 @@ impl<Role: ServiceRole, R: AsyncRead + Send + Unpin + 'static> LineTransport<Rol
         LineTransport {
             read: BufReader::new(read),
             line: Vec::new(),
-            discarding: false,
+            discarding: None,
             max_line,
             writer,
             tap,
@@ -241,20 +279,33 @@ impl<Role: ServiceRole, R: AsyncRead + Send + Unpin + 'static> LineTransport<Rol
                 }
                 let newline = memchr::memchr(b'\n', available);
                 let take = newline.map_or(available.len(), |at| at + 1);
-                if self.discarding {
-                    self.discarding = newline.is_none();
-                } else if self.line.len() + take > self.max_line {
+                if self.discarding.is_none() && self.line.len() + take > self.max_line {
                     tracing::error!(
                         max = self.max_line,
                         "a message longer than the most conductor reads was dropped"
                     );
-                    let head = &self.line[..self.line.len().min(256)];
-                    self.tap.too_long(head);
+                    let mut head = self.line[..self.line.len().min(DROPPED_EDGE)].to_vec();
+                    let more = DROPPED_EDGE - head.len();
+                    head.extend_from_slice(&available[..take.min(more)]);
                     // Its memory goes with it.
                     self.line = Vec::new();
-                    self.discarding = newline.is_none();
-                } else {
-                    self.line.extend_from_slice(&available[..take]);
+                    self.discarding = Some((head, Vec::new()));
+                }
+                match &mut self.discarding {
+                    Some((_, tail)) => {
+                        let part = &available[..newline.unwrap_or(available.len())];
+                        tail.extend_from_slice(&part[part.len().saturating_sub(DROPPED_EDGE)..]);
+                        let excess = tail.len().saturating_sub(DROPPED_EDGE);
+                        tail.drain(..excess);
+                    }
+                    None => self.line.extend_from_slice(&available[..take]),
+                }
+                // The dropped message has ended: the tap may put something in its place.
+                if newline.is_some()
+                    && let Some((head, tail)) = self.discarding.take()
+                    && let Some(instead) = self.tap.too_long(&head, &tail)
+                {
+                    self.line = instead;
                 }
                 (take, newline.is_some() && !self.line.is_empty())
             };
@@ -527,6 +578,26 @@ fn is_mcp_request(method: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dropped_message_is_known_by_its_id_at_either_end() {
+        let rmcp = br#"{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"xxxx"#;
+        assert_eq!(dropped_id(rmcp, b"xxxx\"}]}}", false).as_deref(), Some("7"));
+        let typescript = br#"xxxx"}]},"jsonrpc":"2.0","id":"cd-3"}"#;
+        assert_eq!(
+            dropped_id(br#"{"result":{"content":[{"id":1,"#, typescript, false).as_deref(),
+            Some(r#""cd-3""#)
+        );
+        let request = br#"{"method":"tools/call","params":{"arguments":{"text":"xxx"#;
+        let end = br#"xxx"}},"jsonrpc":"2.0","id":12}"#;
+        assert_eq!(dropped_id(request, end, true).as_deref(), Some("12"));
+        assert_eq!(
+            dropped_id(request, end, false),
+            None,
+            "a request is not a response"
+        );
+        assert_eq!(dropped_id(b"{\"result\":", b"xxxx", false), None);
+    }
 
     #[test]
     fn a_peek_borrows_what_it_does_not_route_by() {

@@ -16,6 +16,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::maps::HashMap;
 use crate::wire::{BoxFuture, Peek, Tap, Writer};
 
+/// A JSON-RPC id, read from its text.
+#[derive(serde::Deserialize)]
+struct RawId(NumberOrString);
+
 /// What the lane's ids start with.
 const ID_START: &str = "cd-";
 /// The same, as they appear in the text (quoted).
@@ -358,28 +362,25 @@ impl Tap for TextLane {
     }
 
     /// An answer over the size conductor reads fails its call at once, naming the limit,
-    /// instead of leaving it to time out.
-    fn too_long(&self, head: &[u8]) {
-        static LANE_ID: LazyLock<Finder> = LazyLock::new(|| Finder::new(ID_PREFIX.as_bytes()));
-        let Some(at) = LANE_ID.find(head) else {
-            return;
-        };
-        let digits: String = head[at + ID_PREFIX.len()..]
-            .iter()
-            .take_while(|byte| byte.is_ascii_digit())
-            .map(|byte| char::from(*byte))
-            .collect();
-        let Ok(number) = digits.parse::<u64>() else {
-            return;
-        };
-        let reply = Reply::Error(ErrorData::internal_error(
-            format!(
-                "the server's answer is larger than the {} bytes conductor reads from it (`max_message_bytes`); none of it was passed on",
-                self.max_line
-            ),
-            None,
-        ));
-        self.answer(number, reply);
+    /// instead of leaving it to time out: a lane call's here, one of rmcp's requests by an
+    /// error response put in the dropped answer's place.
+    fn too_long(&self, head: &[u8], tail: &[u8]) -> Option<Vec<u8>> {
+        let message = format!(
+            "the server's answer is larger than the {} bytes conductor reads from it (`max_message_bytes`); none of it was passed on",
+            self.max_line
+        );
+        let id = crate::wire::dropped_id(head, tail, false)?;
+        if let Ok(RawId(NumberOrString::String(text))) = serde_json::from_str::<RawId>(&id)
+            && let Some(number) = TextLane::number_of(&text)
+        {
+            self.answer(
+                number,
+                Reply::Error(ErrorData::internal_error(message, None)),
+            );
+            return None;
+        }
+        let error = serde_json::json!({"code": -32603, "message": message});
+        Some(format!(r#"{{"jsonrpc":"2.0","id":{id},"error":{error}}}"#).into_bytes())
     }
 
     fn ended(&self) -> BoxFuture {

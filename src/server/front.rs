@@ -845,6 +845,7 @@ pub async fn serve_stdio(
         front: OnceLock::new(),
         writer: writer.clone(),
         tasks: TaskTracker::new(),
+        max_line,
     });
     let transport = LineTransport::<RoleServer, _>::new(read, writer, tap.clone(), max_line);
     let service = server.clone().serve(transport).await?;
@@ -865,6 +866,8 @@ struct StdioTap {
     writer: Writer,
     /// The calls' tasks, awaited (a while) when the client closes its end.
     tasks: TaskTracker,
+    /// The longest message read from the client.
+    max_line: usize,
 }
 
 impl Tap for StdioTap {
@@ -895,6 +898,24 @@ impl Tap for StdioTap {
             return true;
         }
         front.take_cancel(line)
+    }
+
+    /// A client's request over the size limit gets an error with its id at once (rmcp never
+    /// sees it); nothing else the client sends is answered.
+    fn too_long(&self, head: &[u8], tail: &[u8]) -> Option<Vec<u8>> {
+        let id = wire::dropped_id(head, tail, true)?;
+        let error = serde_json::json!({"code": -32600, "message": format!(
+            "the request is larger than the {} bytes conductor reads (`max_message_bytes`); it was not read",
+            self.max_line
+        )});
+        let answer = format!(r#"{{"jsonrpc":"2.0","id":{id},"error":{error}}}"#).into_bytes();
+        let writer = self.writer.clone();
+        self.tasks.spawn(async move {
+            if let Err(error) = writer.write_line(answer).await {
+                tracing::debug!(error = %error, "could not refuse a request too large");
+            }
+        });
+        None
     }
 
     fn sending(&self, line: Vec<u8>) -> Vec<u8> {

@@ -1512,3 +1512,32 @@ async fn serve_answers_at_once_and_servers_join_as_they_start() {
     let listed = raw.next().await.to_string();
     assert!(listed.contains("late__echo"), "{listed}");
 }
+
+/// A stdio client's request over `max_message_bytes` gets an error with its id at once, and
+/// the session goes on.
+#[tokio::test]
+async fn a_request_over_the_size_limit_is_refused_with_its_id() {
+    let config = TestConfig::new(
+        "[conductor]\nmax_message_bytes = 2000\n\n[servers.echo]\ncommand = \"{fixture}\"\nargs = [\"echo\"]\n",
+    );
+    let mut raw = RawSession::initialized(&config).await;
+    let big = "x".repeat(10_000);
+    raw.send(&json!({"jsonrpc": "2.0", "id": 41, "method": "tools/call",
+                     "params": {"name": "echo__echo", "arguments": {"text": big}}}))
+        .await;
+    let refused = raw.next().await;
+    assert_eq!(refused["id"], 41, "{refused}");
+    assert_eq!(refused["error"]["code"], -32600, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("2000 bytes"),
+        "{refused}"
+    );
+    raw.send(&json!({"jsonrpc": "2.0", "id": 42, "method": "tools/call",
+                     "params": {"name": "echo__echo", "arguments": {"text": "small"}}}))
+        .await;
+    let answer = raw.next().await;
+    assert_eq!(answer["result"]["content"][0]["text"], "small", "{answer}");
+}

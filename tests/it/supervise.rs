@@ -786,6 +786,21 @@ async fn the_message_size_limit_is_configurable() {
         .unwrap_err();
     assert!(error.contains("larger than the 100000 bytes"), "{error}");
     assert!(started.elapsed() < Duration::from_secs(10), "at once");
+    drop(session);
+
+    // The same on rmcp's path (a server whose timeout resets on progress is sent rmcp's own
+    // requests): the dropped answer is replaced by an error for its request.
+    let config = TestConfig::new(&crashy(
+        "faulty",
+        "max_message_bytes = 100000\ncall_timeout = \"20s\"\ntimeout_resets_on_progress = true",
+    ));
+    let session = super::support::serve(&config).await;
+    let started = std::time::Instant::now();
+    let error = try_call(&session, "faulty__huge", json!({"bytes": 200_000}))
+        .await
+        .unwrap_err();
+    assert!(error.contains("larger than the 100000 bytes"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(10), "at once");
     assert_eq!(
         try_call(&session, "faulty__ok", json!({})).await,
         Ok("fine".to_owned())
