@@ -56,7 +56,7 @@ pub fn dropped_id(head: &[u8], tail: &[u8], request: bool) -> Option<String> {
     let tail = std::str::from_utf8(tail).ok()?.trim_end();
     let members = tail.strip_suffix('}')?;
     let at = members.rfind("\"id\":")?;
-    id_text(members[at + 5..].as_bytes())
+    id_text(&members.as_bytes()[at + 5..])
 }
 
 /// A line buffer larger than this is let go after its message, so that one big message does
