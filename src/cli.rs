@@ -358,6 +358,18 @@ fn spawn_config_watch(registry: &Arc<Registry>, path: PathBuf) {
             if !forced && seen.as_ref() == Some(&content) {
                 continue;
             }
+            // An editor that truncates the file before writing it shows it empty for a
+            // moment: that is not a config with no servers.
+            if content.iter().all(u8::is_ascii_whitespace) {
+                if seen
+                    .as_ref()
+                    .is_some_and(|seen| !seen.iter().all(u8::is_ascii_whitespace))
+                {
+                    tracing::warn!(path = %path.display(), "the config is empty; keeping the running one (an empty file while serving is taken for a write in progress)");
+                }
+                seen = Some(content);
+                continue;
+            }
             seen = Some(content);
             match load_checked(&path) {
                 Ok(config) => {

@@ -837,3 +837,70 @@ async fn grandchildren_die_with_conductor_even_when_it_is_killed() {
     })
     .await;
 }
+
+/// Every kind of broken value, fed one after another through a live reload: each is refused
+/// (the running config stays), nothing panics, and the watcher goes on to apply the next
+/// good edit. `check` refuses each with its place.
+#[tokio::test]
+async fn every_broken_value_in_a_reload_is_refused_and_the_watcher_goes_on() {
+    let config = TestConfig::fixtures(&[("one", "echo")]);
+    let session = super::support::serve(&config).await;
+    let good = std::fs::read_to_string(&config.path).unwrap();
+    let server = |extra: &str| format!("{good}\n[servers.bad]\ncommand = \"x\"\n{extra}\n");
+    let broken: Vec<String> = vec![
+        format!("[conductor]\nstartup_timeout = \"99999999999999999999999h\"\n{good}"),
+        format!("[conductor]\nkeep_runs = \"-5s\"\n{good}"),
+        format!("[conductor]\nlist_wait = \"soon\"\n{good}"),
+        format!("[conductor]\nmax_message_bytes = 0\n{good}"),
+        format!("[conductor]\nmax_message_bytes = 99999999999999999999999\n{good}"),
+        format!("[conductor]\nseparator = \".\"\n{good}"),
+        server("replicas = -1"),
+        server("replicas = 99999999999999999999"),
+        server("max_restarts = 1.5"),
+        server("ping_interval = \"1e400s\""),
+        server("enabled = \"yes\""),
+        server("url = \"ftp://example.com\""),
+        server("args = [1, 2]"),
+        server("env = { KEY = \"${NOT_SET_ANYWHERE_0XYZ}\" }"),
+        format!("{good}\n[servers.\"bad name!\"]\ncommand = \"x\"\n"),
+        format!("{good}\n[http]\ntokens = [\"short\"]\n"),
+        format!("{good}\n[[[not toml"),
+        String::new(),
+    ];
+    for text in &broken {
+        std::fs::write(&config.path, text).unwrap();
+        // Past a poll of the file, so the watcher has read the edit.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(
+            tool_names(&session).await.contains(&"one__echo".to_owned()),
+            "still serving the old config after: {text}"
+        );
+        if text.is_empty() {
+            continue;
+        }
+        let bad = TestConfig::new("");
+        std::fs::write(&bad.path, text).unwrap();
+        let (code, _, stderr) = super::support::conductor_cli(&bad.path, &["check"]).await;
+        assert_ne!(code, 0, "refused: {text}");
+        assert!(
+            stderr.contains("servers.toml:"),
+            "names its place: {stderr}"
+        );
+    }
+    let grown = format!(
+        "{good}\n[servers.two]\ncommand = \"{}\"\nargs = [\"echo\"]\n",
+        super::support::FIXTURE
+    );
+    std::fs::write(&config.path, grown).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the next good edit applies",
+        || async {
+            tool_names(&session)
+                .await
+                .contains(&"two__echo".to_owned())
+                .then_some(())
+        },
+    )
+    .await;
+}
