@@ -216,7 +216,10 @@ pub async fn ask(
         .map_err(|error| match error {
             rmcp::ServiceError::McpError(error) => error,
             other => McpError::internal_error(
-                format!("passing `{method}` to the client failed: {other}"),
+                format!(
+                    "passing `{method}` to the client failed: {}",
+                    crate::downstream::service_error_text(&other)
+                ),
                 None,
             ),
         })

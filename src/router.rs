@@ -1563,7 +1563,7 @@ fn classify(server: &ServerName, what: &str, error: ServiceError) -> CallError {
         other => CallError::Failed {
             server,
             what,
-            error: other.to_string(),
+            error: crate::downstream::service_error_text(&other),
         },
     }
 }

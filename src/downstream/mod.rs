@@ -663,7 +663,16 @@ fn tolerate_missing<T>(
         }
         Err(error) => Err(ConnectError::List {
             what,
-            error: error.to_string(),
+            error: service_error_text(&error),
         }),
+    }
+}
+
+/// rmcp's error in words about the server: its transport errors name the transport's Rust
+/// type, which says nothing to a user; what went wrong is the error inside.
+pub fn service_error_text(error: &ServiceError) -> String {
+    match error {
+        ServiceError::TransportSend(error) => format!("could not send the request: {}", error.error),
+        other => other.to_string(),
     }
 }
