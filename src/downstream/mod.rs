@@ -672,7 +672,9 @@ fn tolerate_missing<T>(
 /// type, which says nothing to a user; what went wrong is the error inside.
 pub fn service_error_text(error: &ServiceError) -> String {
     match error {
-        ServiceError::TransportSend(error) => format!("could not send the request: {}", error.error),
+        ServiceError::TransportSend(error) => {
+            format!("could not send the request: {}", error.error)
+        }
         other => other.to_string(),
     }
 }
