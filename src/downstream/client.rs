@@ -6,6 +6,7 @@
 )]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use rmcp::model::{
     ClientCapabilities, ClientConfig, ClientResult, CreateMessageRequest,
@@ -42,6 +43,10 @@ pub struct DownstreamClient {
     /// Told once the server has been given roots.
     gave_roots: Arc<tokio::sync::watch::Sender<bool>>,
 }
+
+/// How long a session's child asking for roots waits for its client's next call, through
+/// which a 2026-07-28 client is asked.
+const ROOTS_WAIT_FOR_CALL: Duration = Duration::from_secs(30);
 
 impl DownstreamClient {
     pub fn new(
@@ -132,6 +137,19 @@ impl DownstreamClient {
         let Some((client, declared)) = &self.client else {
             return Ok(configured_roots(&self.roots));
         };
+        // A client that declares roots in its requests (2026-07-28) can be asked only through
+        // a call: a child that asks before its session's first call waits for that call.
+        let asked_through_calls = declared.roots.is_some() && !relay::declares_roots(client);
+        if asked_through_calls {
+            let waited = tokio::time::timeout(ROOTS_WAIT_FOR_CALL, async {
+                while !self.relay.in_call(self.connection) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+            if waited.await.is_err() {
+                return Ok(configured_roots(&self.roots));
+            }
+        }
         if self.relay.in_call(self.connection) {
             let request = ServerRequest::ListRootsRequest(ListRootsRequest::default());
             return match self.ask_client("roots/list", request, context).await? {
