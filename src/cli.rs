@@ -540,8 +540,8 @@ async fn call(
     } else {
         let params = CallToolRequestParams::new(name).with_arguments(arguments);
         let caller = Caller::detached(CancellationToken::new());
-        match router
-            .call_tool(ToolCall::Params(params), None, &caller)
+        // The path a client's call takes, retries by the tool's annotations included.
+        match crate::server::forward_call(&router, ToolCall::Params(params), &caller)
             .await?
             .into_result()?
         {

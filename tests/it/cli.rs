@@ -292,3 +292,25 @@ async fn an_imported_config_serves() {
         "names where it looked: {stderr}"
     );
 }
+
+/// `conductor call` takes a client's path: a read-only tool that times out is tried again,
+/// three times in all, as a proxied call is (issue 25: it used to be tried once).
+#[tokio::test]
+async fn call_retries_as_a_clients_call_does() {
+    let config = TestConfig::slow_fixture("", "call_timeout = \"200ms\"\n");
+    let (code, _, stderr) = conductor_cli(
+        &config.path,
+        &["call", "slow__slow_read", r#"{"ms": 3000}"#],
+    )
+    .await;
+    assert_ne!(code, 0, "{stderr}");
+    assert!(stderr.contains("timed out"), "{stderr}");
+    let log = std::fs::read_to_string(config.events_file()).unwrap_or_default();
+    assert_eq!(
+        log.lines()
+            .filter(|line| *line == "started read 3000")
+            .count(),
+        3,
+        "{log}"
+    );
+}
