@@ -63,6 +63,15 @@ impl Breaker {
         }
     }
 
+    /// An admitted call ended without showing whether the server answers: its caller
+    /// cancelled it, or dropped it. A trial leaves the circuit open but due for another trial
+    /// at once (not closed, and not half-open with no trial out); a closed circuit is as it was.
+    pub fn abandon(&mut self, now: Instant) {
+        if self.state == BreakerState::HalfOpen {
+            self.state = BreakerState::Open { until: now };
+        }
+    }
+
     /// Record how an admitted call ended: `transient` failures count towards opening; anything
     /// else (a result, even `isError`, or a protocol error) shows the server is answering.
     pub fn record(&mut self, transient_failure: bool, now: Instant) {
@@ -87,6 +96,35 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_abandoned_trial_neither_closes_nor_blocks_the_circuit() {
+        let mut breaker = Breaker::new(1, Duration::from_secs(10));
+        let now = Instant::now();
+        breaker.record(true, now);
+        assert!(breaker.admit(now).is_err(), "open");
+        let later = now + Duration::from_secs(11);
+        assert_eq!(breaker.admit(later), Ok(()), "the trial");
+        breaker.abandon(later);
+        assert!(
+            matches!(breaker.state(), BreakerState::Open { .. }),
+            "a cancelled trial proves nothing: {:?}",
+            breaker.state()
+        );
+        assert_eq!(
+            breaker.admit(later),
+            Ok(()),
+            "the next call is the next trial"
+        );
+        breaker.record(false, later);
+        assert_eq!(breaker.state(), BreakerState::Closed { failures: 0 });
+        breaker.abandon(later);
+        assert_eq!(
+            breaker.state(),
+            BreakerState::Closed { failures: 0 },
+            "closed stays"
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn opens_after_consecutive_failures_and_half_opens_after_the_cool_down() {

@@ -605,6 +605,14 @@ impl Registry {
         }
     }
 
+    /// An admitted call to `server` ended without an outcome for its circuit (cancelled, or
+    /// dropped): see [`Breaker::abandon`].
+    pub fn abandon(&self, server: &ServerName) {
+        if let Some(mut breaker) = self.breakers.get_mut(server) {
+            breaker.abandon(tokio::time::Instant::now());
+        }
+    }
+
     /// Record how an admitted call to `server` ended, for its circuit.
     pub fn record(&self, server: &ServerName, transient_failure: bool) {
         if let Some(mut breaker) = self.breakers.get_mut(server) {

@@ -262,6 +262,34 @@ impl Answer {
     }
 }
 
+/// A call let through a server's circuit breaker, until its outcome is recorded.
+struct Admitted<'a> {
+    registry: &'a Registry,
+    server: &'a ServerName,
+    settled: bool,
+}
+
+impl Admitted<'_> {
+    /// Record the outcome: a cancelled call proves nothing either way; a transient failure
+    /// counts towards opening; anything else shows the server answering.
+    fn settle(mut self, outcome: &Result<Answer, CallError>) {
+        self.settled = true;
+        match outcome {
+            Err(CallError::Cancelled) => self.registry.abandon(self.server),
+            Err(error) if error.kind().is_transient() => self.registry.record(self.server, true),
+            _ => self.registry.record(self.server, false),
+        }
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.registry.abandon(self.server);
+        }
+    }
+}
+
 /// The longest a call's answer waits for its client to be told of a list change the
 /// downstream announced during the call.
 const TELL_FIRST_WITHIN: Duration = Duration::from_secs(2);
@@ -927,11 +955,17 @@ impl Router {
                 retry_in,
             });
         }
+        // Settled with the outcome; a call whose future is dropped (its caller went) says
+        // nothing of the server, which the guard tells the breaker.
+        let admitted = Admitted {
+            registry: &self.registry,
+            server,
+            settled: false,
+        };
         let outcome = self
             .send_admitted(spec, what, request, timeout, caller)
             .await;
-        let transient = matches!(&outcome, Err(error) if error.kind().is_transient());
-        self.registry.record(server, transient);
+        admitted.settle(&outcome);
         outcome
     }
 
