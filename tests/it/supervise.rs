@@ -343,19 +343,32 @@ async fn garbage_and_huge_messages_are_answered_clearly() {
 async fn children_die_with_conductor_even_when_it_is_killed() {
     // This child ignores SIGTERM and its stdin closing: only the parent-death signal stops it.
     let config = TestConfig::new(&crashy("stubborn", "env = { FIXTURE_IGNORE_TERM = \"1\" }"));
-    let mut server = HttpConductor::start(&config).await;
-    let conductor = server.child.id().unwrap();
     // `serve` answers before its servers are up: wait for the child.
-    let children = eventually(Duration::from_secs(10), "the child runs", || async move {
-        let children = descendants(conductor);
-        (!children.is_empty()).then_some(children)
+    kill_conductor_once_it_runs(&config, &["mcp-fixture"]).await;
+}
+
+/// Start `conductor serve --http` on `config`, wait until processes of each of `names` run
+/// below it, kill conductor outright (SIGKILL), and wait for every process that was below it
+/// to be gone.
+async fn kill_conductor_once_it_runs(config: &TestConfig, names: &[&str]) {
+    let mut server = HttpConductor::start(config).await;
+    let conductor = server.child.id().unwrap();
+    let family = eventually(Duration::from_secs(10), "the family runs", || async move {
+        let family = descendants(conductor);
+        let named = |name: &str| {
+            family.iter().any(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|comm| comm.trim() == name)
+            })
+        };
+        names.iter().all(|name| named(name)).then_some(family)
     })
     .await;
     server.child.start_kill().unwrap();
     let _ = server.child.wait().await;
-    eventually(Duration::from_secs(5), "the children are gone", || {
-        let children = &children;
-        async move { children.iter().all(|&pid| !alive(pid)).then_some(()) }
+    eventually(Duration::from_secs(5), "the whole family is gone", || {
+        let family = &family;
+        async move { family.iter().all(|&pid| !alive(pid)).then_some(()) }
     })
     .await;
 }
@@ -776,27 +789,8 @@ async fn grandchildren_die_with_conductor_even_when_it_is_killed() {
         "[servers.parent]\ncommand = \"sh\"\nargs = [\"-c\", \"trap '' TERM; sleep 1000 & exec '{}' crashy\"]\n",
         super::support::FIXTURE
     ));
-    let mut server = HttpConductor::start(&config).await;
-    let conductor = server.child.id().unwrap();
     // The server and its `sleep` (and conductor's launcher between them and conductor).
-    let family = eventually(Duration::from_secs(10), "the family runs", || async move {
-        let family = descendants(conductor);
-        let named = |name: &str| {
-            family.iter().any(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|comm| comm.trim() == name)
-            })
-        };
-        (named("sleep") && named("mcp-fixture")).then_some(family)
-    })
-    .await;
-    server.child.start_kill().unwrap();
-    let _ = server.child.wait().await;
-    eventually(Duration::from_secs(5), "the whole family is gone", || {
-        let family = &family;
-        async move { family.iter().all(|&pid| !alive(pid)).then_some(()) }
-    })
-    .await;
+    kill_conductor_once_it_runs(&config, &["mcp-fixture", "sleep"]).await;
 }
 
 /// Every kind of broken value, fed one after another through a live reload: each is refused
