@@ -183,6 +183,7 @@ impl Cli {
                 let workflow = load_workflow(&config, &workflow, &inputs, mode.as_deref())?;
                 with_registry(config, |registry| run_workflow(registry, workflow, json)).await
             }
+            // Answered above, before a config is loaded.
             Command::Import { .. } => Ok(ExitCode::SUCCESS),
         }
     }

@@ -564,7 +564,7 @@ impl Router {
     /// servers are still starting (within `list_wait`), the one once they have started.
     async fn catalog_finding(&self, found: impl Fn(&Catalog) -> bool) -> Arc<Catalog> {
         let catalog = self.registry.catalog();
-        if found(&catalog) || self.registry.list_wait().is_none() {
+        if found(&catalog) {
             return catalog;
         }
         self.registry.catalog_to_list().await

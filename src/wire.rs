@@ -17,7 +17,6 @@ use rmcp::model::{ErrorCode, NumberOrString};
 use rmcp::service::{RxJsonRpcMessage, ServiceRole, TxJsonRpcMessage};
 use rmcp::transport::Transport;
 use serde::Deserialize;
-use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
@@ -28,20 +27,16 @@ pub const MAX_LINE: usize = 16 * 1024 * 1024;
 /// How many of a dropped message's first and last bytes are kept to find its id in.
 const DROPPED_EDGE: usize = 256;
 
-/// The id of a message dropped for its size, as its JSON text, from its first or last bytes:
+/// The id of a message dropped for its size, from its first or last bytes:
 /// where writers put it (`{"jsonrpc":"2.0","id":7,...` as rmcp and the Python SDK write, or
 /// `...,"jsonrpc":"2.0","id":7}` as the TypeScript SDK writes); only for a request (a
 /// `"method"` seen) when `request`, else only for a response.
-pub fn dropped_id(head: &[u8], tail: &[u8], request: bool) -> Option<String> {
+pub fn dropped_id(head: &[u8], tail: &[u8], request: bool) -> Option<NumberOrString> {
     static METHOD: LazyLock<Finder> = LazyLock::new(|| Finder::new(b"\"method\""));
     if request != (METHOD.find(head).is_some() || METHOD.find(tail).is_some()) {
         return None;
     }
-    let id_text = |text: &[u8]| -> Option<String> {
-        let text = std::str::from_utf8(text).ok()?.trim();
-        let value: Value = serde_json::from_str(text).ok()?;
-        (value.is_number() || value.is_string()).then(|| text.to_owned())
-    };
+    let id_text = |text: &[u8]| serde_json::from_slice::<NumberOrString>(text).ok();
     let compact: Vec<u8> = head
         .iter()
         .copied()
@@ -404,8 +399,9 @@ impl<Role: ServiceRole, R> LineTransport<Role, R> {
     }
 }
 
-/// Why a message no MCP type takes is refused, as JSON-RPC 2.0 says: the code, the words,
-/// and the id to answer with where the message has one that can be read (else `null`).
+/// Why a message is refused, as JSON-RPC 2.0 says (one no MCP type takes, or one too large to
+/// read): the code, the words, and the id to answer with where the message has one that can
+/// be read (else `null`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Refusal {
     pub id: Option<NumberOrString>,
@@ -414,12 +410,17 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(id: Option<NumberOrString>, code: ErrorCode, message: impl Into<String>) -> Self {
+    pub fn new(id: Option<NumberOrString>, code: ErrorCode, message: impl Into<String>) -> Self {
         Refusal {
             id,
             code: code.0,
             message: message.into(),
         }
+    }
+
+    /// The error response's line.
+    pub fn line(&self) -> Vec<u8> {
+        self.to_json().to_string().into_bytes()
     }
 
     /// The error response, as JSON (`id` is `null` where none could be read).
@@ -582,15 +583,21 @@ mod tests {
     #[test]
     fn a_dropped_message_is_known_by_its_id_at_either_end() {
         let rmcp = br#"{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"xxxx"#;
-        assert_eq!(dropped_id(rmcp, b"xxxx\"}]}}", false).as_deref(), Some("7"));
+        assert_eq!(
+            dropped_id(rmcp, b"xxxx\"}]}}", false),
+            Some(NumberOrString::Number(7))
+        );
         let typescript = br#"xxxx"}]},"jsonrpc":"2.0","id":"cd-3"}"#;
         assert_eq!(
-            dropped_id(br#"{"result":{"content":[{"id":1,"#, typescript, false).as_deref(),
-            Some(r#""cd-3""#)
+            dropped_id(br#"{"result":{"content":[{"id":1,"#, typescript, false),
+            Some(NumberOrString::String("cd-3".into()))
         );
         let request = br#"{"method":"tools/call","params":{"arguments":{"text":"xxx"#;
         let end = br#"xxx"}},"jsonrpc":"2.0","id":12}"#;
-        assert_eq!(dropped_id(request, end, true).as_deref(), Some("12"));
+        assert_eq!(
+            dropped_id(request, end, true),
+            Some(NumberOrString::Number(12))
+        );
         assert_eq!(
             dropped_id(request, end, false),
             None,

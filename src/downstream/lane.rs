@@ -9,16 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
 
 use memchr::memmem::Finder;
-use rmcp::model::{ErrorData, NumberOrString, ProgressNotificationParam};
+use rmcp::model::{ErrorCode, ErrorData, NumberOrString, ProgressNotificationParam};
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::maps::HashMap;
-use crate::wire::{BoxFuture, Peek, Tap, Writer};
-
-/// A JSON-RPC id, read from its text.
-#[derive(serde::Deserialize)]
-struct RawId(NumberOrString);
+use crate::wire::{BoxFuture, Peek, Refusal, Tap, Writer};
 
 /// What the lane's ids start with.
 const ID_START: &str = "cd-";
@@ -370,8 +366,8 @@ impl Tap for TextLane {
             self.max_line
         );
         let id = crate::wire::dropped_id(head, tail, false)?;
-        if let Ok(RawId(NumberOrString::String(text))) = serde_json::from_str::<RawId>(&id)
-            && let Some(number) = TextLane::number_of(&text)
+        if let NumberOrString::String(text) = &id
+            && let Some(number) = TextLane::number_of(text)
         {
             self.answer(
                 number,
@@ -379,8 +375,7 @@ impl Tap for TextLane {
             );
             return None;
         }
-        let error = serde_json::json!({"code": -32603, "message": message});
-        Some(format!(r#"{{"jsonrpc":"2.0","id":{id},"error":{error}}}"#).into_bytes())
+        Some(Refusal::new(Some(id), ErrorCode::INTERNAL_ERROR, message).line())
     }
 
     fn ended(&self) -> BoxFuture {

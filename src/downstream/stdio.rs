@@ -33,10 +33,12 @@ pub(super) struct Child {
 /// The last few lines a child wrote to stderr, each cut to a readable length, and whether
 /// its stderr has ended (the child exited).
 #[derive(Debug, Clone, Default)]
-pub(super) struct StderrTail {
-    lines: Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
-    ended: Arc<tokio::sync::Notify>,
-    done: Arc<std::sync::atomic::AtomicBool>,
+pub(super) struct StderrTail(Arc<Tail>);
+
+#[derive(Debug, Default)]
+struct Tail {
+    lines: std::sync::Mutex<std::collections::VecDeque<String>>,
+    ended: tokio::sync::watch::Sender<bool>,
 }
 
 /// How many of a child's last stderr lines a start-up failure shows, and how long each may be.
@@ -46,7 +48,7 @@ const TAIL_LINE_CHARS: usize = 300;
 impl StderrTail {
     fn push(&self, line: &str) {
         let line: String = line.chars().take(TAIL_LINE_CHARS).collect();
-        if let Ok(mut lines) = self.lines.lock() {
+        if let Ok(mut lines) = self.0.lines.lock() {
             if lines.len() == TAIL_LINES {
                 lines.pop_front();
             }
@@ -55,18 +57,16 @@ impl StderrTail {
     }
 
     fn end(&self) {
-        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.ended.notify_waiters();
+        self.0.ended.send_replace(true);
     }
 
     /// The lines, once stderr has ended or `wait` has passed (a child that failed its
     /// handshake is usually exiting, and its last words are still on their way).
     pub async fn last_words(&self, wait: std::time::Duration) -> Vec<String> {
-        let ended = self.ended.notified();
-        if !self.done.load(std::sync::atomic::Ordering::SeqCst) {
-            let _ = tokio::time::timeout(wait, ended).await;
-        }
-        self.lines
+        let mut ended = self.0.ended.subscribe();
+        let _ = tokio::time::timeout(wait, ended.wait_for(|ended| *ended)).await;
+        self.0
+            .lines
             .lock()
             .map(|lines| lines.iter().cloned().collect())
             .unwrap_or_default()
@@ -75,8 +75,7 @@ impl StderrTail {
 
 /// Spawn the child. It leads its own process group, so stopping it also stops whatever it
 /// started (an `npx` wrapper's node process, a shell's children), and it is killed if the
-/// handle is dropped.
-/// Start a child; `max_line` is the longest message read from it.
+/// handle is dropped. `max_line` is the longest message read from it.
 pub(super) fn spawn(
     server: &ServerName,
     spec: &StdioSpec,

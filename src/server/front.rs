@@ -473,14 +473,7 @@ impl Front {
                 Some(Box::pin(answering.answer(call, caller)))
             }
             Target::Workflow(config) => {
-                let progress =
-                    progress_token
-                        .zip(self.caller.client.clone())
-                        .map(|(token, peer)| ProgressTarget {
-                            peer,
-                            token,
-                            progress_to,
-                        });
+                let progress = self.workflow_progress(progress_token, progress_to);
                 let name = params.name.into_owned();
                 Some(Box::pin(answering.run_workflow(
                     config,
@@ -661,6 +654,55 @@ impl Front {
     }
 }
 
+impl Front {
+    /// Where a workflow run for this session's client reports progress: to `token`, if the
+    /// call gave one, on the call's own stream (`progress_to`) or the client's session.
+    fn workflow_progress(
+        &self,
+        token: Option<ProgressToken>,
+        progress_to: Option<ProgressTo>,
+    ) -> Option<ProgressTarget> {
+        token
+            .zip(self.caller.client.clone())
+            .map(|(token, peer)| ProgressTarget {
+                peer,
+                token,
+                progress_to,
+            })
+    }
+
+    /// Run `orchestrate`, or the saved workflow `name` of `config`, as the handler does.
+    async fn run_workflow(
+        &self,
+        config: Option<Arc<Config>>,
+        name: &str,
+        arguments: JsonObject,
+        progress: Option<ProgressTarget>,
+        cancel: CancellationToken,
+    ) -> rmcp::model::CallToolResult {
+        let saved = config
+            .as_ref()
+            .and_then(|config| Some((config, saved::find(config, name)?)));
+        run_workflow_call(
+            &self.router,
+            &self.orchestrator,
+            saved,
+            arguments,
+            progress,
+            cancel,
+        )
+        .await
+    }
+}
+
+/// A tool call's answer as rmcp writes it for a client before 2026-07-28.
+fn for_legacy_client(response: CallToolResponse) -> ServerResult {
+    let mut result = ServerResult::from(response);
+    result.strip_result_type_for_legacy_peer();
+    result.strip_non_object_output_for_legacy_peer();
+    result
+}
+
 /// A call made a task of, to be run once the task is answered.
 struct PendingCall {
     target: Target,
@@ -693,33 +735,20 @@ impl PendingCall {
                 }
             }
             Target::Workflow(config) => {
-                let saved = config
-                    .as_ref()
-                    .and_then(|config| Some((config, saved::find(config, &self.name)?)));
-                let progress =
-                    self.progress_token
-                        .zip(front.caller.client.clone())
-                        .map(|(token, peer)| ProgressTarget {
-                            peer,
-                            token,
-                            progress_to: None,
-                        });
-                let result = run_workflow_call(
-                    &front.router,
-                    &front.orchestrator,
-                    saved,
-                    self.workflow_arguments,
-                    progress,
-                    cancel,
-                )
-                .await;
+                let progress = front.workflow_progress(self.progress_token, None);
+                let result = front
+                    .run_workflow(
+                        config,
+                        &self.name,
+                        self.workflow_arguments,
+                        progress,
+                        cancel,
+                    )
+                    .await;
                 Ok(CallToolResponse::Complete(result))
             }
         };
-        let mut result = ServerResult::from(response?);
-        result.strip_result_type_for_legacy_peer();
-        result.strip_non_object_output_for_legacy_peer();
-        serde_json::value::to_raw_value(&result)
+        serde_json::value::to_raw_value(&for_legacy_client(response?))
             .map_err(|error| McpError::internal_error(error.to_string(), None))
     }
 }
@@ -779,18 +808,10 @@ impl Answering {
         progress: Option<ProgressTarget>,
         cancel: CancellationToken,
     ) -> Option<Vec<u8>> {
-        let saved = config
-            .as_ref()
-            .and_then(|config| Some((config, saved::find(config, &name)?)));
-        let result = run_workflow_call(
-            &self.front.router,
-            &self.front.orchestrator,
-            saved,
-            arguments,
-            progress,
-            cancel.clone(),
-        )
-        .await;
+        let result = self
+            .front
+            .run_workflow(config, &name, arguments, progress, cancel.clone())
+            .await;
         if !self.owes_answer(&cancel) {
             return None;
         }
@@ -809,16 +830,12 @@ impl Answering {
     /// The answer's line, shaped as rmcp shapes the handler's answers for the client's era.
     fn shaped(self, response: Result<CallToolResponse, McpError>) -> Option<Vec<u8>> {
         let message = match response {
-            Ok(response) => {
+            Ok(response) if self.modern => {
                 let mut result = ServerResult::from(response);
-                if self.modern {
-                    result.fill_missing_cache_hints();
-                } else {
-                    result.strip_result_type_for_legacy_peer();
-                    result.strip_non_object_output_for_legacy_peer();
-                }
+                result.fill_missing_cache_hints();
                 ServerJsonRpcMessage::response(result, self.id)
             }
+            Ok(response) => ServerJsonRpcMessage::response(for_legacy_client(response), self.id),
             Err(mut error) => {
                 if self.modern && error.code == ErrorCode::RESOURCE_NOT_FOUND {
                     error.code = ErrorCode::INVALID_PARAMS;
@@ -904,11 +921,11 @@ impl Tap for StdioTap {
     /// sees it); nothing else the client sends is answered.
     fn too_long(&self, head: &[u8], tail: &[u8]) -> Option<Vec<u8>> {
         let id = wire::dropped_id(head, tail, true)?;
-        let error = serde_json::json!({"code": -32600, "message": format!(
+        let message = format!(
             "the request is larger than the {} bytes conductor reads (`max_message_bytes`); it was not read",
             self.max_line
-        )});
-        let answer = format!(r#"{{"jsonrpc":"2.0","id":{id},"error":{error}}}"#).into_bytes();
+        );
+        let answer = wire::Refusal::new(Some(id), ErrorCode::INVALID_REQUEST, message).line();
         let writer = self.writer.clone();
         self.tasks.spawn(async move {
             if let Err(error) = writer.write_line(answer).await {

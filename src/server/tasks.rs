@@ -174,37 +174,38 @@ impl ClientTasks {
     }
 
     fn find(&self, id: &str) -> Result<Arc<ClientTask>, McpError> {
-        self.live()
-            .into_iter()
-            .find(|task| task.id == id)
+        self.with_live(|tasks| tasks.iter().find(|task| task.id == id).cloned())
+            .flatten()
             .ok_or_else(|| McpError::invalid_params(format!("no task `{id}`"), None))
     }
 
     /// The tasks not yet expired; expired ones are forgotten.
     fn live(&self) -> Vec<Arc<ClientTask>> {
-        let Ok(mut tasks) = self.tasks.lock() else {
-            return Vec::new();
-        };
+        self.with_live(|tasks| tasks.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// `with` the tasks not yet expired, under the lock; expired ones are forgotten.
+    fn with_live<T>(&self, with: impl FnOnce(&mut VecDeque<Arc<ClientTask>>) -> T) -> Option<T> {
+        let mut tasks = self.tasks.lock().ok()?;
         tasks.retain(|task| task.created.elapsed() < task.ttl);
-        tasks.iter().cloned().collect()
+        Some(with(&mut tasks))
     }
 
     fn keep(&self, task: Arc<ClientTask>) {
-        let Ok(mut tasks) = self.tasks.lock() else {
-            return;
-        };
-        tasks.retain(|task| task.created.elapsed() < task.ttl);
-        while tasks.len() >= MAX_TASKS {
-            // The oldest that ended, else the oldest.
-            let index = tasks
-                .iter()
-                .position(|task| matches!(*task.state.borrow(), State::Ended { .. }))
-                .unwrap_or(0);
-            if let Some(dropped) = tasks.remove(index) {
-                dropped.cancel.cancel();
+        self.with_live(|tasks| {
+            while tasks.len() >= MAX_TASKS {
+                // The oldest that ended, else the oldest.
+                let index = tasks
+                    .iter()
+                    .position(|task| matches!(*task.state.borrow(), State::Ended { .. }))
+                    .unwrap_or(0);
+                if let Some(dropped) = tasks.remove(index) {
+                    dropped.cancel.cancel();
+                }
             }
-        }
-        tasks.push_back(task);
+            tasks.push_back(task);
+        });
     }
 }
 
