@@ -314,21 +314,13 @@ async fn garbage_and_huge_messages_are_answered_clearly() {
     assert_eq!(big.len(), 5_000_000);
     // Beyond the 16 MiB line limit the answer is dropped, and its call fails at once naming
     // the limit (it used to wait out its timeout), and the server goes on serving.
-    let started = std::time::Instant::now();
-    let error = try_call(&session, "faulty__huge", json!({"bytes": 20_000_000}))
-        .await
-        .unwrap_err();
-    assert!(
-        error.contains(
-            "larger than the 16777216 bytes conductor reads from it (`max_message_bytes`)"
-        ),
-        "{error}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "failed at once, not after the 3 s timeout: {:?}",
-        started.elapsed()
-    );
+    refused_for_its_size(
+        &session,
+        20_000_000,
+        "larger than the 16777216 bytes conductor reads from it (`max_message_bytes`)",
+        Duration::from_secs(3),
+    )
+    .await;
     assert_eq!(
         try_call(&session, "faulty__ok", json!({})).await,
         Ok("fine".to_owned())
@@ -754,12 +746,13 @@ async fn the_message_size_limit_is_configurable() {
         .await
         .unwrap();
     assert_eq!(fits.len(), 50_000);
-    let started = std::time::Instant::now();
-    let error = try_call(&session, "faulty__huge", json!({"bytes": 200_000}))
-        .await
-        .unwrap_err();
-    assert!(error.contains("larger than the 100000 bytes"), "{error}");
-    assert!(started.elapsed() < Duration::from_secs(10), "at once");
+    refused_for_its_size(
+        &session,
+        200_000,
+        "larger than the 100000 bytes",
+        TEN_SECONDS,
+    )
+    .await;
     drop(session);
 
     // The same on rmcp's path (a server whose timeout resets on progress is sent rmcp's own
@@ -769,12 +762,13 @@ async fn the_message_size_limit_is_configurable() {
         "max_message_bytes = 100000\ncall_timeout = \"20s\"\ntimeout_resets_on_progress = true",
     ));
     let session = super::support::serve(&config).await;
-    let started = std::time::Instant::now();
-    let error = try_call(&session, "faulty__huge", json!({"bytes": 200_000}))
-        .await
-        .unwrap_err();
-    assert!(error.contains("larger than the 100000 bytes"), "{error}");
-    assert!(started.elapsed() < Duration::from_secs(10), "at once");
+    refused_for_its_size(
+        &session,
+        200_000,
+        "larger than the 100000 bytes",
+        TEN_SECONDS,
+    )
+    .await;
     assert_eq!(
         try_call(&session, "faulty__ok", json!({})).await,
         Ok("fine".to_owned())
@@ -868,4 +862,21 @@ async fn every_broken_value_in_a_reload_is_refused_and_the_watcher_goes_on() {
         },
     )
     .await;
+}
+
+const TEN_SECONDS: Duration = Duration::from_secs(10);
+
+/// `faulty__huge` answering `bytes` fails with `expected` in its error, within `within` (at
+/// once, not after the call's longer timeout).
+async fn refused_for_its_size(session: &Session, bytes: u64, expected: &str, within: Duration) {
+    let started = std::time::Instant::now();
+    let error = try_call(session, "faulty__huge", json!({"bytes": bytes}))
+        .await
+        .unwrap_err();
+    assert!(error.contains(expected), "{error}");
+    assert!(
+        started.elapsed() < within,
+        "failed at once, not after the call's timeout: {:?}",
+        started.elapsed()
+    );
 }
